@@ -1,0 +1,7 @@
+//! tessel-targets: protocol codecs and sessions for NBD and iSCSI.
+//!
+//! Sessions are sans-IO: they take received bytes and engine completions, and produce bytes
+//! to send and engine requests to submit. The daemon drives them from a reactor; tests drive
+//! them from memory.
+
+pub mod export;
