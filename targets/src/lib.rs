@@ -5,3 +5,4 @@
 //! them from memory.
 
 pub mod export;
+pub mod nbd;

@@ -1,0 +1,431 @@
+//! The handshake phase: greeting, option codec, and the answer to each option.
+//!
+//! Pure: options come in as bytes, answers go out as bytes; the session decides when a
+//! whole option has arrived.
+
+use super::proto::*;
+use super::transmission::{transmission_flags, Transmission};
+use super::{NbdConfig, NbdError};
+use crate::export::{ExportInfo, Exports};
+
+/// Bytes of the client's flags word.
+pub const CLIENT_FLAGS_LEN: usize = 4;
+/// Bytes of an option header (magic, option, length).
+pub const OPTION_HEADER_LEN: usize = 16;
+/// Longest string the protocol allows (export names, queries).
+const MAX_STRING: usize = 4096;
+
+/// Write the server greeting: magics and handshake flags.
+pub fn put_greeting(out: &mut Vec<u8>) {
+    out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+}
+
+/// Decode the client's flags word; unknown flags end the session, as the protocol requires.
+pub fn parse_client_flags(bytes: [u8; CLIENT_FLAGS_LEN]) -> Result<Negotiation, NbdError> {
+    let flags = u32::from_be_bytes(bytes);
+    if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(NbdError::UnknownClientFlags(flags));
+    }
+    Ok(Negotiation {
+        no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        meta_export: None,
+    })
+}
+
+/// The fixed part of a client option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionHeader {
+    /// Option code (NBD_OPT_*).
+    pub option: u32,
+    /// Bytes of option data that follow.
+    pub len: u32,
+}
+
+/// Decode an option header; a wrong magic ends the session.
+pub fn parse_option_header(bytes: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader, NbdError> {
+    let magic = u64::from_be_bytes(bytes[0..8].try_into().expect("8 bytes"));
+    if magic != IHAVEOPT {
+        return Err(NbdError::BadOptionMagic(magic));
+    }
+    Ok(OptionHeader {
+        option: u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes")),
+        len: u32::from_be_bytes(bytes[12..16].try_into().expect("4 bytes")),
+    })
+}
+
+/// Append one option reply.
+pub fn put_option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
+    out.extend_from_slice(&REP_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// A decoded client option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientOption {
+    /// NBD_OPT_EXPORT_NAME with the name.
+    ExportName(String),
+    /// NBD_OPT_ABORT.
+    Abort,
+    /// NBD_OPT_LIST.
+    List,
+    /// NBD_OPT_INFO (`go: false`) or NBD_OPT_GO (`go: true`).
+    Info {
+        go: bool,
+        name: String,
+        requests: Vec<u16>,
+    },
+    /// NBD_OPT_STRUCTURED_REPLY.
+    StructuredReply,
+    /// NBD_OPT_LIST_META_CONTEXT (`set: false`) or NBD_OPT_SET_META_CONTEXT (`set: true`).
+    MetaContext {
+        set: bool,
+        export: String,
+        queries: Vec<String>,
+    },
+    /// Any option tessel does not implement.
+    Unsupported,
+}
+
+/// Why option data could not be decoded (answered with NBD_REP_ERR_INVALID).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MalformedOption;
+
+/// Decode an option's data.
+pub fn decode_option(option: u32, data: &[u8]) -> Result<ClientOption, MalformedOption> {
+    let mut r = Reader(data);
+    let decoded = match option {
+        OPT_EXPORT_NAME => ClientOption::ExportName(r.string(data.len())?),
+        OPT_ABORT => ClientOption::Abort,
+        OPT_LIST => ClientOption::List,
+        OPT_STRUCTURED_REPLY => ClientOption::StructuredReply,
+        OPT_INFO | OPT_GO => {
+            let name_len = r.u32()? as usize;
+            let name = r.string(name_len)?;
+            let count = r.u16()?;
+            let requests = (0..count).map(|_| r.u16()).collect::<Result<_, _>>()?;
+            ClientOption::Info {
+                go: option == OPT_GO,
+                name,
+                requests,
+            }
+        }
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            let name_len = r.u32()? as usize;
+            let export = r.string(name_len)?;
+            let count = r.u32()?;
+            let mut queries = Vec::new();
+            for _ in 0..count {
+                let len = r.u32()? as usize;
+                queries.push(r.string(len)?);
+            }
+            ClientOption::MetaContext {
+                set: option == OPT_SET_META_CONTEXT,
+                export,
+                queries,
+            }
+        }
+        _ => return Ok(ClientOption::Unsupported),
+    };
+    // ABORT may carry data the client should not have sent; be lenient there only.
+    if !r.0.is_empty() && decoded != ClientOption::Abort {
+        return Err(MalformedOption);
+    }
+    Ok(decoded)
+}
+
+/// Big-endian reader over option data; every read fails cleanly at the end.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], MalformedOption> {
+        if n > self.0.len() {
+            return Err(MalformedOption);
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn u16(&mut self) -> Result<u16, MalformedOption> {
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, MalformedOption> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn string(&mut self, n: usize) -> Result<String, MalformedOption> {
+        if n > MAX_STRING {
+            return Err(MalformedOption);
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| MalformedOption)
+    }
+}
+
+/// What the session does after an option was answered.
+#[derive(Debug)]
+pub enum OptionOutcome {
+    /// Stay in the option phase.
+    Continue,
+    /// The client aborted: close once the reply is sent.
+    Abort,
+    /// Enter transmission on this export.
+    Transmit(Transmission),
+}
+
+/// What a session needs from outside to answer an option.
+pub struct OptionContext<'a> {
+    /// The exports visible now.
+    pub exports: &'a dyn Exports,
+    /// Session limits.
+    pub config: &'a NbdConfig,
+    /// True once the daemon shuts down: options are refused.
+    pub shutting_down: bool,
+}
+
+/// What the client and server agreed so far in the option phase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Negotiation {
+    /// The client set NBD_FLAG_C_NO_ZEROES.
+    pub no_zeroes: bool,
+    /// NBD_OPT_STRUCTURED_REPLY was acknowledged.
+    pub structured: bool,
+    /// The export `base:allocation` was selected for by NBD_OPT_SET_META_CONTEXT.
+    pub meta_export: Option<String>,
+}
+
+impl Negotiation {
+    /// Answer one option into `out`. Err only where the protocol leaves no way to reply
+    /// (NBD_OPT_EXPORT_NAME that cannot be satisfied).
+    pub fn answer(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        ctx: &OptionContext,
+        out: &mut Vec<u8>,
+    ) -> Result<OptionOutcome, NbdError> {
+        let decoded = decode_option(option, data);
+        if let Ok(ClientOption::ExportName(name)) = &decoded {
+            return self.export_name(name, ctx, out);
+        }
+        if option == OPT_EXPORT_NAME {
+            return Err(NbdError::UnknownExport(
+                String::from_utf8_lossy(data).into_owned(),
+            ));
+        }
+        let reply = |out: &mut Vec<u8>, code| put_option_reply(out, option, code, &[]);
+        if ctx.shutting_down && option != OPT_ABORT {
+            reply(out, REP_ERR_SHUTDOWN);
+            return Ok(OptionOutcome::Continue);
+        }
+        match decoded {
+            Err(MalformedOption) => reply(out, REP_ERR_INVALID),
+            Ok(ClientOption::Abort) => {
+                reply(out, REP_ACK);
+                return Ok(OptionOutcome::Abort);
+            }
+            Ok(ClientOption::List) => {
+                for export in ctx.exports.list() {
+                    let mut item = Vec::new();
+                    item.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
+                    item.extend_from_slice(export.name.as_bytes());
+                    item.extend_from_slice(export.description.as_bytes());
+                    put_option_reply(out, option, REP_SERVER, &item);
+                }
+                reply(out, REP_ACK);
+            }
+            Ok(ClientOption::StructuredReply) => {
+                self.structured = true;
+                reply(out, REP_ACK);
+            }
+            Ok(ClientOption::Info { go, name, requests }) => {
+                let Some(export) = resolve(ctx.exports, &name) else {
+                    reply(out, REP_ERR_UNKNOWN);
+                    return Ok(OptionOutcome::Continue);
+                };
+                self.put_info(option, &export, &requests, ctx.config, out);
+                reply(out, REP_ACK);
+                if go {
+                    return Ok(OptionOutcome::Transmit(self.transmission(export)));
+                }
+            }
+            Ok(ClientOption::MetaContext {
+                set,
+                export,
+                queries,
+            }) => self.meta_context(option, set, &export, &queries, ctx, out),
+            Ok(ClientOption::ExportName(_)) | Ok(ClientOption::Unsupported) => {
+                reply(out, REP_ERR_UNSUP)
+            }
+        }
+        Ok(OptionOutcome::Continue)
+    }
+
+    fn export_name(
+        &self,
+        name: &str,
+        ctx: &OptionContext,
+        out: &mut Vec<u8>,
+    ) -> Result<OptionOutcome, NbdError> {
+        if ctx.shutting_down {
+            return Err(NbdError::ShuttingDown);
+        }
+        let export =
+            resolve(ctx.exports, name).ok_or_else(|| NbdError::UnknownExport(name.into()))?;
+        let transmission = self.transmission(export);
+        out.extend_from_slice(&transmission.export.size.to_be_bytes());
+        out.extend_from_slice(&transmission.flags().to_be_bytes());
+        if !self.no_zeroes {
+            out.extend_from_slice(&[0u8; 124]);
+        }
+        Ok(OptionOutcome::Transmit(transmission))
+    }
+
+    /// NBD_REP_INFO items: EXPORT and BLOCK_SIZE always, NAME and DESCRIPTION on request.
+    fn put_info(
+        &self,
+        option: u32,
+        export: &ExportInfo,
+        requests: &[u16],
+        config: &NbdConfig,
+        out: &mut Vec<u8>,
+    ) {
+        let mut item = |kind: u16, body: &[u8]| {
+            let mut data = kind.to_be_bytes().to_vec();
+            data.extend_from_slice(body);
+            put_option_reply(out, option, REP_INFO, &data);
+        };
+        let mut body = export.size.to_be_bytes().to_vec();
+        body.extend_from_slice(&transmission_flags(export, self.structured).to_be_bytes());
+        item(INFO_EXPORT, &body);
+        if requests.contains(&INFO_NAME) {
+            item(INFO_NAME, export.name.as_bytes());
+        }
+        if requests.contains(&INFO_DESCRIPTION) {
+            item(INFO_DESCRIPTION, export.description.as_bytes());
+        }
+        let min = export.block_size;
+        let preferred = min.max(config.preferred_block_size);
+        let mut sizes = min.to_be_bytes().to_vec();
+        sizes.extend_from_slice(&preferred.to_be_bytes());
+        sizes.extend_from_slice(&config.max_payload.max(preferred).to_be_bytes());
+        item(INFO_BLOCK_SIZE, &sizes);
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT: only `base:allocation` exists.
+    fn meta_context(
+        &mut self,
+        option: u32,
+        set: bool,
+        export: &str,
+        queries: &[String],
+        ctx: &OptionContext,
+        out: &mut Vec<u8>,
+    ) {
+        if !self.structured {
+            return put_option_reply(out, option, REP_ERR_INVALID, &[]);
+        }
+        let Some(export) = resolve(ctx.exports, export) else {
+            return put_option_reply(out, option, REP_ERR_UNKNOWN, &[]);
+        };
+        let matches = |q: &String| q == BASE_ALLOCATION || (!set && q == "base:");
+        let selected = if set {
+            queries.iter().any(matches)
+        } else {
+            queries.is_empty() || queries.iter().any(matches)
+        };
+        if selected {
+            let mut data = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+            data.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            put_option_reply(out, option, REP_META_CONTEXT, &data);
+        }
+        if set {
+            self.meta_export = selected.then_some(export.name);
+        }
+        put_option_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn transmission(&self, export: ExportInfo) -> Transmission {
+        Transmission {
+            base_allocation: self.meta_export.as_deref() == Some(export.name.as_str()),
+            structured: self.structured,
+            export,
+        }
+    }
+}
+
+/// The export a client names; the empty name is the first export.
+fn resolve(exports: &dyn Exports, name: &str) -> Option<ExportInfo> {
+    if name.is_empty() {
+        exports.list().into_iter().next()
+    } else {
+        exports.lookup(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+        for r in requests {
+            d.extend_from_slice(&r.to_be_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn greeting_offers_fixed_newstyle_and_no_zeroes() {
+        let mut out = Vec::new();
+        put_greeting(&mut out);
+        assert_eq!(&out[..8], b"NBDMAGIC");
+        assert_eq!(&out[8..16], b"IHAVEOPT");
+        assert_eq!(out[16..], [0, 3]);
+    }
+
+    #[test]
+    fn unknown_client_flags_end_the_session() {
+        assert_eq!(
+            parse_client_flags([0, 0, 0, 4]),
+            Err(NbdError::UnknownClientFlags(4))
+        );
+        assert!(parse_client_flags([0, 0, 0, 3]).unwrap().no_zeroes);
+    }
+
+    #[test]
+    fn info_option_decodes_name_and_requests() {
+        let d = info_data("vol0", &[INFO_NAME, INFO_BLOCK_SIZE]);
+        assert_eq!(
+            decode_option(OPT_GO, &d),
+            Ok(ClientOption::Info {
+                go: true,
+                name: "vol0".into(),
+                requests: vec![INFO_NAME, INFO_BLOCK_SIZE]
+            })
+        );
+    }
+
+    #[test]
+    fn info_option_with_trailing_or_missing_bytes_is_malformed() {
+        let mut d = info_data("vol0", &[INFO_NAME]);
+        d.push(0);
+        assert_eq!(decode_option(OPT_INFO, &d), Err(MalformedOption));
+        assert_eq!(decode_option(OPT_INFO, &d[..5]), Err(MalformedOption));
+        assert_eq!(decode_option(OPT_LIST, &[1]), Err(MalformedOption));
+    }
+
+    #[test]
+    fn unknown_options_decode_as_unsupported() {
+        assert_eq!(decode_option(5, &[1, 2, 3]), Ok(ClientOption::Unsupported));
+    }
+}

@@ -1,0 +1,510 @@
+//! The transmission phase codec: request headers in, checks against the export, and simple
+//! or structured replies out.
+
+use super::proto::*;
+use super::{NbdConfig, NbdError};
+use crate::export::ExportInfo;
+use tessel_engine::{Extent, Op};
+
+/// Bytes of a request header.
+pub const REQUEST_HEADER_LEN: usize = 28;
+/// Longest error message put in a structured error chunk.
+const MAX_MESSAGE: usize = 1024;
+
+/// The export a connection entered transmission on, and what was negotiated for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmission {
+    /// The export served.
+    pub export: ExportInfo,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// `base:allocation` was selected for this export.
+    pub base_allocation: bool,
+}
+
+/// The transmission flags tessel advertises for an export.
+pub fn transmission_flags(export: &ExportInfo, structured: bool) -> u16 {
+    let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
+    if export.read_only {
+        flags |= FLAG_READ_ONLY;
+    } else {
+        flags |= FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        flags |= FLAG_SEND_DF;
+    }
+    flags
+}
+
+/// One decoded request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// Command flags (NBD_CMD_FLAG_*).
+    pub flags: u16,
+    /// Command type (NBD_CMD_*).
+    pub kind: u16,
+    /// The client's handle, echoed in the reply.
+    pub cookie: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes (of the range, and of the payload for writes).
+    pub len: u32,
+}
+
+impl RequestHeader {
+    /// Bytes of payload that follow this header on the wire.
+    pub fn payload_len(&self) -> u32 {
+        if self.kind == CMD_WRITE {
+            self.len
+        } else {
+            0
+        }
+    }
+}
+
+/// Decode a request header; a wrong magic ends the session.
+pub fn parse_request_header(b: &[u8; REQUEST_HEADER_LEN]) -> Result<RequestHeader, NbdError> {
+    let magic = u32::from_be_bytes(b[0..4].try_into().expect("4 bytes"));
+    if magic != REQUEST_MAGIC {
+        return Err(NbdError::BadRequestMagic(magic));
+    }
+    Ok(RequestHeader {
+        flags: u16::from_be_bytes(b[4..6].try_into().expect("2 bytes")),
+        kind: u16::from_be_bytes(b[6..8].try_into().expect("2 bytes")),
+        cookie: u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
+        offset: u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")),
+        len: u32::from_be_bytes(b[24..28].try_into().expect("4 bytes")),
+    })
+}
+
+/// Why a request is refused: the error value and a reason for the client's user.
+type Rejection = (Errno, &'static str);
+const PAST_END_NOSPC: Rejection = (Errno::NoSpc, "request extends beyond the end of the export");
+
+/// How the reply to an engine request is shaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyShape {
+    /// Success or error, no data.
+    Status,
+    /// `len` bytes of data read at `offset`.
+    Read { offset: u64, len: u32 },
+    /// base:allocation descriptors for the client's range.
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
+}
+
+/// Engine work for one admitted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Work {
+    /// The engine operation.
+    pub op: Op,
+    /// Byte offset for the engine.
+    pub offset: u64,
+    /// Length in bytes for the engine.
+    pub len: u64,
+    /// How the completion is answered.
+    pub shape: ReplyShape,
+}
+
+/// What to do with a request, once checked against the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Ask the engine, and answer its completion.
+    Submit(Work),
+    /// Answer success without I/O.
+    Succeed,
+    /// Answer this error, with a reason for structured replies.
+    Reject(Errno, &'static str),
+    /// NBD_CMD_DISC: finish in-flight requests, then close.
+    Disconnect,
+}
+
+impl Transmission {
+    /// Transmission flags of this connection.
+    pub fn flags(&self) -> u16 {
+        transmission_flags(&self.export, self.structured)
+    }
+
+    /// Check a request against the export and the protocol's rules.
+    pub fn admit(&self, h: &RequestHeader, config: &NbdConfig, shutting_down: bool) -> Admission {
+        match self.check(h, config, shutting_down) {
+            Ok(admission) => admission,
+            Err((errno, reason)) => Admission::Reject(errno, reason),
+        }
+    }
+
+    fn check(
+        &self,
+        h: &RequestHeader,
+        config: &NbdConfig,
+        down: bool,
+    ) -> Result<Admission, Rejection> {
+        if h.kind == CMD_DISC {
+            return Ok(Admission::Disconnect);
+        }
+        if down {
+            return Err((Errno::Shutdown, "the server is shutting down"));
+        }
+        let allowed_flags = match h.kind {
+            CMD_READ if self.structured => CMD_FLAG_DF,
+            CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            CMD_READ | CMD_FLUSH | CMD_CACHE => 0,
+            _ => return Err((Errno::Inval, "unknown command")),
+        };
+        if h.flags & !allowed_flags != 0 {
+            return Err((Errno::Inval, "command flag not valid for this command"));
+        }
+        let fua = h.flags & CMD_FLAG_FUA != 0;
+        let writes = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && self.export.read_only {
+            return Err((Errno::Perm, "the export is read-only"));
+        }
+        if h.kind == CMD_FLUSH {
+            if h.offset != 0 || h.len != 0 {
+                return Err((Errno::Inval, "flush with a non-zero offset or length"));
+            }
+            let shape = ReplyShape::Status;
+            return Ok(Admission::Submit(Work {
+                op: Op::Flush,
+                offset: 0,
+                len: 0,
+                shape,
+            }));
+        }
+        if h.kind == CMD_BLOCK_STATUS && !(self.structured && self.base_allocation) {
+            return Err((
+                Errno::Inval,
+                "block status without base:allocation negotiated",
+            ));
+        }
+        if h.len == 0 {
+            return Err((Errno::Inval, "zero-length request"));
+        }
+        let end = match h.offset.checked_add(u64::from(h.len)) {
+            Some(end) if end <= self.export.size => end,
+            // The protocol asks ENOSPC for writes past the end, EINVAL for the rest.
+            _ if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) => return Err(PAST_END_NOSPC),
+            _ => return Err((Errno::Inval, PAST_END_NOSPC.1)),
+        };
+        let block = u64::from(self.export.block_size.max(1));
+        if h.kind == CMD_BLOCK_STATUS {
+            // Clients may ask about any byte range; the engine sees it widened to blocks.
+            let start = h.offset / block * block;
+            let end = end.div_ceil(block) * block;
+            let shape = ReplyShape::BlockStatus {
+                offset: h.offset,
+                len: h.len,
+                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+            };
+            let len = end.min(self.export.size) - start;
+            return Ok(Admission::Submit(Work {
+                op: Op::BlockStatus,
+                offset: start,
+                len,
+                shape,
+            }));
+        }
+        if h.offset % block != 0 || u64::from(h.len) % block != 0 {
+            return Err((
+                Errno::Inval,
+                "offset or length not a multiple of the block size",
+            ));
+        }
+        if h.kind == CMD_READ && h.len > config.max_payload {
+            let errno = if self.structured {
+                Errno::Overflow
+            } else {
+                Errno::Inval
+            };
+            return Err((errno, "read larger than the maximum payload"));
+        }
+        let (op, shape) = match h.kind {
+            CMD_READ => (
+                Op::Read,
+                ReplyShape::Read {
+                    offset: h.offset,
+                    len: h.len,
+                },
+            ),
+            CMD_WRITE => (Op::Write { fua }, ReplyShape::Status),
+            CMD_TRIM => (Op::Trim, ReplyShape::Status),
+            CMD_WRITE_ZEROES => (Op::WriteZeroes { fua }, ReplyShape::Status),
+            _ => return Ok(Admission::Succeed), // CMD_CACHE: tessel has no cache to warm
+        };
+        let (offset, len) = (h.offset, u64::from(h.len));
+        Ok(Admission::Submit(Work {
+            op,
+            offset,
+            len,
+            shape,
+        }))
+    }
+}
+
+/// Append a structured chunk header.
+fn put_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64, len: u32) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Append a simple reply header (the data, if any, follows).
+fn put_simple(out: &mut Vec<u8>, cookie: u64, error: u32) {
+    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+}
+
+/// Append a successful reply without data.
+pub fn put_success(out: &mut Vec<u8>, structured: bool, cookie: u64) {
+    if structured {
+        put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+    } else {
+        put_simple(out, cookie, 0);
+    }
+}
+
+/// Append an error reply; structured replies carry `message` for the client's user.
+pub fn put_error(out: &mut Vec<u8>, structured: bool, cookie: u64, errno: Errno, message: &str) {
+    if !structured {
+        return put_simple(out, cookie, errno.code());
+    }
+    let mut end = message.len().min(MAX_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &message.as_bytes()[..end];
+    put_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + message.len() as u32,
+    );
+    out.extend_from_slice(&errno.code().to_be_bytes());
+    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    out.extend_from_slice(message);
+}
+
+/// Append a successful read reply: one OFFSET_DATA chunk, or a simple reply and the data.
+pub fn put_read(out: &mut Vec<u8>, structured: bool, cookie: u64, offset: u64, data: &[u8]) {
+    if structured {
+        let len = 8 + data.len() as u32;
+        put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, len);
+        out.extend_from_slice(&offset.to_be_bytes());
+    } else {
+        put_simple(out, cookie, 0);
+    }
+    out.extend_from_slice(data);
+}
+
+/// One base:allocation descriptor: length and status flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Bytes covered.
+    pub len: u32,
+    /// NBD_STATE_* bits.
+    pub flags: u32,
+}
+
+/// Turn engine extents into consecutive descriptors covering `offset..offset+len` from its
+/// start (merged where the state repeats; one only for REQ_ONE). Where the engine says
+/// nothing, the range is reported as data, which the protocol allows.
+pub fn descriptors(extents: &[Extent], offset: u64, len: u32, req_one: bool) -> Vec<Descriptor> {
+    let end = offset + u64::from(len);
+    let mut pos = offset;
+    let mut out: Vec<Descriptor> = Vec::new();
+    for e in extents {
+        let e_end = e.offset.saturating_add(e.len);
+        if e_end <= pos {
+            continue;
+        }
+        if e.offset > pos || pos >= end {
+            break;
+        }
+        let run = (e_end.min(end) - pos) as u32;
+        let flags = if e.allocated {
+            0
+        } else {
+            STATE_HOLE | STATE_ZERO
+        };
+        match out.last_mut() {
+            Some(last) if last.flags == flags => last.len += run,
+            _ => out.push(Descriptor { len: run, flags }),
+        }
+        pos += u64::from(run);
+    }
+    if out.is_empty() {
+        out.push(Descriptor { len, flags: 0 });
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+/// Append a BLOCK_STATUS chunk for base:allocation, ending the reply.
+pub fn put_block_status(out: &mut Vec<u8>, cookie: u64, descriptors: &[Descriptor]) {
+    let len = 4 + 8 * descriptors.len() as u32;
+    put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len);
+    out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    for d in descriptors {
+        out.extend_from_slice(&d.len.to_be_bytes());
+        out.extend_from_slice(&d.flags.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessel_engine::VolumeId;
+
+    fn tx(read_only: bool, structured: bool) -> Transmission {
+        Transmission {
+            export: ExportInfo {
+                name: "vol0".into(),
+                description: String::new(),
+                volume: VolumeId(1),
+                size: 1 << 20,
+                block_size: 512,
+                read_only,
+            },
+            structured,
+            base_allocation: structured,
+        }
+    }
+
+    fn header(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
+        RequestHeader {
+            flags,
+            kind,
+            cookie: 7,
+            offset,
+            len,
+        }
+    }
+
+    fn admit(t: &Transmission, h: RequestHeader) -> Admission {
+        t.admit(&h, &NbdConfig::default(), false)
+    }
+
+    fn rejected(t: &Transmission, h: RequestHeader) -> Option<Errno> {
+        match admit(t, h) {
+            Admission::Reject(errno, _) => Some(errno),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn read_only_exports_advertise_no_write_commands() {
+        let flags = tx(true, false).flags();
+        assert_ne!(flags & FLAG_READ_ONLY, 0);
+        assert_eq!(
+            flags & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FUA),
+            0
+        );
+        assert_eq!(flags & FLAG_SEND_DF, 0);
+        assert_ne!(tx(false, true).flags() & FLAG_SEND_DF, 0);
+    }
+
+    #[test]
+    fn writes_past_the_end_are_enospc_and_reads_einval() {
+        let t = tx(false, false);
+        let past = (1 << 20) - 512;
+        assert_eq!(
+            rejected(&t, header(CMD_WRITE, 0, past, 1024)),
+            Some(Errno::NoSpc)
+        );
+        assert_eq!(
+            rejected(&t, header(CMD_READ, 0, past, 1024)),
+            Some(Errno::Inval)
+        );
+        let wrap = header(CMD_WRITE_ZEROES, 0, u64::MAX - 1, 512);
+        assert_eq!(rejected(&t, wrap), Some(Errno::NoSpc));
+    }
+
+    #[test]
+    fn misaligned_and_flagged_requests_are_einval() {
+        let t = tx(false, false);
+        assert_eq!(
+            rejected(&t, header(CMD_READ, 0, 100, 512)),
+            Some(Errno::Inval)
+        );
+        assert_eq!(
+            rejected(&t, header(CMD_READ, CMD_FLAG_DF, 0, 512)),
+            Some(Errno::Inval)
+        );
+        assert_eq!(
+            rejected(&t, header(CMD_FLUSH, 0, 0, 512)),
+            Some(Errno::Inval)
+        );
+        assert_eq!(rejected(&t, header(99, 0, 0, 512)), Some(Errno::Inval));
+    }
+
+    #[test]
+    fn block_status_range_is_widened_to_blocks_for_the_engine() {
+        let t = tx(false, true);
+        let a = admit(&t, header(CMD_BLOCK_STATUS, 0, 100, 1000));
+        let shape = ReplyShape::BlockStatus {
+            offset: 100,
+            len: 1000,
+            req_one: false,
+        };
+        assert_eq!(
+            a,
+            Admission::Submit(Work {
+                op: Op::BlockStatus,
+                offset: 0,
+                len: 1536,
+                shape
+            })
+        );
+    }
+
+    #[test]
+    fn descriptors_clip_merge_and_honour_req_one() {
+        let e = |offset, len, allocated| Extent {
+            offset,
+            len,
+            allocated,
+        };
+        let extents = [e(0, 4096, true), e(4096, 4096, true), e(8192, 8192, false)];
+        let d = descriptors(&extents, 1024, 10240, false);
+        assert_eq!(
+            d,
+            vec![
+                Descriptor {
+                    len: 7168,
+                    flags: 0
+                },
+                Descriptor {
+                    len: 3072,
+                    flags: STATE_HOLE | STATE_ZERO
+                }
+            ]
+        );
+        assert_eq!(descriptors(&extents, 1024, 10240, true).len(), 1);
+        assert_eq!(
+            descriptors(&[], 0, 512, false),
+            vec![Descriptor { len: 512, flags: 0 }]
+        );
+    }
+
+    #[test]
+    fn structured_error_chunk_carries_errno_and_message() {
+        let mut out = Vec::new();
+        put_error(&mut out, true, 9, Errno::NoSpc, "pool is full");
+        assert_eq!(&out[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([out[6], out[7]]), REPLY_TYPE_ERROR);
+        assert_eq!(u32::from_be_bytes(out[16..20].try_into().unwrap()), 6 + 12);
+        assert_eq!(u32::from_be_bytes(out[20..24].try_into().unwrap()), 28);
+        assert_eq!(&out[26..], b"pool is full");
+    }
+}
