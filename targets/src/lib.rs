@@ -4,5 +4,6 @@
 //! to send and engine requests to submit. The daemon drives them from a reactor; tests drive
 //! them from memory.
 
+pub mod control;
 pub mod export;
 pub mod nbd;
