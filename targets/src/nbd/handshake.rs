@@ -373,6 +373,7 @@ fn resolve(exports: &dyn Exports, name: &str) -> Option<ExportInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::testing::*;
 
     fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
         let mut d = (name.len() as u32).to_be_bytes().to_vec();
@@ -427,5 +428,204 @@ mod tests {
     #[test]
     fn unknown_options_decode_as_unsupported() {
         assert_eq!(decode_option(5, &[1, 2, 3]), Ok(ClientOption::Unsupported));
+    }
+
+    #[test]
+    fn go_reports_size_flags_name_and_block_sizes_then_enters_transmission() {
+        let mut c = Client::negotiated(true);
+        let replies = c.option(OPT_GO, &go_data("vol0", &[INFO_NAME, INFO_DESCRIPTION]));
+        let info = |kind: u16| {
+            let r = replies
+                .iter()
+                .find(|r| r.1 == REP_INFO && r.2[..2] == kind.to_be_bytes());
+            r.unwrap().2[2..].to_vec()
+        };
+        assert_eq!(be64(&info(INFO_EXPORT)), SIZE);
+        let flags = u16::from_be_bytes(info(INFO_EXPORT)[8..10].try_into().unwrap());
+        let expected = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM;
+        assert_eq!(flags & expected, expected);
+        assert_ne!(
+            flags & (FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE | FLAG_SEND_FAST_ZERO),
+            0
+        );
+        assert_eq!(info(INFO_NAME), b"vol0");
+        assert_eq!(info(INFO_DESCRIPTION), b"vol0 described");
+        let sizes = info(INFO_BLOCK_SIZE);
+        assert_eq!(
+            [be32(&sizes), be32(&sizes[4..]), be32(&sizes[8..])],
+            [512, 4096, 32 << 20]
+        );
+        assert_eq!(replies.last().unwrap(), &(OPT_GO, REP_ACK, vec![]));
+        c.request(CMD_FLUSH, 0, 5, 0, 0);
+        assert_eq!(c.actions.submit.len(), 1);
+    }
+
+    #[test]
+    fn go_with_unknown_export_answers_err_unknown_and_stays_in_options() {
+        let mut c = Client::negotiated(true);
+        assert_eq!(
+            c.option(OPT_GO, &go_data("nope", &[])),
+            vec![(OPT_GO, REP_ERR_UNKNOWN, vec![])]
+        );
+        assert_eq!(
+            c.option(OPT_INFO, &go_data("nope", &[]))[0].1,
+            REP_ERR_UNKNOWN
+        );
+        assert_eq!(c.option(OPT_LIST, &[]).last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn info_leaves_the_session_in_the_option_phase() {
+        let mut c = Client::negotiated(true);
+        assert_eq!(
+            c.option(OPT_INFO, &go_data("vol0", &[])).last().unwrap().1,
+            REP_ACK
+        );
+        assert_eq!(c.option(OPT_LIST, &[]).last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn empty_export_name_serves_the_first_export() {
+        let mut c = Client::negotiated(true);
+        let replies = c.option(OPT_GO, &go_data("", &[INFO_NAME]));
+        assert!(replies
+            .iter()
+            .any(|r| r.1 == REP_INFO && r.2 == [&[0, 1][..], b"vol0"].concat()));
+    }
+
+    #[test]
+    fn read_only_snapshot_advertises_read_only_and_its_block_size() {
+        let mut c = Client::negotiated(true);
+        let replies = c.option(OPT_GO, &go_data("vol0@snap", &[]));
+        let export = &replies
+            .iter()
+            .find(|r| r.2[..2] == INFO_EXPORT.to_be_bytes())
+            .unwrap()
+            .2;
+        assert_ne!(
+            u16::from_be_bytes([export[10], export[11]]) & FLAG_READ_ONLY,
+            0
+        );
+        let sizes = &replies
+            .iter()
+            .find(|r| r.2[..2] == INFO_BLOCK_SIZE.to_be_bytes())
+            .unwrap()
+            .2;
+        assert_eq!(be32(&sizes[2..]), 4096);
+    }
+
+    #[test]
+    fn export_name_with_no_zeroes_sends_no_padding() {
+        let mut c = Client::negotiated(true);
+        c.send(&option_bytes(OPT_EXPORT_NAME, b"vol0"));
+        let reply = c.take();
+        assert_eq!(reply.len(), 10);
+        assert_eq!(be64(&reply), SIZE);
+    }
+
+    #[test]
+    fn export_name_without_no_zeroes_pads_124_bytes() {
+        let mut c = Client::negotiated(false);
+        c.send(&option_bytes(OPT_EXPORT_NAME, b""));
+        assert_eq!(c.take().len(), 10 + 124);
+    }
+
+    #[test]
+    fn export_name_for_unknown_export_is_a_protocol_error() {
+        let mut c = Client::negotiated(true);
+        let bytes = option_bytes(OPT_EXPORT_NAME, b"nope");
+        let err = c.session.receive(&bytes, &c.exports, &mut c.actions);
+        assert_eq!(err, Err(NbdError::UnknownExport("nope".into())));
+    }
+
+    #[test]
+    fn list_names_every_export_with_its_description() {
+        let mut c = Client::negotiated(true);
+        let replies = c.option(OPT_LIST, &[]);
+        assert_eq!(replies.len(), 3);
+        assert_eq!(replies[1].1, REP_SERVER);
+        assert_eq!(
+            replies[1].2,
+            [
+                &9u32.to_be_bytes()[..],
+                b"vol0@snap",
+                b"vol0@snap described"
+            ]
+            .concat()
+        );
+        assert_eq!(replies[2], (OPT_LIST, REP_ACK, vec![]));
+    }
+
+    #[test]
+    fn abort_is_acknowledged_and_closes() {
+        let mut c = Client::negotiated(true);
+        assert_eq!(c.option(OPT_ABORT, &[]), vec![(OPT_ABORT, REP_ACK, vec![])]);
+        assert!(c.actions.close);
+        c.send(b"anything after abort is ignored");
+        assert!(c.take().is_empty());
+    }
+
+    #[test]
+    fn unsupported_option_answers_err_unsup_and_parsing_continues() {
+        let mut c = Client::negotiated(true);
+        assert_eq!(c.option(5, b"tls please"), vec![(5, REP_ERR_UNSUP, vec![])]);
+        assert_eq!(c.option(0xdead, &[]), vec![(0xdead, REP_ERR_UNSUP, vec![])]);
+        assert_eq!(
+            c.option(OPT_GO, &go_data("vol0", &[])).last().unwrap().1,
+            REP_ACK
+        );
+    }
+
+    #[test]
+    fn malformed_option_answers_err_invalid() {
+        let mut c = Client::negotiated(true);
+        assert_eq!(
+            c.option(OPT_GO, &[0, 0, 0, 9, b'v']),
+            vec![(OPT_GO, REP_ERR_INVALID, vec![])]
+        );
+        assert_eq!(
+            c.option(OPT_STRUCTURED_REPLY, &[1]),
+            vec![(8, REP_ERR_INVALID, vec![])]
+        );
+    }
+
+    #[test]
+    fn list_meta_context_without_queries_lists_base_allocation() {
+        let mut c = Client::negotiated(true);
+        c.option(OPT_STRUCTURED_REPLY, &[]);
+        let replies = c.option(OPT_LIST_META_CONTEXT, &meta_data("vol0", &[]));
+        let context = [
+            &BASE_ALLOCATION_ID.to_be_bytes()[..],
+            BASE_ALLOCATION.as_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            replies,
+            vec![(9, REP_META_CONTEXT, context.clone()), (9, REP_ACK, vec![])]
+        );
+        let replies = c.option(OPT_LIST_META_CONTEXT, &meta_data("vol0", &["base:"]));
+        assert_eq!(replies[0].2, context);
+    }
+
+    #[test]
+    fn meta_context_skips_unknown_namespaces() {
+        let mut c = Client::negotiated(true);
+        c.option(OPT_STRUCTURED_REPLY, &[]);
+        let queries = ["qemu:dirty-bitmap:x", "base:nothing"];
+        let replies = c.option(OPT_SET_META_CONTEXT, &meta_data("vol0", &queries));
+        assert_eq!(replies, vec![(OPT_SET_META_CONTEXT, REP_ACK, vec![])]);
+    }
+
+    #[test]
+    fn meta_context_needs_structured_replies_and_a_known_export() {
+        let mut c = Client::negotiated(true);
+        let set = meta_data("vol0", &[BASE_ALLOCATION]);
+        assert_eq!(c.option(OPT_SET_META_CONTEXT, &set)[0].1, REP_ERR_INVALID);
+        c.option(OPT_STRUCTURED_REPLY, &[]);
+        let unknown = meta_data("nope", &[BASE_ALLOCATION]);
+        assert_eq!(
+            c.option(OPT_SET_META_CONTEXT, &unknown)[0].1,
+            REP_ERR_UNKNOWN
+        );
     }
 }

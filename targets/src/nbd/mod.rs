@@ -9,6 +9,9 @@ pub mod proto;
 pub mod session;
 pub mod transmission;
 
+#[cfg(test)]
+mod testing;
+
 pub use session::NbdSession;
 
 use std::fmt;

@@ -126,6 +126,8 @@ pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 /// Structured chunk: offset then data.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured chunk: offset then the length of a run that reads as zeroes.
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Structured chunk: metadata context id then (length, status) descriptors.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 /// Structured chunk: errno, message length, message.

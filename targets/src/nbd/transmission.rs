@@ -293,16 +293,29 @@ pub fn put_error(out: &mut Vec<u8>, structured: bool, cookie: u64, errno: Errno,
     out.extend_from_slice(message);
 }
 
-/// Append a successful read reply: one OFFSET_DATA chunk, or a simple reply and the data.
+/// Append a successful read reply: with structured replies one OFFSET_HOLE chunk when all
+/// the data is zeroes (sparse reads cost no bandwidth), else one OFFSET_DATA chunk; without,
+/// a simple reply and the data.
 pub fn put_read(out: &mut Vec<u8>, structured: bool, cookie: u64, offset: u64, data: &[u8]) {
-    if structured {
+    if !structured {
+        put_simple(out, cookie, 0);
+        out.extend_from_slice(data);
+    } else if is_zero(data) {
+        put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    } else {
         let len = 8 + data.len() as u32;
         put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, len);
         out.extend_from_slice(&offset.to_be_bytes());
-    } else {
-        put_simple(out, cookie, 0);
+        out.extend_from_slice(data);
     }
-    out.extend_from_slice(data);
+}
+
+/// True when every byte is zero; a page at a time so the OR folds into vector code.
+fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|page| page.iter().fold(0, |acc, &b| acc | b) == 0)
 }
 
 /// One base:allocation descriptor: length and status flags.
@@ -364,7 +377,8 @@ pub fn put_block_status(out: &mut Vec<u8>, cookie: u64, descriptors: &[Descripto
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessel_engine::VolumeId;
+    use crate::nbd::testing::*;
+    use tessel_engine::{IoError, VolumeId};
 
     fn tx(read_only: bool, structured: bool) -> Transmission {
         Transmission {
@@ -506,5 +520,197 @@ mod tests {
         assert_eq!(u32::from_be_bytes(out[16..20].try_into().unwrap()), 6 + 12);
         assert_eq!(u32::from_be_bytes(out[20..24].try_into().unwrap()), 28);
         assert_eq!(&out[26..], b"pool is full");
+    }
+
+    #[test]
+    fn structured_read_of_zeroes_answers_one_offset_hole_chunk() {
+        let mut c = Client::go("vol0", true, false);
+        c.request(CMD_READ, 0, 4, 4096, 8192);
+        c.run_engine();
+        let chunks = chunks(&c.take());
+        assert_eq!(chunks.len(), 1);
+        let (flags, kind, cookie, payload) = &chunks[0];
+        assert_eq!(
+            (*flags, *kind, *cookie),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 4)
+        );
+        assert_eq!(
+            (be64(payload), be32(&payload[8..]), payload.len()),
+            (4096, 8192, 12)
+        );
+    }
+
+    #[test]
+    fn structured_read_answers_one_offset_data_chunk() {
+        let mut c = Client::go("vol0", true, false);
+        c.memory.data[512..1024].fill(0xab);
+        c.request(CMD_READ, CMD_FLAG_DF, 3, 512, 512);
+        c.run_engine();
+        let chunks = chunks(&c.take());
+        assert_eq!(chunks.len(), 1);
+        let (flags, kind, cookie, payload) = &chunks[0];
+        assert_eq!(
+            (*flags, *kind, *cookie),
+            (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 3)
+        );
+        assert_eq!(be64(payload), 512);
+        assert!(payload[8..].iter().all(|&b| b == 0xab) && payload.len() == 8 + 512);
+    }
+
+    #[test]
+    fn write_to_read_only_export_is_eperm_without_engine_request() {
+        let mut c = Client::go("vol0@snap", false, false);
+        let mut bytes = request_bytes(CMD_WRITE, 0, 4, 0, 4096);
+        bytes.extend_from_slice(&[1; 4096]);
+        bytes.extend_from_slice(&request_bytes(CMD_TRIM, 0, 5, 0, 4096));
+        c.send(&bytes);
+        let reply = c.take();
+        assert_eq!(simple(&reply), (Errno::Perm.code(), 4));
+        assert_eq!(simple(&reply[16..]), (Errno::Perm.code(), 5));
+        assert!(c.actions.submit.is_empty());
+    }
+
+    #[test]
+    fn misaligned_and_out_of_range_requests_get_their_errnos() {
+        let mut c = Client::go("vol0", false, false);
+        c.request(CMD_READ, 0, 1, 100, 512);
+        c.request(CMD_READ, 0, 2, SIZE, 512);
+        c.request(CMD_WRITE_ZEROES, 0, 3, SIZE - 512, 1024);
+        c.request(CMD_READ, 0, 4, 0, 0);
+        c.request(42, 0, 5, 0, 512);
+        c.request(CMD_READ, CMD_FLAG_FUA, 6, 0, 512);
+        let reply = c.take();
+        let got: Vec<_> = reply.chunks(16).map(simple).collect();
+        let inval = Errno::Inval.code();
+        let expected = [
+            (inval, 1),
+            (inval, 2),
+            (Errno::NoSpc.code(), 3),
+            (inval, 4),
+            (inval, 5),
+            (inval, 6),
+        ];
+        assert_eq!(got, expected);
+        assert!(c.actions.submit.is_empty());
+    }
+
+    #[test]
+    fn read_larger_than_max_payload_is_eoverflow_with_structured_replies() {
+        let mut big = exports();
+        big[0].size = 1 << 30;
+        for (structured, errno) in [(true, Errno::Overflow), (false, Errno::Inval)] {
+            let mut c = Client::go_on(big.clone(), "vol0", structured, false);
+            c.request(CMD_READ, 0, 1, 0, (32 << 20) + 512);
+            let reply = c.take();
+            let got = if structured {
+                be32(&chunks(&reply)[0].3)
+            } else {
+                simple(&reply).0
+            };
+            assert_eq!(got, errno.code());
+            assert!(c.actions.submit.is_empty());
+        }
+    }
+
+    #[test]
+    fn engine_errors_become_protocol_errnos_with_a_message() {
+        let mut c = Client::go("vol0", true, false);
+        let mut bytes = request_bytes(CMD_WRITE, CMD_FLAG_FUA, 8, 0, 512);
+        bytes.extend_from_slice(&[9; 512]);
+        c.send(&bytes);
+        assert_eq!(c.actions.submit[0].op, Op::Write { fua: true });
+        c.memory.fail_with = Some(IoError::NoSpace);
+        c.run_engine();
+        c.memory.fail_with = Some(IoError::Device(libc::EIO));
+        c.request(CMD_READ, 0, 9, 0, 512);
+        c.run_engine();
+        let chunks = chunks(&c.take());
+        assert_eq!((chunks[0].1, chunks[0].2), (REPLY_TYPE_ERROR, 8));
+        assert_eq!(be32(&chunks[0].3), Errno::NoSpc.code());
+        assert_eq!(&chunks[0].3[6..], b"pool is full");
+        assert_eq!((chunks[1].2, be32(&chunks[1].3)), (9, Errno::Io.code()));
+    }
+
+    #[test]
+    fn flush_trim_and_write_zeroes_reach_the_engine_with_their_flags() {
+        let mut c = Client::go("vol0", true, false);
+        c.request(CMD_FLUSH, 0, 1, 0, 0);
+        c.request(CMD_TRIM, CMD_FLAG_FUA, 2, 0, 4096);
+        let zero_flags = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO;
+        c.request(CMD_WRITE_ZEROES, zero_flags, 3, 4096, 4096);
+        let ops: Vec<_> = c
+            .actions
+            .submit
+            .iter()
+            .map(|r| (r.op, r.offset, r.len))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                (Op::Flush, 0, 0),
+                (Op::Trim, 0, 4096),
+                (Op::WriteZeroes { fua: true }, 4096, 4096)
+            ]
+        );
+        assert!(c
+            .actions
+            .submit
+            .iter()
+            .all(|r| r.buf.is_none() && r.volume == VolumeId(1)));
+        c.run_engine();
+        let done: Vec<_> = chunks(&c.take())
+            .iter()
+            .map(|ch| (ch.0, ch.1, ch.2))
+            .collect();
+        let none = |cookie| (REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie);
+        assert_eq!(done, [none(1), none(2), none(3)]);
+    }
+
+    #[test]
+    fn cache_succeeds_without_engine_request() {
+        let mut c = Client::go("vol0", false, false);
+        c.request(CMD_CACHE, 0, 6, 0, 4096);
+        assert_eq!(simple(&c.take()), (0, 6));
+        assert!(c.actions.submit.is_empty());
+    }
+
+    #[test]
+    fn block_status_maps_unallocated_to_hole_and_zero() {
+        let mut c = Client::go("vol0", true, true);
+        c.memory.allocated[1] = true;
+        c.request(CMD_BLOCK_STATUS, 0, 7, 0, 16384);
+        c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 8, 4096, 12288);
+        c.run_engine();
+        let chunks = chunks(&c.take());
+        let descriptors = |payload: &[u8]| -> Vec<(u32, u32)> {
+            assert_eq!(be32(payload), BASE_ALLOCATION_ID);
+            payload[4..]
+                .chunks(8)
+                .map(|d| (be32(d), be32(&d[4..])))
+                .collect()
+        };
+        let hole = STATE_HOLE | STATE_ZERO;
+        assert_eq!((chunks[0].1, chunks[0].2), (REPLY_TYPE_BLOCK_STATUS, 7));
+        assert_eq!(
+            descriptors(&chunks[0].3),
+            [(4096, hole), (4096, 0), (8192, hole)]
+        );
+        assert_eq!(descriptors(&chunks[1].3), [(4096, 0)]);
+    }
+
+    #[test]
+    fn block_status_without_base_allocation_is_einval() {
+        let mut c = Client::go("vol0", true, false);
+        c.request(CMD_BLOCK_STATUS, 0, 7, 0, 4096);
+        assert_eq!(be32(&chunks(&c.take())[0].3), Errno::Inval.code());
+        let mut c = Client::negotiated(true);
+        c.option(OPT_STRUCTURED_REPLY, &[]);
+        c.option(
+            OPT_SET_META_CONTEXT,
+            &meta_data("vol0@snap", &[BASE_ALLOCATION]),
+        );
+        c.option(OPT_GO, &go_data("vol0", &[]));
+        c.request(CMD_BLOCK_STATUS, 0, 7, 0, 4096);
+        assert_eq!(be32(&chunks(&c.take())[0].3), Errno::Inval.code());
     }
 }
