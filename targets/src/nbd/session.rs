@@ -121,16 +121,8 @@ impl NbdSession {
                 let message = "engine returned no data of the requested length";
                 tm::put_error(out, req.structured, req.cookie, Errno::Io, message)
             }
-            (
-                Ok(()),
-                ReplyShape::BlockStatus {
-                    offset,
-                    len,
-                    req_one,
-                },
-                _,
-            ) => {
-                let descriptors = tm::descriptors(&completion.extents, offset, len, req_one);
+            (Ok(()), ReplyShape::BlockStatus(query), _) => {
+                let descriptors = tm::descriptors(&completion.extents, query);
                 tm::put_block_status(out, req.cookie, &descriptors)
             }
         }

@@ -89,11 +89,18 @@ pub enum ReplyShape {
     /// `len` bytes of data read at `offset`.
     Read { offset: u64, len: u32 },
     /// base:allocation descriptors for the client's range.
-    BlockStatus {
-        offset: u64,
-        len: u32,
-        req_one: bool,
-    },
+    BlockStatus(StatusQuery),
+}
+
+/// The range a BLOCK_STATUS request asked about, as the client gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusQuery {
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// NBD_CMD_FLAG_REQ_ONE: answer with one descriptor.
+    pub req_one: bool,
 }
 
 /// Engine work for one admitted request.
@@ -196,11 +203,11 @@ impl Transmission {
             // Clients may ask about any byte range; the engine sees it widened to blocks.
             let start = h.offset / block * block;
             let end = end.div_ceil(block) * block;
-            let shape = ReplyShape::BlockStatus {
+            let shape = ReplyShape::BlockStatus(StatusQuery {
                 offset: h.offset,
                 len: h.len,
                 req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
-            };
+            });
             let len = end.min(self.export.size) - start;
             return Ok(Admission::Submit(Work {
                 op: Op::BlockStatus,
@@ -327,10 +334,15 @@ pub struct Descriptor {
     pub flags: u32,
 }
 
-/// Turn engine extents into consecutive descriptors covering `offset..offset+len` from its
+/// Turn engine extents into consecutive descriptors covering the queried range from its
 /// start (merged where the state repeats; one only for REQ_ONE). Where the engine says
 /// nothing, the range is reported as data, which the protocol allows.
-pub fn descriptors(extents: &[Extent], offset: u64, len: u32, req_one: bool) -> Vec<Descriptor> {
+pub fn descriptors(extents: &[Extent], query: StatusQuery) -> Vec<Descriptor> {
+    let StatusQuery {
+        offset,
+        len,
+        req_one,
+    } = query;
     let end = offset + u64::from(len);
     let mut pos = offset;
     let mut out: Vec<Descriptor> = Vec::new();
@@ -466,11 +478,11 @@ mod tests {
     fn block_status_range_is_widened_to_blocks_for_the_engine() {
         let t = tx(false, true);
         let a = admit(&t, header(CMD_BLOCK_STATUS, 0, 100, 1000));
-        let shape = ReplyShape::BlockStatus {
+        let shape = ReplyShape::BlockStatus(StatusQuery {
             offset: 100,
             len: 1000,
             req_one: false,
-        };
+        });
         assert_eq!(
             a,
             Admission::Submit(Work {
@@ -482,6 +494,14 @@ mod tests {
         );
     }
 
+    fn query(offset: u64, len: u32, req_one: bool) -> StatusQuery {
+        StatusQuery {
+            offset,
+            len,
+            req_one,
+        }
+    }
+
     #[test]
     fn descriptors_clip_merge_and_honour_req_one() {
         let e = |offset, len, allocated| Extent {
@@ -490,7 +510,7 @@ mod tests {
             allocated,
         };
         let extents = [e(0, 4096, true), e(4096, 4096, true), e(8192, 8192, false)];
-        let d = descriptors(&extents, 1024, 10240, false);
+        let d = descriptors(&extents, query(1024, 10240, false));
         assert_eq!(
             d,
             vec![
@@ -504,9 +524,9 @@ mod tests {
                 }
             ]
         );
-        assert_eq!(descriptors(&extents, 1024, 10240, true).len(), 1);
+        assert_eq!(descriptors(&extents, query(1024, 10240, true)).len(), 1);
         assert_eq!(
-            descriptors(&[], 0, 512, false),
+            descriptors(&[], query(0, 512, false)),
             vec![Descriptor { len: 512, flags: 0 }]
         );
     }
