@@ -628,4 +628,29 @@ mod tests {
             REP_ERR_UNKNOWN
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_option_but_export_name_gets_a_final_reply(
+            option in 0u32..16,
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            structured in proptest::prelude::any::<bool>(),
+        ) {
+            proptest::prop_assume!(option != OPT_EXPORT_NAME);
+            let exports = exports();
+            let config = NbdConfig::default();
+            let ctx = OptionContext { exports: &exports, config: &config, shutting_down: false };
+            let mut negotiation = parse_client_flags([0, 0, 0, 3]).unwrap();
+            negotiation.structured = structured;
+            let mut out = Vec::new();
+            let outcome = negotiation.answer(option, &data, &ctx, &mut out).unwrap();
+            let replies = parse_option_replies(&out);
+            let last = replies.last().unwrap();
+            proptest::prop_assert_eq!(last.0, option);
+            let final_reply = last.1 == REP_ACK || last.1 & (1 << 31) != 0;
+            proptest::prop_assert!(final_reply);
+            let transmits = matches!(outcome, OptionOutcome::Transmit(_));
+            proptest::prop_assert_eq!(transmits, option == OPT_GO && last.1 == REP_ACK);
+        }
+    }
 }
