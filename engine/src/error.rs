@@ -11,7 +11,11 @@ pub enum IoError {
     /// The range ends beyond the volume's size.
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// Offset or length is not a multiple of the exported block size.
-    Misaligned { offset: u64, len: u64, block_size: u32 },
+    Misaligned {
+        offset: u64,
+        len: u64,
+        block_size: u32,
+    },
     /// A zero-length data request.
     ZeroLength,
     /// The request's buffer is missing or of the wrong length.
@@ -33,14 +37,23 @@ impl fmt::Display for IoError {
             IoError::OutOfRange { offset, len, size } => {
                 write!(f, "range {offset}+{len} ends beyond the volume size {size}")
             }
-            IoError::Misaligned { offset, len, block_size } => {
-                write!(f, "range {offset}+{len} is not aligned to the block size {block_size}")
+            IoError::Misaligned {
+                offset,
+                len,
+                block_size,
+            } => {
+                write!(
+                    f,
+                    "range {offset}+{len} is not aligned to the block size {block_size}"
+                )
             }
             IoError::ZeroLength => write!(f, "zero-length request"),
             IoError::BadBuffer => write!(f, "request buffer missing or of the wrong length"),
             IoError::ReadOnly => write!(f, "volume is read-only"),
             IoError::NoSpace => write!(f, "pool is full"),
-            IoError::Device(e) => write!(f, "device error: {}", std::io::Error::from_raw_os_error(*e)),
+            IoError::Device(e) => {
+                write!(f, "device error: {}", std::io::Error::from_raw_os_error(*e))
+            }
             IoError::ShuttingDown => write!(f, "engine is shutting down"),
         }
     }
@@ -52,7 +65,10 @@ impl std::error::Error for IoError {}
 #[derive(Debug)]
 pub enum PoolError {
     /// An OS error on a device, with the device path.
-    Io { device: PathBuf, source: std::io::Error },
+    Io {
+        device: PathBuf,
+        source: std::io::Error,
+    },
     /// The device holds no tessel superblock.
     NotAPool { device: PathBuf },
     /// Both superblock copies fail their checksum.
@@ -79,7 +95,11 @@ impl fmt::Display for PoolError {
                 write!(f, "{}: not a tessel pool (no superblock)", device.display())
             }
             PoolError::BadChecksum { device } => {
-                write!(f, "{}: tessel superblock checksum mismatch in both copies", device.display())
+                write!(
+                    f,
+                    "{}: tessel superblock checksum mismatch in both copies",
+                    device.display()
+                )
             }
             PoolError::UnknownVersion { device, version } => write!(
                 f,

@@ -1,11 +1,34 @@
 //! tessel-engine: pools, reactors on io_uring, shard maps, journal, snapshots.
 //!
-//! See DESIGN.md (shared) and docs/architecture.md for the ownership rules.
+//! DESIGN.md (shared) is the specification; docs/architecture.md says how this crate
+//! implements it. The public surface: `Engine` (open a pool, manage volumes, clients),
+//! `Client` (submit `Request`s from a thread), `Poller` (tasks hosted on a reactor).
 
+pub mod alloc;
 pub mod buf;
+mod datapath;
+mod dispatch;
+pub mod engine;
 pub mod error;
+pub mod format;
 pub mod io;
+pub mod journal;
+pub mod layout;
+pub mod map;
+pub mod media;
+pub mod pool;
+pub mod reactor;
+pub mod request;
+mod slab;
+pub mod volume;
 
 pub use buf::AlignedBuf;
+pub use engine::{Client, CoreCounters, Engine, EngineConfig, PoolInfo, VolumeInfo};
 pub use error::{ControlError, IoError, PoolError};
+pub use format::FormatOptions;
 pub use io::{Completion, Extent, Op, Request, VolumeId};
+pub use media::{DeviceSpec, MemDisk};
+pub use reactor::{PollCtx, PollMode, Poller};
+
+/// Largest volume size accepted (64 TiB).
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;

@@ -1,0 +1,918 @@
+//! The data path on the owner reactor: a piece is cut into cluster operations; each takes
+//! the cluster's range lock, resolves the map entry (DESIGN.md section 3), does its device
+//! I/O through io_uring, updates the map and journal, and finishes its part of the request.
+
+use crate::buf::AlignedBuf;
+use crate::dispatch::FLUSH_SHARD;
+use crate::error::IoError;
+use crate::io::{Extent, Op};
+use crate::map::{MapEntry, ShardMap, Validity, NONE};
+use crate::reactor::{Cont, Msg, Piece, Reactor, Shard, Waiter};
+use crate::request::Parent;
+use io_uring::{opcode, types};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+const B4K: u32 = 4096;
+
+/// Readers and writers of one cluster. Reads and in-place writes share it; anything that
+/// changes the cluster's map entry holds it alone. Waiters are served in arrival order.
+#[derive(Default, Debug)]
+pub struct ClusterLock {
+    shared: u32,
+    exclusive: bool,
+    waiters: VecDeque<(usize, bool)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Held {
+    None,
+    Shared,
+    Exclusive,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stage {
+    Start,
+    Read,
+    RmwRead,
+    Write,
+    Durable,
+}
+
+/// The part of a request inside one cluster.
+pub(crate) struct ClusterOp {
+    parent: Arc<Parent>,
+    kind: Op,
+    vol: u64,
+    shard: u64,
+    idx: u32,
+    /// Byte range inside the cluster.
+    coff: u32,
+    clen: u32,
+    /// Where the bytes sit in the caller's buffer.
+    buf_off: usize,
+    vol_off: u64,
+    held: Held,
+    stage: Stage,
+    pending: u32,
+    err: Option<IoError>,
+    /// Cluster being written, and whether this operation allocated it.
+    target: u64,
+    fresh: bool,
+    new_entry: Option<MapEntry>,
+    /// Read-modify-write buffer covering the 4 KiB-aligned range `bounce_at..`.
+    bounce: Option<AlignedBuf>,
+    bounce_at: u32,
+    /// Write zeros rather than the caller's data.
+    zeros: bool,
+}
+
+impl Shard {
+    /// An empty shard of `clusters` clusters.
+    pub fn new(clusters: usize) -> Shard {
+        Shard {
+            map: ShardMap::new(clusters),
+            locks: HashMap::new(),
+        }
+    }
+}
+
+fn blocks(coff: u32, clen: u32) -> (u32, u32) {
+    let first = coff / B4K;
+    let end = (coff + clen).div_ceil(B4K);
+    (first, end - first)
+}
+
+impl Reactor {
+    /// A piece arrived: cut it into cluster operations.
+    pub(crate) fn start_piece(&mut self, p: Piece) {
+        let st = &self.shared.stats[self.id];
+        match p.parent.op {
+            Op::Read => {
+                st.reads.fetch_add(1, Ordering::Relaxed);
+                st.read_bytes.fetch_add(p.len, Ordering::Relaxed);
+            }
+            Op::Write { .. } => {
+                st.writes.fetch_add(1, Ordering::Relaxed);
+                st.write_bytes.fetch_add(p.len, Ordering::Relaxed);
+            }
+            Op::Flush => {
+                st.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if p.shard == FLUSH_SHARD {
+            self.commit_wanted(Some(Waiter::Flush(p.parent)));
+            return;
+        }
+        let cs = self.shared.layout.cluster_size;
+        let cps = self.shared.layout.clusters_per_shard() as usize;
+        let ss = self.shared.layout.shard_size;
+        let Some(vol) = self.vols.get_mut(&p.vol).filter(|v| !v.deleting) else {
+            p.parent.finish(Err(IoError::UnknownVolume));
+            return;
+        };
+        if p.off + p.len > vol.size {
+            p.parent.finish(Err(IoError::OutOfRange {
+                offset: p.off,
+                len: p.len,
+                size: vol.size,
+            }));
+            return;
+        }
+        if p.parent.op.is_write() && vol.read_only {
+            p.parent.finish(Err(IoError::ReadOnly));
+            return;
+        }
+        vol.shards.entry(p.shard).or_insert_with(|| Shard::new(cps));
+        let base = p.shard * ss;
+        let end = p.off + p.len;
+        let mut pos = p.off;
+        let mut n = 0u32;
+        while pos < end {
+            let in_shard = pos - base;
+            let idx = (in_shard / cs) as u32;
+            let coff = (in_shard % cs) as u32;
+            let clen = (cs - coff as u64).min(end - pos) as u32;
+            let op = ClusterOp {
+                parent: p.parent.clone(),
+                kind: p.parent.op,
+                vol: p.vol,
+                shard: p.shard,
+                idx,
+                coff,
+                clen,
+                buf_off: p.buf_off + (pos - p.off) as usize,
+                vol_off: pos,
+                held: Held::None,
+                stage: Stage::Start,
+                pending: 0,
+                err: None,
+                target: NONE,
+                fresh: false,
+                new_entry: None,
+                bounce: None,
+                bounce_at: 0,
+                zeros: false,
+            };
+            let k = self.ops.insert(op);
+            self.ready.push_back(k);
+            pos += clen as u64;
+            n += 1;
+        }
+        vol.inflight += n;
+        p.parent.add_parts(n - 1);
+    }
+
+    fn shard_mut(&mut self, vol: u64, shard: u64) -> Option<&mut Shard> {
+        self.vols.get_mut(&vol)?.shards.get_mut(&shard)
+    }
+
+    fn entry_of(&self, i: usize) -> Option<(MapEntry, u64)> {
+        let op = self.ops.get(i)?;
+        let v = self.vols.get(&op.vol)?;
+        let s = v.shards.get(&op.shard)?;
+        Some((s.map.get(op.idx as usize), v.snap_epoch))
+    }
+
+    /// Run (or resume) a cluster operation.
+    pub(crate) fn run_op(&mut self, i: usize) {
+        let Some(op) = self.ops.get(i) else { return };
+        if op.stage != Stage::Start {
+            return;
+        }
+        match op.kind {
+            Op::BlockStatus => {
+                let (e, _) = self.entry_of(i).unwrap_or((MapEntry::UNALLOCATED, 0));
+                let op = self.ops.get(i).expect("op");
+                op.parent.add_extents(&[Extent {
+                    offset: op.vol_off,
+                    len: op.clen as u64,
+                    allocated: e.is_allocated(),
+                }]);
+                self.finish_op(i, Ok(()));
+            }
+            Op::Read => self.op_read(i),
+            Op::Write { .. } => self.op_write(i),
+            Op::Trim | Op::WriteZeroes { .. } => self.op_discard(i),
+            Op::Flush => self.finish_op(i, Ok(())),
+        }
+    }
+
+    fn acquire(&mut self, i: usize, exclusive: bool) -> bool {
+        let (held, vol, shard, idx) = {
+            let op = self.ops.get(i).expect("op");
+            (op.held, op.vol, op.shard, op.idx)
+        };
+        match (held, exclusive) {
+            (Held::Exclusive, _) | (Held::Shared, false) => return true,
+            (Held::Shared, true) => self.release(i),
+            _ => {}
+        }
+        let Some(s) = self.shard_mut(vol, shard) else {
+            return true;
+        };
+        let l = s.locks.entry(idx).or_default();
+        let granted = if exclusive {
+            !l.exclusive && l.shared == 0 && l.waiters.is_empty()
+        } else {
+            !l.exclusive && l.waiters.is_empty()
+        };
+        if granted {
+            if exclusive {
+                l.exclusive = true;
+            } else {
+                l.shared += 1;
+            }
+        } else {
+            l.waiters.push_back((i, exclusive));
+        }
+        let op = self.ops.get_mut(i).expect("op");
+        if granted {
+            op.held = if exclusive {
+                Held::Exclusive
+            } else {
+                Held::Shared
+            };
+        }
+        granted
+    }
+
+    /// Drop the operation's lock and hand the cluster to the next waiters in order.
+    fn release(&mut self, i: usize) {
+        let (held, vol, shard, idx) = {
+            let op = self.ops.get_mut(i).expect("op");
+            let h = op.held;
+            op.held = Held::None;
+            (h, op.vol, op.shard, op.idx)
+        };
+        if held == Held::None {
+            return;
+        }
+        let mut granted = Vec::new();
+        if let Some(s) = self.shard_mut(vol, shard) {
+            if let Some(l) = s.locks.get_mut(&idx) {
+                match held {
+                    Held::Shared => l.shared -= 1,
+                    Held::Exclusive => l.exclusive = false,
+                    Held::None => {}
+                }
+                while let Some(&(w, excl)) = l.waiters.front() {
+                    if excl {
+                        if l.shared == 0 && !l.exclusive {
+                            l.waiters.pop_front();
+                            l.exclusive = true;
+                            granted.push((w, Held::Exclusive));
+                        }
+                        break;
+                    }
+                    if l.exclusive {
+                        break;
+                    }
+                    l.waiters.pop_front();
+                    l.shared += 1;
+                    granted.push((w, Held::Shared));
+                }
+                if l.shared == 0 && !l.exclusive && l.waiters.is_empty() {
+                    s.locks.remove(&idx);
+                }
+            }
+        }
+        for (w, h) in granted {
+            if let Some(op) = self.ops.get_mut(w) {
+                op.held = h;
+                self.ready.push_back(w);
+            }
+        }
+    }
+
+    fn op_read(&mut self, i: usize) {
+        if !self.acquire(i, false) {
+            return;
+        }
+        let Some((e, _)) = self.entry_of(i) else {
+            return self.finish_op(i, Err(IoError::UnknownVolume));
+        };
+        let (coff, clen, buf_off) = {
+            let op = self.ops.get_mut(i).expect("op");
+            op.stage = Stage::Read;
+            (op.coff, op.clen, op.buf_off)
+        };
+        let end = coff + clen;
+        // Runs of blocks that come from the cluster, the rest reads as zeros.
+        let mut run: Option<(u32, u32)> = None;
+        let mut b = coff / B4K;
+        while b * B4K < end {
+            let s = (b * B4K).max(coff);
+            let t = ((b + 1) * B4K).min(end);
+            if e.is_allocated() && e.valid.get(b) {
+                run = match run {
+                    Some((rs, _)) => Some((rs, t)),
+                    None => Some((s, t)),
+                };
+            } else {
+                if let Some((rs, rt)) = run.take() {
+                    self.submit_data(
+                        i,
+                        false,
+                        e.phys,
+                        rs,
+                        buf_off + (rs - coff) as usize,
+                        rt - rs,
+                        false,
+                    );
+                }
+                let op = self.ops.get(i).expect("op");
+                // SAFETY: bytes s..t of this cluster belong to this operation only.
+                unsafe {
+                    op.parent
+                        .slice(buf_off + (s - coff) as usize, (t - s) as usize)
+                }
+                .fill(0);
+            }
+            b += 1;
+        }
+        if let Some((rs, rt)) = run {
+            self.submit_data(
+                i,
+                false,
+                e.phys,
+                rs,
+                buf_off + (rs - coff) as usize,
+                rt - rs,
+                false,
+            );
+        }
+        self.maybe_advance(i);
+    }
+
+    fn op_write(&mut self, i: usize) {
+        let Some((e, snap)) = self.entry_of(i) else {
+            return self.finish_op(i, Err(IoError::UnknownVolume));
+        };
+        let (coff, clen, zeros, fua) = {
+            let op = self.ops.get(i).expect("op");
+            (
+                op.coff,
+                op.clen,
+                op.zeros,
+                matches!(
+                    op.kind,
+                    Op::Write { fua: true } | Op::WriteZeroes { fua: true }
+                ),
+            )
+        };
+        let owned = e.is_allocated() && e.born > snap;
+        let aligned = coff % B4K == 0 && clen % B4K == 0;
+        let (fb, nb) = blocks(coff, clen);
+        let touched = Validity::range(fb, nb);
+        if !zeros && owned && aligned && e.valid.contains(touched) {
+            // In place: the live volume owns the cluster and every block is valid.
+            if !self.acquire(i, false) {
+                return;
+            }
+            let (e2, _) = self.entry_of(i).expect("entry");
+            if e2 == e {
+                let buf_off = {
+                    let op = self.ops.get_mut(i).expect("op");
+                    op.stage = Stage::Write;
+                    op.buf_off
+                };
+                self.submit_data(i, true, e.phys, coff, buf_off, clen, fua);
+                return self.maybe_advance(i);
+            }
+        }
+        if !self.acquire(i, true) {
+            return;
+        }
+        let (e, snap) = self.entry_of(i).expect("entry");
+        let owned = e.is_allocated() && e.born > snap;
+        let target = if owned {
+            e.phys
+        } else {
+            match self.alloc_cluster() {
+                Some(c) => c,
+                None => return self.wait_space(i),
+            }
+        };
+        let epoch = self.shared.epoch.load(Ordering::Relaxed);
+        let new_entry = if owned {
+            MapEntry {
+                valid: e.valid.or(touched),
+                ..e
+            }
+        } else if e.is_allocated() {
+            // Redirect: the snapshot keeps `e`; new blocks go to a new cluster.
+            MapEntry {
+                phys: target,
+                born: epoch,
+                parent: e.phys,
+                valid: touched,
+            }
+        } else {
+            MapEntry {
+                phys: target,
+                born: epoch,
+                parent: NONE,
+                valid: touched,
+            }
+        };
+        let a = fb * B4K;
+        let b = (fb + nb) * B4K;
+        {
+            let op = self.ops.get_mut(i).expect("op");
+            op.target = target;
+            op.fresh = !owned;
+            op.new_entry = Some(new_entry);
+        }
+        if aligned && !zeros {
+            let buf_off = {
+                let op = self.ops.get_mut(i).expect("op");
+                op.stage = Stage::Write;
+                op.buf_off
+            };
+            self.submit_data(i, true, target, coff, buf_off, clen, false);
+            return self.maybe_advance(i);
+        }
+        // Partial blocks: merge into a 4 KiB-aligned bounce buffer, reading the edge blocks'
+        // current contents when they hold data.
+        {
+            let op = self.ops.get_mut(i).expect("op");
+            op.bounce = Some(AlignedBuf::zeroed((b - a) as usize));
+            op.bounce_at = a;
+            op.stage = Stage::RmwRead;
+        }
+        let head = fb;
+        let tail = fb + nb - 1;
+        let mut edges = Vec::new();
+        if coff % B4K != 0 {
+            edges.push(head);
+        }
+        if (coff + clen) % B4K != 0 && (tail != head || edges.is_empty()) {
+            edges.push(tail);
+        }
+        for blk in edges {
+            if e.is_allocated() && e.valid.get(blk) {
+                self.submit_bounce(i, false, e.phys, blk * B4K, B4K);
+            }
+        }
+        self.maybe_advance(i);
+    }
+
+    fn op_discard(&mut self, i: usize) {
+        if !self.acquire(i, true) {
+            return;
+        }
+        let Some((e, snap)) = self.entry_of(i) else {
+            return self.finish_op(i, Err(IoError::UnknownVolume));
+        };
+        let cs = self.shared.layout.cluster_size as u32;
+        let (coff, clen, kind) = {
+            let op = self.ops.get(i).expect("op");
+            (op.coff, op.clen, op.kind)
+        };
+        if !e.is_allocated() {
+            return self.finish_op(i, Ok(()));
+        }
+        let owned = e.born > snap;
+        if coff == 0 && clen == cs {
+            if owned {
+                self.free_cluster(e.phys);
+            }
+            return self.set_entry_and_finish(i, e, MapEntry::UNALLOCATED);
+        }
+        let first_full = coff.div_ceil(B4K);
+        let end_full = (coff + clen) / B4K;
+        if matches!(kind, Op::Trim) {
+            if owned && e.parent == NONE && end_full > first_full {
+                let mut ne = MapEntry {
+                    valid: e
+                        .valid
+                        .minus(Validity::range(first_full, end_full - first_full)),
+                    ..e
+                };
+                if ne.valid.is_empty() {
+                    self.free_cluster(e.phys);
+                    ne = MapEntry::UNALLOCATED;
+                }
+                return self.set_entry_and_finish(i, e, ne);
+            }
+            return self.finish_op(i, Ok(()));
+        }
+        // Part of a cluster must read as zeros: write zeros through the write path.
+        let op = self.ops.get_mut(i).expect("op");
+        op.zeros = true;
+        self.op_write(i);
+    }
+
+    fn set_entry_and_finish(&mut self, i: usize, old: MapEntry, ne: MapEntry) {
+        if ne != old {
+            self.apply_entry(i, ne);
+            let fua = matches!(
+                self.ops.get(i).map(|o| o.kind),
+                Some(Op::WriteZeroes { fua: true })
+            );
+            if fua {
+                self.ops.get_mut(i).expect("op").stage = Stage::Durable;
+                return self.commit_wanted(Some(Waiter::Op(i)));
+            }
+        }
+        self.finish_op(i, Ok(()))
+    }
+
+    fn apply_entry(&mut self, i: usize, ne: MapEntry) {
+        let (vol, shard, idx) = {
+            let op = self.ops.get(i).expect("op");
+            (op.vol, op.shard, op.idx)
+        };
+        if let Some(s) = self.shard_mut(vol, shard) {
+            s.map.set(idx as usize, ne);
+            self.journal.append(&crate::journal::Record::Entry {
+                vol,
+                shard: shard as u32,
+                index: idx,
+                entry: ne,
+            });
+        }
+    }
+
+    /// Device I/O between a cluster and the caller's buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn submit_data(
+        &mut self,
+        i: usize,
+        write: bool,
+        cluster: u64,
+        coff: u32,
+        buf_off: usize,
+        len: u32,
+        dsync: bool,
+    ) {
+        let ptr = self.ops.get(i).expect("op").parent.ptr(buf_off);
+        self.submit_dev(i, write, cluster, coff, ptr, len, dsync);
+    }
+
+    /// Device I/O between a cluster and the operation's bounce buffer.
+    fn submit_bounce(&mut self, i: usize, write: bool, cluster: u64, coff: u32, len: u32) {
+        let op = self.ops.get_mut(i).expect("op");
+        let at = (coff - op.bounce_at) as usize;
+        let ptr = op.bounce.as_mut().expect("bounce").as_mut_ptr();
+        // SAFETY: at + len lies inside the bounce buffer (both within bounce_at..b).
+        let ptr = unsafe { ptr.add(at) };
+        self.submit_dev(i, write, cluster, coff, ptr, len, false);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit_dev(
+        &mut self,
+        i: usize,
+        write: bool,
+        cluster: u64,
+        coff: u32,
+        ptr: *mut u8,
+        len: u32,
+        dsync: bool,
+    ) {
+        let (m, pos) = self.shared.layout.locate(cluster, coff as u64);
+        self.ops.get_mut(i).expect("op").pending += 1;
+        if self.uring_files {
+            let e = if write {
+                let w = opcode::Write::new(types::Fixed(m as u32), ptr, len).offset(pos);
+                if dsync {
+                    w.rw_flags(libc::RWF_DSYNC).build()
+                } else {
+                    w.build()
+                }
+            } else {
+                opcode::Read::new(types::Fixed(m as u32), ptr, len)
+                    .offset(pos)
+                    .build()
+            };
+            self.push_sqe(e, Cont::Data { op: i, len });
+            return;
+        }
+        let member = &self.shared.members[m];
+        // SAFETY: ptr..ptr+len lies in a buffer this operation owns until it completes.
+        let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) };
+        let r = if write {
+            member
+                .write_at(pos, slice)
+                .and_then(|()| if dsync { member.sync() } else { Ok(()) })
+        } else {
+            let mut tmp = AlignedBuf::zeroed(len as usize);
+            member
+                .read_at(pos, &mut tmp)
+                .map(|()| slice.copy_from_slice(tmp.as_slice()))
+        };
+        let key = self.conts.insert(Cont::Data { op: i, len });
+        self.inline_done
+            .push_back((key as u64, if r.is_ok() { len as i32 } else { -libc::EIO }));
+    }
+
+    /// A device read or write finished.
+    pub(crate) fn on_data(&mut self, i: usize, res: i32, len: u32) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        op.pending -= 1;
+        if res < 0 {
+            op.err.get_or_insert(IoError::Device(-res));
+        } else if res as u32 != len {
+            op.err.get_or_insert(IoError::Device(libc::EIO));
+        }
+        self.maybe_advance(i);
+    }
+
+    fn maybe_advance(&mut self, i: usize) {
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
+        if op.pending > 0 {
+            return;
+        }
+        match op.stage {
+            Stage::Read => {
+                let r = op.err.clone().map_or(Ok(()), Err);
+                self.finish_op(i, r)
+            }
+            Stage::RmwRead => {
+                if let Some(e) = op.err.clone() {
+                    return self.fail_write(i, e);
+                }
+                let (coff, clen, a, zeros, buf_off) =
+                    (op.coff, op.clen, op.bounce_at, op.zeros, op.buf_off);
+                let target = op.target;
+                let mut bounce = op.bounce.take().expect("bounce");
+                let dst =
+                    &mut bounce.as_mut_slice()[(coff - a) as usize..(coff - a + clen) as usize];
+                if zeros {
+                    dst.fill(0);
+                } else {
+                    // SAFETY: the caller's bytes of this operation, read-only here.
+                    dst.copy_from_slice(unsafe { op.parent.slice(buf_off, clen as usize) });
+                }
+                let len = bounce.len() as u32;
+                op.bounce = Some(bounce);
+                op.stage = Stage::Write;
+                self.submit_bounce(i, true, target, a, len);
+                self.maybe_advance(i)
+            }
+            Stage::Write => {
+                if let Some(e) = op.err.clone() {
+                    return self.fail_write(i, e);
+                }
+                let fua = matches!(
+                    op.kind,
+                    Op::Write { fua: true } | Op::WriteZeroes { fua: true }
+                );
+                let Some(ne) = op.new_entry else {
+                    return self.finish_op(i, Ok(()));
+                };
+                let Some((old, _)) = self.entry_of(i) else {
+                    return self.finish_op(i, Err(IoError::UnknownVolume));
+                };
+                if ne == old {
+                    return self.finish_op(i, Ok(()));
+                }
+                self.apply_entry(i, ne);
+                if fua {
+                    self.ops.get_mut(i).expect("op").stage = Stage::Durable;
+                    return self.commit_wanted(Some(Waiter::Op(i)));
+                }
+                self.finish_op(i, Ok(()))
+            }
+            Stage::Start | Stage::Durable => {}
+        }
+    }
+
+    fn fail_write(&mut self, i: usize, e: IoError) {
+        let op = self.ops.get(i).expect("op");
+        if op.fresh {
+            // Nothing points to it yet: reusable at once.
+            let c = op.target;
+            if self.alloc.release_now(c) {
+                self.shared.used_clusters.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.finish_op(i, Err(e))
+    }
+
+    /// The operation is over: release its lock and finish its part of the request.
+    pub(crate) fn finish_op(&mut self, i: usize, r: Result<(), IoError>) {
+        self.release(i);
+        let Some(op) = self.ops.remove(i) else { return };
+        if let Some(v) = self.vols.get_mut(&op.vol) {
+            v.inflight -= 1;
+            if v.deleting && v.inflight == 0 {
+                self.drop_volume(op.vol);
+            }
+        }
+        op.parent.finish(r);
+    }
+
+    /// Free every cluster of a deleted volume's shards here and forget it.
+    pub(crate) fn drop_volume(&mut self, vol: u64) {
+        let Some(v) = self.vols.remove(&vol) else {
+            return;
+        };
+        for s in v.shards.values() {
+            for (_, e) in s.map.allocated() {
+                if e.born > v.snap_epoch {
+                    self.free_cluster(e.phys);
+                }
+            }
+        }
+        self.commit_wanted(None);
+    }
+
+    fn alloc_cluster(&mut self) -> Option<u64> {
+        let c = self.alloc.alloc()?;
+        self.shared.used_clusters.fetch_add(1, Ordering::Relaxed);
+        Some(c)
+    }
+
+    /// A cluster is no longer referenced: reusable once the record saying so is durable.
+    pub(crate) fn free_cluster(&mut self, c: u64) {
+        self.alloc.free_later(c);
+    }
+
+    fn wait_space(&mut self, i: usize) {
+        self.ops.get_mut(i).expect("op").stage = Stage::Start;
+        self.space_waiters.push_back(i);
+        if self.alloc.has_frees() {
+            // Frees are on their way: the commit makes them reusable.
+            self.commit_wanted(None);
+            return;
+        }
+        if self.asking.is_none() {
+            let n = self.shared.inboxes.len();
+            let to = (self.id + 1) % n;
+            if to == self.id {
+                return self.fail_space_waiters();
+            }
+            self.asking = Some(to);
+            self.send(to, Msg::GroupAsk { from: self.id });
+        }
+    }
+
+    fn fail_space_waiters(&mut self) {
+        for w in std::mem::take(&mut self.space_waiters) {
+            self.finish_op(w, Err(IoError::NoSpace));
+        }
+    }
+
+    pub(crate) fn retry_space_waiters(&mut self) {
+        let ws: Vec<usize> = self.space_waiters.drain(..).collect();
+        self.ready.extend(ws);
+    }
+
+    /// Answer to a group request.
+    pub(crate) fn on_group(&mut self, group: Option<crate::alloc::AllocGroup>, from: usize) {
+        if let Some(g) = group {
+            tracing::debug!(
+                core = self.id,
+                group = g.index,
+                free = g.free(),
+                "borrowed an allocation group"
+            );
+            self.shared.group_owner[g.index as usize].store(self.id as u32, Ordering::Release);
+            self.alloc.groups.push(g);
+            self.asking = None;
+            return self.retry_space_waiters();
+        }
+        let n = self.shared.inboxes.len();
+        let next = (from + 1) % n;
+        if next == self.id {
+            self.asking = None;
+            return self.fail_space_waiters();
+        }
+        self.asking = Some(next);
+        self.send(next, Msg::GroupAsk { from: self.id });
+    }
+
+    /// Ask for a commit; `w` completes once it is durable.
+    pub(crate) fn commit_wanted(&mut self, w: Option<Waiter>) {
+        if let Some(w) = w {
+            self.commit.waiting.push(w);
+        }
+        self.commit.wanted = true;
+    }
+
+    /// Start a group commit if one is wanted and none is in flight: sync data on every
+    /// member, then write the journal blocks, then sync member 0 (linked in that order).
+    pub(crate) fn maybe_commit(&mut self) {
+        if self.commit.in_flight || !self.commit.wanted {
+            return;
+        }
+        self.commit.wanted = false;
+        self.commit.in_flight = true;
+        self.commit.riding = std::mem::take(&mut self.commit.waiting);
+        self.commit.error = None;
+        self.alloc.commit_started();
+        self.mark_commit_time();
+        let jw = self.journal.take_commit();
+        if self.journal.used_blocks() * 2 > self.journal.blocks {
+            self.shared.want_checkpoint.store(true, Ordering::Release);
+        }
+        let members = self.shared.members.len();
+        let steps = members as u32 + if jw.is_some() { 2 } else { 0 };
+        self.commit.steps = steps;
+        if let Some((off, _, data)) = &jw {
+            self.commit.buf = Some(AlignedBuf::from_slice(data));
+            let _ = off;
+        }
+        if self.uring_files {
+            for m in 0..members {
+                let last = m + 1 == members && jw.is_none();
+                let mut e = opcode::Fsync::new(types::Fixed(m as u32))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                if !last {
+                    e = e.flags(io_uring::squeue::Flags::IO_LINK);
+                }
+                self.push_sqe(e, Cont::Commit);
+            }
+            if let Some((off, _, _)) = jw {
+                let buf = self.commit.buf.as_mut().expect("commit buffer");
+                let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
+                let w = opcode::Write::new(types::Fixed(0), ptr, len)
+                    .offset(off)
+                    .build()
+                    .flags(io_uring::squeue::Flags::IO_LINK);
+                self.push_sqe(w, Cont::Commit);
+                let s = opcode::Fsync::new(types::Fixed(0))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                self.push_sqe(s, Cont::Commit);
+            }
+            return;
+        }
+        let mut res = 0;
+        for m in &self.shared.members {
+            if m.sync().is_err() {
+                res = -libc::EIO;
+            }
+        }
+        if let Some((off, _, _)) = jw {
+            let buf = self.commit.buf.as_ref().expect("commit buffer");
+            let m0 = &self.shared.members[0];
+            if res == 0 && (m0.write_at(off, buf.as_slice()).is_err() || m0.sync().is_err()) {
+                res = -libc::EIO;
+            }
+        }
+        for _ in 0..steps {
+            let key = self.conts.insert(Cont::Commit);
+            self.inline_done.push_back((key as u64, res));
+        }
+    }
+
+    /// One step of the commit chain completed.
+    pub(crate) fn on_commit_step(&mut self, res: i32) {
+        if res < 0 && self.commit.error.is_none() {
+            self.commit.error = Some(-res);
+        }
+        self.commit.steps -= 1;
+        if self.commit.steps > 0 {
+            return;
+        }
+        self.commit.in_flight = false;
+        self.commit.buf = None;
+        let riding = std::mem::take(&mut self.commit.riding);
+        if let Some(err) = self.commit.error {
+            tracing::error!(core = self.id, errno = err, "journal commit failed");
+            for w in riding {
+                self.finish_waiter(w, Err(IoError::Device(err)));
+            }
+            return;
+        }
+        let (released, foreign) = self.alloc.commit_done();
+        self.shared
+            .used_clusters
+            .fetch_sub(released, Ordering::Relaxed);
+        for c in foreign {
+            let g = (c / self.shared.group_size) as usize;
+            let to = self.shared.group_owner[g].load(Ordering::Acquire) as usize;
+            self.send(to, Msg::Free(vec![c]));
+        }
+        if self.journal.has_pending() {
+            // The ring was full: these records wait for a checkpoint to make room.
+            self.shared.want_checkpoint.store(true, Ordering::Release);
+            self.commit.waiting.extend(riding);
+            self.commit.wanted = true;
+        } else {
+            for w in riding {
+                self.finish_waiter(w, Ok(()));
+            }
+        }
+        self.retry_space_waiters();
+    }
+
+    fn finish_waiter(&mut self, w: Waiter, r: Result<(), IoError>) {
+        match w {
+            Waiter::Op(i) => self.finish_op(i, r),
+            Waiter::Flush(p) => p.finish(r),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Validate a request and split it at shard boundaries into pieces for the owner reactors.
+
+use crate::error::IoError;
+use crate::io::{Completion, Op, Request};
+use crate::reactor::{Msg, Piece, Shared};
+use crate::request::{Parent, Sink};
+use crate::volume::MetaCache;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Shard number marking a flush piece (every reactor gets one).
+pub const FLUSH_SHARD: u64 = u64::MAX;
+
+fn check(req: &Request, block_size: u32, size: u64, read_only: bool) -> Result<(), IoError> {
+    if req.op == Op::Flush && req.buf.is_none() {
+        return Ok(());
+    }
+    if req.len == 0 {
+        return Err(IoError::ZeroLength);
+    }
+    let bs = block_size as u64;
+    if req.offset % bs != 0 || req.len % bs != 0 {
+        return Err(IoError::Misaligned {
+            offset: req.offset,
+            len: req.len,
+            block_size,
+        });
+    }
+    if req.offset.checked_add(req.len).is_none_or(|end| end > size) {
+        return Err(IoError::OutOfRange {
+            offset: req.offset,
+            len: req.len,
+            size,
+        });
+    }
+    if read_only && req.op.is_write() {
+        return Err(IoError::ReadOnly);
+    }
+    let needs_buf = matches!(req.op, Op::Read | Op::Write { .. });
+    match &req.buf {
+        Some(b) if needs_buf && b.len() as u64 == req.len => Ok(()),
+        None if !needs_buf => Ok(()),
+        _ => Err(IoError::BadBuffer),
+    }
+}
+
+/// Validate `req` and send its pieces through `send(reactor, msg)`; failures are answered
+/// through `sink` at once.
+pub fn dispatch(
+    shared: &Shared,
+    cache: &mut MetaCache,
+    req: Request,
+    sink: Arc<Sink>,
+    route: u32,
+    mut send: impl FnMut(usize, Msg),
+) {
+    if shared.stopping.load(Ordering::Relaxed) {
+        let Request { tag, buf, .. } = req;
+        sink.push(
+            route,
+            Completion {
+                tag,
+                result: Err(IoError::ShuttingDown),
+                buf,
+                extents: Vec::new(),
+            },
+        );
+        return;
+    }
+    let meta = cache.get(&shared.volumes, req.volume.0);
+    let verdict = match &meta {
+        None => Err(IoError::UnknownVolume),
+        Some(m) => check(
+            &req,
+            m.block_size,
+            m.size.load(Ordering::Acquire),
+            m.read_only,
+        ),
+    };
+    let Request {
+        tag,
+        volume,
+        op,
+        offset,
+        len,
+        buf,
+    } = req;
+    if let Err(e) = verdict {
+        sink.push(
+            route,
+            Completion {
+                tag,
+                result: Err(e),
+                buf,
+                extents: Vec::new(),
+            },
+        );
+        return;
+    }
+    let n = shared.inboxes.len();
+    if op == Op::Flush {
+        let parent = Parent::new(tag, op, 0, 0, None, sink, route, n as u32);
+        for r in 0..n {
+            send(
+                r,
+                Msg::Piece(Piece {
+                    parent: parent.clone(),
+                    vol: volume.0,
+                    shard: FLUSH_SHARD,
+                    off: 0,
+                    len: 0,
+                    buf_off: 0,
+                }),
+            );
+        }
+        return;
+    }
+    let ss = shared.layout.shard_size;
+    let first = offset / ss;
+    let last = (offset + len - 1) / ss;
+    let parent = Parent::new(
+        tag,
+        op,
+        offset,
+        len,
+        buf,
+        sink,
+        route,
+        (last - first + 1) as u32,
+    );
+    let mut pos = offset;
+    let end = offset + len;
+    for shard in first..=last {
+        let piece_end = ((shard + 1) * ss).min(end);
+        let piece = Piece {
+            parent: parent.clone(),
+            vol: volume.0,
+            shard,
+            off: pos,
+            len: piece_end - pos,
+            buf_off: (pos - offset) as usize,
+        };
+        send(shared.owner(shard), Msg::Piece(piece));
+        pos = piece_end;
+    }
+}

@@ -1,0 +1,718 @@
+//! The engine: opens a pool, starts one reactor per core, and offers the control
+//! operations (volumes, checkpoints, stats) and clients for I/O.
+
+use crate::alloc::{self, Allocator};
+use crate::error::{ControlError, PoolError};
+use crate::format::{FormatOptions, Superblock};
+use crate::io::{Completion, Request, VolumeId};
+use crate::journal::{Journal, Record, VolumeRecord};
+use crate::layout::Layout;
+use crate::map::ShardMap;
+use crate::media::DeviceSpec;
+use crate::pool::{self, PoolState};
+use crate::reactor::{CoreStats, Inbox, Msg, PollMode, Poller, Reactor, Shard, Shared, VolState};
+use crate::request::{Doorbell, Sink};
+use crate::volume::{MetaCache, VolumeMeta, VolumeTable};
+use crossbeam_queue::ArrayQueue;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How the engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// CPU ids to pin one reactor each to (at most the pool's journal regions).
+    pub cores: Vec<usize>,
+    pub poll: PollMode,
+    /// io_uring submission queue entries per reactor.
+    pub ring_entries: u32,
+    /// Adaptive polling: spin this long before sleeping.
+    pub spin: Duration,
+    /// Pin reactors to their cores.
+    pub pin: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        EngineConfig {
+            cores: (0..n).collect(),
+            poll: PollMode::Adaptive,
+            ring_entries: 256,
+            spin: Duration::from_micros(50),
+            pin: true,
+        }
+    }
+}
+
+/// A volume as the control plane shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub created_unix: u64,
+}
+
+/// Pool space and identity.
+#[derive(Clone, Debug)]
+pub struct PoolInfo {
+    pub uuid: String,
+    pub cluster_size: u64,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub devices: Vec<String>,
+}
+
+/// One reactor's counters.
+#[derive(Clone, Debug, Default)]
+pub struct CoreCounters {
+    pub core: usize,
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+}
+
+struct ControlState {
+    state: PoolState,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    control: Mutex<ControlState>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+/// A running engine. Cheap to clone; `shutdown` stops it.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Names of volumes and snapshots: 1-64 characters from [A-Za-z0-9._-].
+pub fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Engine {
+    /// Format a pool on the devices.
+    pub fn format(devices: &[DeviceSpec], opts: &FormatOptions) -> Result<Superblock, PoolError> {
+        pool::format(devices, opts)
+    }
+
+    /// Open a pool (recovering it if it was not closed cleanly) and start the reactors.
+    pub fn open(devices: &[DeviceSpec], cfg: EngineConfig) -> Result<Engine, PoolError> {
+        if devices.is_empty() {
+            return Err(PoolError::Geometry(
+                "a pool needs at least one device".into(),
+            ));
+        }
+        let (members, sbs) = pool::open_members(devices)?;
+        let layout = Layout::new(&sbs);
+        let n = cfg.cores.len().max(1);
+        if n > layout.sb.journal_regions as usize {
+            return Err(PoolError::Geometry(format!(
+                "{n} cores requested but the pool was formatted with {} journal regions",
+                layout.sb.journal_regions
+            )));
+        }
+        let mut st = pool::recover(&members, &layout)?;
+        let maps = std::mem::take(&mut st.maps);
+        let mut used = vec![false; layout.total_clusters as usize];
+        for m in maps.values() {
+            for (_, e) in m.allocated() {
+                used[e.phys as usize] = true;
+            }
+        }
+        let used_count = used.iter().filter(|&&u| u).count() as u64;
+        tracing::info!(
+            volumes = st.volumes.len(),
+            used_clusters = used_count,
+            total_clusters = layout.total_clusters,
+            "pool recovered"
+        );
+        // A new run: checkpoint everything, so the journals start empty under the new
+        // placement of shards on cores.
+        st.run += 1;
+        st.gen += 1;
+        st.control_seq = 0;
+        st.control_next = 0;
+        st.region_seq = vec![0; layout.sb.journal_regions as usize];
+        let parts = vec![pool::encode_maps(
+            maps.iter().map(|((v, s), m)| (*v, *s, m)),
+        )];
+        pool::write_checkpoint(&members, &layout, &st, &parts)?;
+
+        let gsize = alloc::group_size(layout.total_clusters, n);
+        let mut groups = alloc::groups(layout.total_clusters, gsize);
+        for g in &mut groups {
+            for c in g.first..g.first + g.count {
+                if used[c as usize] {
+                    g.mark_used(c);
+                }
+            }
+        }
+        let group_owner: Vec<AtomicU32> = groups
+            .iter()
+            .map(|g| AtomicU32::new(g.index % n as u32))
+            .collect();
+        let mut allocs: Vec<Allocator> = (0..n).map(|_| Allocator::default()).collect();
+        for g in groups {
+            let r = (g.index as usize) % n;
+            allocs[r].groups.push(g);
+        }
+        let mut inboxes = Vec::new();
+        for _ in 0..n {
+            let bell = Doorbell::new().map_err(|e| PoolError::Io {
+                device: members[0].path(),
+                source: e,
+            })?;
+            inboxes.push(Arc::new(Inbox {
+                queue: ArrayQueue::new((cfg.ring_entries as usize * 4).max(1024)),
+                sink: Sink::for_reactor(bell.clone()),
+                bell,
+            }));
+        }
+        let volumes = VolumeTable::default();
+        for v in st.volumes.values() {
+            volumes.insert(Arc::new(meta_of(v)));
+        }
+        let shared = Arc::new(Shared {
+            layout: layout.clone(),
+            members,
+            inboxes,
+            volumes,
+            epoch: AtomicU64::new(st.epoch),
+            used_clusters: AtomicU64::new(used_count),
+            stopping: AtomicBool::new(false),
+            want_checkpoint: AtomicBool::new(false),
+            stats: (0..n).map(|_| CoreStats::default()).collect(),
+            group_size: gsize,
+            group_owner,
+            poll: cfg.poll,
+            spin: cfg.spin,
+            ring_entries: cfg.ring_entries,
+        });
+        let sb = &layout.sb;
+        let mut maps_by_reactor: Vec<HashMap<(u64, u64), ShardMap>> =
+            (0..n).map(|_| HashMap::new()).collect();
+        for ((v, s), m) in maps {
+            maps_by_reactor[shared.owner(s)].insert((v, s), m);
+        }
+        let mut reactors = Vec::new();
+        for (r, (alloc, maps)) in allocs.into_iter().zip(maps_by_reactor).enumerate() {
+            let j = Journal::new(
+                r as u32,
+                st.run,
+                sb.journal_start + r as u64 * sb.journal_region_bytes,
+                sb.journal_region_bytes,
+            );
+            let mut reactor =
+                Reactor::new(r, shared.clone(), alloc, j).map_err(|e| PoolError::Io {
+                    device: shared.members[0].path(),
+                    source: e,
+                })?;
+            for v in st.volumes.values() {
+                reactor.vols.insert(v.id, vol_state(v));
+            }
+            for ((v, s), map) in maps {
+                if let Some(vs) = reactor.vols.get_mut(&v) {
+                    vs.shards.insert(
+                        s,
+                        Shard {
+                            map,
+                            locks: HashMap::new(),
+                        },
+                    );
+                }
+            }
+            reactors.push(reactor);
+        }
+        let mut threads = Vec::new();
+        for (reactor, &core) in reactors
+            .into_iter()
+            .zip(cfg.cores.iter().chain(std::iter::repeat(&0)))
+        {
+            let pin = cfg.pin;
+            let t = std::thread::Builder::new()
+                .name(format!("reactor-{}", reactor.id))
+                .spawn(move || {
+                    if pin && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                        tracing::warn!(core, "could not pin reactor to its core");
+                    }
+                    reactor.run()
+                })
+                .map_err(|e| PoolError::Io {
+                    device: shared.members[0].path(),
+                    source: e,
+                })?;
+            threads.push(t);
+        }
+        tracing::info!(reactors = n, poll = ?cfg.poll, "engine started");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                shared,
+                control: Mutex::new(ControlState { state: st }),
+                threads: Mutex::new(threads),
+                stopped: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.inner.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on every reactor and collect the answers in reactor order.
+    fn on_all<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut Reactor) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let f = Arc::new(f);
+        let n = self.reactors();
+        let (tx, rx) = mpsc::channel();
+        for r in 0..n {
+            let (f, tx) = (f.clone(), tx.clone());
+            self.inner.shared.send_blocking(
+                r,
+                Msg::Task(Box::new(move |re: &mut Reactor| {
+                    let _ = tx.send((re.id, f(re)));
+                })),
+            );
+        }
+        drop(tx);
+        let mut out: Vec<(usize, T)> = rx.iter().collect();
+        out.sort_by_key(|(i, _)| *i);
+        out.into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Number of reactors.
+    pub fn reactors(&self) -> usize {
+        self.inner.shared.inboxes.len()
+    }
+
+    fn log_control(&self, c: &mut ControlState, rec: Record) -> Result<(), ControlError> {
+        let s = &self.inner.shared;
+        let blocks = s.layout.sb.control_bytes / crate::format::BLOCK;
+        if c.state.control_next - c.state.control_seq + 1 >= blocks {
+            self.checkpoint_locked(c)?;
+        }
+        let seq = c.state.control_next;
+        pool::append_control(&s.members[0], &s.layout, c.state.run, seq, &rec)?;
+        c.state.control_next += 1;
+        Ok(())
+    }
+
+    /// Create a thin volume.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        block_size: u32,
+    ) -> Result<VolumeInfo, ControlError> {
+        if !valid_name(name) {
+            return Err(ControlError::BadName(name.into()));
+        }
+        if block_size != 512 && block_size != 4096 {
+            return Err(ControlError::BadBlockSize(block_size));
+        }
+        check_size(size, block_size)?;
+        let mut c = self.control();
+        if c.state.volumes.values().any(|v| v.name == name) {
+            return Err(ControlError::Exists(name.into()));
+        }
+        let v = VolumeRecord {
+            id: c.state.next_volume_id,
+            name: name.into(),
+            size,
+            block_size,
+            created_unix: now_unix(),
+        };
+        self.log_control(&mut c, Record::VolumeCreate(v.clone()))?;
+        c.state.next_volume_id += 1;
+        c.state.volumes.insert(v.id, v.clone());
+        let vr = v.clone();
+        self.on_all(move |r| {
+            r.vols.insert(vr.id, vol_state(&vr));
+        });
+        self.inner.shared.volumes.insert(Arc::new(meta_of(&v)));
+        tracing::info!(volume = name, size, block_size, "volume created");
+        Ok(info_of(&v))
+    }
+
+    /// Delete a volume and free its clusters.
+    pub fn delete_volume(&self, name: &str) -> Result<(), ControlError> {
+        let mut c = self.control();
+        let id = c
+            .state
+            .volumes
+            .values()
+            .find(|v| v.name == name)
+            .map(|v| v.id)
+            .ok_or_else(|| ControlError::UnknownVolume(name.into()))?;
+        self.log_control(&mut c, Record::VolumeDelete { id })?;
+        c.state.volumes.remove(&id);
+        self.inner.shared.volumes.remove(id);
+        self.on_all(move |r| {
+            if let Some(v) = r.vols.get_mut(&id) {
+                v.deleting = true;
+                if v.inflight == 0 {
+                    r.drop_volume(id);
+                }
+            }
+        });
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    /// Grow a volume.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, ControlError> {
+        let mut c = self.control();
+        let v = c
+            .state
+            .volumes
+            .values()
+            .find(|v| v.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownVolume(name.into()))?;
+        check_size(size, v.block_size)?;
+        if size < v.size {
+            return Err(ControlError::BadSize(format!(
+                "{size} is smaller than the current size {}; volumes only grow",
+                v.size
+            )));
+        }
+        self.log_control(&mut c, Record::VolumeResize { id: v.id, size })?;
+        let id = v.id;
+        if let Some(rec) = c.state.volumes.get_mut(&id) {
+            rec.size = size;
+        }
+        self.on_all(move |r| {
+            if let Some(vs) = r.vols.get_mut(&id) {
+                vs.size = size;
+            }
+        });
+        if let Some(m) = self.inner.shared.volumes.get(id) {
+            m.size.store(size, Ordering::Release);
+        }
+        Ok(VolumeInfo {
+            size,
+            ..info_of(&v)
+        })
+    }
+
+    /// Every volume, by name.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let c = self.control();
+        let mut v: Vec<VolumeInfo> = c.state.volumes.values().map(info_of).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The volume of that name.
+    pub fn volume(&self, name: &str) -> Option<VolumeInfo> {
+        self.control()
+            .state
+            .volumes
+            .values()
+            .find(|v| v.name == name)
+            .map(info_of)
+    }
+
+    /// Bytes of clusters a volume has allocated.
+    pub fn allocated_bytes(&self, id: VolumeId) -> u64 {
+        let cs = self.inner.shared.layout.cluster_size;
+        self.on_all(move |r| {
+            r.vols.get(&id.0).map_or(0, |v| {
+                v.shards
+                    .values()
+                    .map(|s| s.map.allocated().count() as u64)
+                    .sum::<u64>()
+            })
+        })
+        .into_iter()
+        .sum::<u64>()
+            * cs
+    }
+
+    /// Bytes of map pages held in memory, and allocated clusters (metadata cost per cluster).
+    pub fn map_memory(&self) -> (u64, u64) {
+        let v = self.on_all(|r| {
+            let mut bytes = 0u64;
+            let mut clusters = 0u64;
+            for vs in r.vols.values() {
+                for s in vs.shards.values() {
+                    bytes += s.map.page_bytes() as u64;
+                    clusters += s.map.allocated().count() as u64;
+                }
+            }
+            (bytes, clusters)
+        });
+        v.into_iter().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    /// Space and identity of the pool.
+    pub fn pool_info(&self) -> PoolInfo {
+        let s = &self.inner.shared;
+        PoolInfo {
+            uuid: crate::format::uuid_string(&s.layout.sb.pool_uuid),
+            cluster_size: s.layout.cluster_size,
+            total_bytes: s.layout.total_clusters * s.layout.cluster_size,
+            used_bytes: s.used_clusters.load(Ordering::Relaxed) * s.layout.cluster_size,
+            devices: s
+                .members
+                .iter()
+                .map(|m| m.path().display().to_string())
+                .collect(),
+        }
+    }
+
+    /// Per-reactor counters.
+    pub fn counters(&self) -> Vec<CoreCounters> {
+        self.inner
+            .shared
+            .stats
+            .iter()
+            .enumerate()
+            .map(|(core, s)| CoreCounters {
+                core,
+                reads: s.reads.load(Ordering::Relaxed),
+                writes: s.writes.load(Ordering::Relaxed),
+                read_bytes: s.read_bytes.load(Ordering::Relaxed),
+                write_bytes: s.write_bytes.load(Ordering::Relaxed),
+                flushes: s.flushes.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// A client for submitting requests from a thread outside the reactors.
+    pub fn client(&self) -> Client {
+        Client {
+            shared: self.inner.shared.clone(),
+            sink: Sink::for_thread(),
+            cache: MetaCache::default(),
+            in_flight: 0,
+        }
+    }
+
+    /// Host a poller (a target connection, say) on reactor `core % reactors`.
+    pub fn add_poller(&self, core: usize, p: Box<dyn Poller>) {
+        let n = self.reactors();
+        let mut p = Some(p);
+        let cell = Mutex::new(p.take());
+        self.inner.shared.send_blocking(
+            core % n,
+            Msg::Task(Box::new(move |r: &mut Reactor| {
+                if let Some(p) = cell.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    r.add_poller(p);
+                }
+            })),
+        );
+    }
+
+    /// True when a reactor asked for a checkpoint (its journal is half full).
+    pub fn checkpoint_wanted(&self) -> bool {
+        self.inner.shared.want_checkpoint.load(Ordering::Acquire)
+    }
+
+    /// Write a checkpoint so that journals can be reused.
+    pub fn checkpoint(&self) -> Result<(), ControlError> {
+        let mut c = self.control();
+        self.checkpoint_locked(&mut c)
+    }
+
+    fn checkpoint_locked(&self, c: &mut ControlState) -> Result<(), ControlError> {
+        self.inner
+            .shared
+            .want_checkpoint
+            .store(false, Ordering::Release);
+        // Each reactor serializes its shards at a point of its own journal stream.
+        let parts: Vec<(Vec<u8>, u64)> =
+            self.on_all(|r| {
+                let bytes =
+                    pool::encode_maps(r.vols.iter().filter(|(_, v)| !v.deleting).flat_map(
+                        |(id, v)| v.shards.iter().map(move |(s, sh)| (*id, *s, &sh.map)),
+                    ));
+                (bytes, r.journal.next_seq)
+            });
+        let s = &self.inner.shared;
+        let n = parts.len();
+        c.state.gen += 1;
+        c.state.epoch = s.epoch.load(Ordering::Acquire);
+        c.state.control_seq = c.state.control_next;
+        let mut region_seq = vec![0; s.layout.sb.journal_regions as usize];
+        for (r, (_, seq)) in parts.iter().enumerate() {
+            region_seq[r] = *seq;
+        }
+        c.state.region_seq = region_seq.clone();
+        let bytes: Vec<Vec<u8>> = parts.into_iter().map(|(b, _)| b).collect();
+        pool::write_checkpoint(&s.members, &s.layout, &c.state, &bytes)?;
+        self.on_all(move |r| {
+            r.journal.tail_seq = region_seq[r.id];
+        });
+        tracing::debug!(generation = c.state.gen, reactors = n, "checkpoint written");
+        Ok(())
+    }
+
+    /// Stop: fail new requests, let in-flight ones finish, flush, checkpoint, join reactors.
+    pub fn shutdown(&self) -> Result<(), ControlError> {
+        if self.inner.stopped.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let s = &self.inner.shared;
+        // Make everything durable while the reactors still run, then checkpoint.
+        let mut cl = self.client();
+        let vol = s.volumes.all().first().map(|v| v.id);
+        if let Some(id) = vol {
+            let _ = cl.run(Request {
+                tag: 0,
+                volume: VolumeId(id),
+                op: crate::io::Op::Flush,
+                offset: 0,
+                len: 0,
+                buf: None,
+            });
+        }
+        let r = self.checkpoint();
+        s.stopping.store(true, Ordering::Release);
+        for inbox in &s.inboxes {
+            inbox.bell.sleeping.store(true, Ordering::SeqCst);
+            inbox.bell.ring();
+        }
+        for t in self
+            .inner
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = t.join();
+        }
+        tracing::info!("engine stopped");
+        r
+    }
+}
+
+fn check_size(size: u64, block_size: u32) -> Result<(), ControlError> {
+    if size == 0 || size % block_size as u64 != 0 {
+        return Err(ControlError::BadSize(format!(
+            "{size} bytes is not a non-zero multiple of the block size {block_size}"
+        )));
+    }
+    if size > crate::MAX_VOLUME_SIZE {
+        return Err(ControlError::BadSize(format!(
+            "{size} bytes is above the limit of {} bytes",
+            crate::MAX_VOLUME_SIZE
+        )));
+    }
+    Ok(())
+}
+
+fn meta_of(v: &VolumeRecord) -> VolumeMeta {
+    VolumeMeta {
+        id: v.id,
+        name: v.name.clone(),
+        block_size: v.block_size,
+        size: AtomicU64::new(v.size),
+        read_only: false,
+        deleted: AtomicBool::new(false),
+        created_unix: v.created_unix,
+    }
+}
+
+fn info_of(v: &VolumeRecord) -> VolumeInfo {
+    VolumeInfo {
+        id: VolumeId(v.id),
+        name: v.name.clone(),
+        size: v.size,
+        block_size: v.block_size,
+        created_unix: v.created_unix,
+    }
+}
+
+fn vol_state(v: &VolumeRecord) -> VolState {
+    VolState {
+        size: v.size,
+        block_size: v.block_size,
+        read_only: false,
+        snap_epoch: 0,
+        shards: HashMap::new(),
+        inflight: 0,
+        deleting: false,
+    }
+}
+
+/// Submits requests from one thread and collects their completions.
+pub struct Client {
+    shared: Arc<Shared>,
+    sink: Arc<Sink>,
+    cache: MetaCache,
+    in_flight: usize,
+}
+
+impl Client {
+    /// Submit a request; its completion comes back through `poll` or `wait`.
+    pub fn submit(&mut self, req: Request) {
+        self.in_flight += 1;
+        let shared = self.shared.clone();
+        crate::dispatch::dispatch(
+            &shared,
+            &mut self.cache,
+            req,
+            self.sink.clone(),
+            0,
+            |to, m| shared.send_blocking(to, m),
+        );
+    }
+
+    /// Move finished completions into `out`; returns how many.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        let mut n = 0;
+        while let Some((_, c)) = self.sink.pop() {
+            out.push(c);
+            n += 1;
+        }
+        self.in_flight -= n;
+        n
+    }
+
+    /// Requests submitted and not yet polled.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Block until at least one completion is ready (or `timeout`).
+    pub fn wait(&self, timeout: Duration) {
+        self.sink.register_thread();
+        if self.sink.is_empty() {
+            std::thread::park_timeout(timeout);
+        }
+    }
+
+    /// Submit one request and wait for its completion.
+    pub fn run(&mut self, req: Request) -> Completion {
+        self.submit(req);
+        let mut out = Vec::with_capacity(1);
+        loop {
+            if self.poll(&mut out) > 0 {
+                return out.pop().expect("completion");
+            }
+            self.wait(Duration::from_millis(100));
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Metadata journal: typed records packed into checksummed 4 KiB blocks, appended to a ring
+//! region per reactor (map changes) and to the control log (volume table changes).
+//!
+//! Block layout (little-endian): magic u32 "TJNL", crc32c u32 (over the block with this
+//! field zero), region u32, record count u16, record bytes u16, seq u64, run u64, then the
+//! records. A block is accepted at replay only with the expected run and sequence number,
+//! so a torn or stale block ends the replay of its region.
+
+use crate::format::{Reader, BLOCK};
+use crate::map::{MapEntry, Validity};
+
+const MAGIC: u32 = u32::from_le_bytes(*b"TJNL");
+const HEADER: usize = 32;
+/// Record bytes that fit in one block.
+pub const BLOCK_PAYLOAD: usize = BLOCK as usize - HEADER;
+
+/// A volume as recorded in the control log and checkpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub created_unix: u64,
+}
+
+/// One metadata change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Cluster `index` of shard `shard` of volume `vol` now maps to `entry`.
+    Entry {
+        vol: u64,
+        shard: u32,
+        index: u32,
+        entry: MapEntry,
+    },
+    /// A volume was created.
+    VolumeCreate(VolumeRecord),
+    /// A volume was deleted (its map records are ignored from now on).
+    VolumeDelete { id: u64 },
+    /// A volume was resized.
+    VolumeResize { id: u64, size: u64 },
+}
+
+fn put_entry(out: &mut Vec<u8>, e: &MapEntry) {
+    out.extend_from_slice(&e.phys.to_le_bytes());
+    out.extend_from_slice(&e.born.to_le_bytes());
+    out.extend_from_slice(&e.parent.to_le_bytes());
+    for w in e.valid.0 {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+pub(crate) fn get_entry(r: &mut Reader) -> Option<MapEntry> {
+    Some(MapEntry {
+        phys: r.u64()?,
+        born: r.u64()?,
+        parent: r.u64()?,
+        valid: Validity([r.u64()?, r.u64()?, r.u64()?, r.u64()?]),
+    })
+}
+
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+pub(crate) fn get_str(r: &mut Reader) -> Option<String> {
+    let n = r.u16()? as usize;
+    String::from_utf8(r.take(n)?.to_vec()).ok()
+}
+
+pub(crate) fn put_volume(out: &mut Vec<u8>, v: &VolumeRecord) {
+    out.extend_from_slice(&v.id.to_le_bytes());
+    put_str(out, &v.name);
+    out.extend_from_slice(&v.size.to_le_bytes());
+    out.extend_from_slice(&v.block_size.to_le_bytes());
+    out.extend_from_slice(&v.created_unix.to_le_bytes());
+}
+
+pub(crate) fn get_volume(r: &mut Reader) -> Option<VolumeRecord> {
+    Some(VolumeRecord {
+        id: r.u64()?,
+        name: get_str(r)?,
+        size: r.u64()?,
+        block_size: r.u32()?,
+        created_unix: r.u64()?,
+    })
+}
+
+impl Record {
+    /// Append the encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Record::Entry {
+                vol,
+                shard,
+                index,
+                entry,
+            } => {
+                out.push(1);
+                out.extend_from_slice(&vol.to_le_bytes());
+                out.extend_from_slice(&shard.to_le_bytes());
+                out.extend_from_slice(&index.to_le_bytes());
+                put_entry(out, entry);
+            }
+            Record::VolumeCreate(v) => {
+                out.push(2);
+                put_volume(out, v);
+            }
+            Record::VolumeDelete { id } => {
+                out.push(3);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            Record::VolumeResize { id, size } => {
+                out.push(4);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&size.to_le_bytes());
+            }
+        }
+    }
+
+    /// Decode one record; None on a malformed one.
+    pub(crate) fn decode(r: &mut Reader) -> Option<Record> {
+        Some(match r.u8()? {
+            1 => Record::Entry {
+                vol: r.u64()?,
+                shard: r.u32()?,
+                index: r.u32()?,
+                entry: get_entry(r)?,
+            },
+            2 => Record::VolumeCreate(get_volume(r)?),
+            3 => Record::VolumeDelete { id: r.u64()? },
+            4 => Record::VolumeResize {
+                id: r.u64()?,
+                size: r.u64()?,
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Seal records into one block.
+pub fn seal_block(block: &mut [u8], region: u32, seq: u64, run: u64, nrec: u16, records: &[u8]) {
+    debug_assert!(records.len() <= BLOCK_PAYLOAD);
+    block.fill(0);
+    block[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    block[8..12].copy_from_slice(&region.to_le_bytes());
+    block[12..14].copy_from_slice(&nrec.to_le_bytes());
+    block[14..16].copy_from_slice(&(records.len() as u16).to_le_bytes());
+    block[16..24].copy_from_slice(&seq.to_le_bytes());
+    block[24..32].copy_from_slice(&run.to_le_bytes());
+    block[HEADER..HEADER + records.len()].copy_from_slice(records);
+    let crc = crc32c::crc32c(&block[..BLOCK as usize]);
+    block[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Open a block: its records if it is intact and carries the expected run and sequence.
+pub fn open_block(block: &[u8], run: u64, seq: u64) -> Option<Vec<Record>> {
+    if block.len() < BLOCK as usize || u32::from_le_bytes(block[0..4].try_into().unwrap()) != MAGIC
+    {
+        return None;
+    }
+    let crc = u32::from_le_bytes(block[4..8].try_into().unwrap());
+    let mut copy = block[..BLOCK as usize].to_vec();
+    copy[4..8].fill(0);
+    if crc32c::crc32c(&copy) != crc {
+        return None;
+    }
+    let nrec = u16::from_le_bytes(block[12..14].try_into().unwrap());
+    let used = u16::from_le_bytes(block[14..16].try_into().unwrap()) as usize;
+    let bseq = u64::from_le_bytes(block[16..24].try_into().unwrap());
+    let brun = u64::from_le_bytes(block[24..32].try_into().unwrap());
+    if bseq != seq || brun != run || used > BLOCK_PAYLOAD {
+        return None;
+    }
+    let mut r = Reader::new(&block[HEADER..HEADER + used]);
+    let mut out = Vec::with_capacity(nrec as usize);
+    for _ in 0..nrec {
+        out.push(Record::decode(&mut r)?);
+    }
+    Some(out)
+}
+
+/// A reactor's journal: records waiting for the next commit, and where the ring stands.
+#[derive(Debug)]
+pub struct Journal {
+    /// Region number (which reactor).
+    pub region: u32,
+    /// Run number: every open of the pool starts a new one.
+    pub run: u64,
+    /// Byte offset of the region on member 0.
+    pub offset: u64,
+    /// Blocks in the region.
+    pub blocks: u64,
+    /// Sequence number of the next block to write.
+    pub next_seq: u64,
+    /// Oldest block recovery still needs (set by checkpoints).
+    pub tail_seq: u64,
+    pending: Vec<u8>,
+    pending_count: u16,
+    sealed: Vec<(Vec<u8>, u16)>,
+}
+
+impl Journal {
+    /// An empty journal for a new run.
+    pub fn new(region: u32, run: u64, offset: u64, bytes: u64) -> Journal {
+        Journal {
+            region,
+            run,
+            offset,
+            blocks: bytes / BLOCK,
+            next_seq: 0,
+            tail_seq: 0,
+            pending: Vec::with_capacity(BLOCK_PAYLOAD),
+            pending_count: 0,
+            sealed: Vec::new(),
+        }
+    }
+
+    /// Queue a record for the next commit.
+    pub fn append(&mut self, rec: &Record) {
+        let mut tmp = Vec::with_capacity(96);
+        rec.encode(&mut tmp);
+        if self.pending.len() + tmp.len() > BLOCK_PAYLOAD {
+            self.sealed
+                .push((std::mem::take(&mut self.pending), self.pending_count));
+            self.pending_count = 0;
+        }
+        self.pending.extend_from_slice(&tmp);
+        self.pending_count += 1;
+    }
+
+    /// True when records wait for a commit.
+    pub fn has_pending(&self) -> bool {
+        self.pending_count > 0 || !self.sealed.is_empty()
+    }
+
+    /// Blocks the ring holds that recovery still needs.
+    pub fn used_blocks(&self) -> u64 {
+        self.next_seq - self.tail_seq
+    }
+
+    /// Pack the pending records into blocks for one write: (byte offset, block count, data).
+    /// Returns None when nothing is pending or the ring has no room (a checkpoint must move
+    /// the tail first). The write never wraps: a commit that would cross the end is cut there.
+    pub fn take_commit(&mut self) -> Option<(u64, u64, Vec<u8>)> {
+        if !self.has_pending() {
+            return None;
+        }
+        if self.pending_count > 0 {
+            self.sealed
+                .push((std::mem::take(&mut self.pending), self.pending_count));
+            self.pending_count = 0;
+        }
+        let room = self.blocks - self.used_blocks();
+        let to_end = self.blocks - self.next_seq % self.blocks;
+        let n = (self.sealed.len() as u64).min(room).min(to_end);
+        if n == 0 {
+            return None;
+        }
+        let first = self.next_seq;
+        let mut data = vec![0u8; (n * BLOCK) as usize];
+        for (k, (recs, count)) in self.sealed.drain(..n as usize).enumerate() {
+            let b = &mut data[k * BLOCK as usize..(k + 1) * BLOCK as usize];
+            seal_block(b, self.region, first + k as u64, self.run, count, &recs);
+        }
+        self.next_seq += n;
+        Some((self.offset + (first % self.blocks) * BLOCK, n, data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map::NONE;
+
+    fn entry_rec(i: u32) -> Record {
+        Record::Entry {
+            vol: 7,
+            shard: 2,
+            index: i,
+            entry: MapEntry {
+                phys: i as u64 * 3,
+                born: 4,
+                parent: NONE,
+                valid: Validity::range(0, i % 16 + 1),
+            },
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_blocks() {
+        let mut j = Journal::new(1, 9, 1 << 20, 64 * BLOCK);
+        let recs: Vec<Record> = (0..200)
+            .map(entry_rec)
+            .chain([
+                Record::VolumeCreate(VolumeRecord {
+                    id: 3,
+                    name: "v".into(),
+                    size: 1 << 30,
+                    block_size: 512,
+                    created_unix: 5,
+                }),
+                Record::VolumeResize {
+                    id: 3,
+                    size: 2 << 30,
+                },
+                Record::VolumeDelete { id: 3 },
+            ])
+            .collect();
+        for r in &recs {
+            j.append(r);
+        }
+        let (off, n, data) = j.take_commit().unwrap();
+        assert_eq!(off, 1 << 20);
+        let mut back = Vec::new();
+        for k in 0..n {
+            back.extend(
+                open_block(
+                    &data[(k * BLOCK) as usize..((k + 1) * BLOCK) as usize],
+                    9,
+                    k,
+                )
+                .unwrap(),
+            );
+        }
+        assert_eq!(back, recs);
+    }
+
+    #[test]
+    fn stale_or_torn_blocks_are_refused() {
+        let mut j = Journal::new(0, 1, 0, 8 * BLOCK);
+        j.append(&entry_rec(1));
+        let (_, _, mut data) = j.take_commit().unwrap();
+        assert!(open_block(&data, 1, 0).is_some());
+        assert!(open_block(&data, 2, 0).is_none(), "another run");
+        assert!(open_block(&data, 1, 1).is_none(), "another lap of the ring");
+        data[100] ^= 0xff;
+        assert!(open_block(&data, 1, 0).is_none(), "torn");
+    }
+
+    #[test]
+    fn a_full_ring_waits_for_a_checkpoint() {
+        let mut j = Journal::new(0, 1, 0, 2 * BLOCK);
+        for round in 0..3 {
+            j.append(&entry_rec(round));
+            let got = j.take_commit();
+            assert_eq!(got.is_some(), round < 2);
+        }
+        j.tail_seq = 2;
+        assert!(j.take_commit().is_some());
+    }
+}

@@ -1,0 +1,202 @@
+//! A shard's mapping object: an array of entries, one per cluster, kept in pages that
+//! snapshots share copy-on-write (DESIGN.md section 3).
+
+use std::sync::Arc;
+
+/// "No cluster": an unallocated entry's `phys`, or an entry without a parent.
+pub const NONE: u64 = u64::MAX;
+/// Entries per map page: 64 × 56 bytes, about one 4 KiB page.
+pub const ENTRIES_PER_PAGE: usize = 64;
+
+/// One bit per 4 KiB block of a cluster (clusters hold at most 256 blocks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Validity(pub [u64; 4]);
+
+impl Validity {
+    /// Bits `first..first + count` set.
+    pub fn range(first: u32, count: u32) -> Validity {
+        let mut v = Validity::default();
+        for b in first..first + count {
+            v.set(b);
+        }
+        v
+    }
+    /// Is block `b` valid?
+    pub fn get(&self, b: u32) -> bool {
+        self.0[(b / 64) as usize] & (1 << (b % 64)) != 0
+    }
+    /// Mark block `b` valid.
+    pub fn set(&mut self, b: u32) {
+        self.0[(b / 64) as usize] |= 1 << (b % 64);
+    }
+    /// Mark block `b` invalid.
+    pub fn clear(&mut self, b: u32) {
+        self.0[(b / 64) as usize] &= !(1 << (b % 64));
+    }
+    /// Union.
+    pub fn or(self, o: Validity) -> Validity {
+        Validity([
+            self.0[0] | o.0[0],
+            self.0[1] | o.0[1],
+            self.0[2] | o.0[2],
+            self.0[3] | o.0[3],
+        ])
+    }
+    /// Blocks of `self` not in `o`.
+    pub fn minus(self, o: Validity) -> Validity {
+        Validity([
+            self.0[0] & !o.0[0],
+            self.0[1] & !o.0[1],
+            self.0[2] & !o.0[2],
+            self.0[3] & !o.0[3],
+        ])
+    }
+    /// True when every bit of `o` is set here.
+    pub fn contains(&self, o: Validity) -> bool {
+        o.minus(*self).is_empty()
+    }
+    /// No bit set.
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+    /// Number of bits set.
+    pub fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+/// The state of one cluster of a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Pool-wide cluster index, or NONE when unallocated.
+    pub phys: u64,
+    /// Epoch in which this entry was written; `born > S` means the live volume owns it alone.
+    pub born: u64,
+    /// The cluster to read invalid blocks from (a snapshot's), or NONE for zeros.
+    pub parent: u64,
+    /// Blocks this cluster holds.
+    pub valid: Validity,
+}
+
+impl MapEntry {
+    /// An unallocated entry: reads as zeros.
+    pub const UNALLOCATED: MapEntry = MapEntry {
+        phys: NONE,
+        born: 0,
+        parent: NONE,
+        valid: Validity([0; 4]),
+    };
+
+    /// True when a cluster backs this entry.
+    pub fn is_allocated(&self) -> bool {
+        self.phys != NONE
+    }
+}
+
+/// A page of entries, shared between a shard and its snapshots until one side changes it.
+pub type MapPage = [MapEntry; ENTRIES_PER_PAGE];
+
+/// A shard's map: pages allocated on first write (thin), shared by `Arc`.
+#[derive(Clone, Debug, Default)]
+pub struct ShardMap {
+    pages: Vec<Option<Arc<MapPage>>>,
+}
+
+impl ShardMap {
+    /// An empty map of `clusters` entries.
+    pub fn new(clusters: usize) -> ShardMap {
+        ShardMap {
+            pages: vec![None; clusters.div_ceil(ENTRIES_PER_PAGE)],
+        }
+    }
+
+    /// Number of entry slots.
+    pub fn len(&self) -> usize {
+        self.pages.len() * ENTRIES_PER_PAGE
+    }
+
+    /// True when the map covers no cluster.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// The entry of cluster `i`.
+    #[inline]
+    pub fn get(&self, i: usize) -> MapEntry {
+        match &self.pages[i / ENTRIES_PER_PAGE] {
+            Some(p) => p[i % ENTRIES_PER_PAGE],
+            None => MapEntry::UNALLOCATED,
+        }
+    }
+
+    /// Replace the entry of cluster `i`, copying the page first if a snapshot shares it.
+    pub fn set(&mut self, i: usize, e: MapEntry) {
+        let slot = &mut self.pages[i / ENTRIES_PER_PAGE];
+        match slot {
+            Some(p) => Arc::make_mut(p)[i % ENTRIES_PER_PAGE] = e,
+            None if e == MapEntry::UNALLOCATED => {}
+            None => {
+                let mut page = [MapEntry::UNALLOCATED; ENTRIES_PER_PAGE];
+                page[i % ENTRIES_PER_PAGE] = e;
+                *slot = Some(Arc::new(page));
+            }
+        }
+    }
+
+    /// Every allocated entry with its index, in index order.
+    pub fn allocated(&self) -> impl Iterator<Item = (usize, MapEntry)> + '_ {
+        self.pages
+            .iter()
+            .enumerate()
+            .filter_map(|(pi, p)| p.as_ref().map(|p| (pi, p)))
+            .flat_map(|(pi, p)| {
+                p.iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.is_allocated())
+                    .map(move |(i, e)| (pi * ENTRIES_PER_PAGE + i, *e))
+            })
+    }
+
+    /// Heap bytes held by this map's pages (shared pages counted once per map).
+    pub fn page_bytes(&self) -> usize {
+        self.pages.iter().flatten().count() * std::mem::size_of::<MapPage>()
+            + self.pages.len() * std::mem::size_of::<Option<Arc<MapPage>>>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unwritten_entries_are_unallocated() {
+        let m = ShardMap::new(1000);
+        assert_eq!(m.get(999), MapEntry::UNALLOCATED);
+        assert_eq!(m.allocated().count(), 0);
+    }
+
+    #[test]
+    fn a_shared_page_is_copied_on_first_change() {
+        let mut live = ShardMap::new(128);
+        let e = MapEntry {
+            phys: 5,
+            born: 1,
+            parent: NONE,
+            valid: Validity::range(0, 16),
+        };
+        live.set(3, e);
+        let snap = live.clone();
+        live.set(3, MapEntry { phys: 9, ..e });
+        assert_eq!(snap.get(3).phys, 5);
+        assert_eq!(live.get(3).phys, 9);
+    }
+
+    #[test]
+    fn validity_ranges_and_sets() {
+        let v = Validity::range(60, 10);
+        assert!(v.get(60) && v.get(69) && !v.get(70) && !v.get(59));
+        assert_eq!(v.count(), 10);
+        assert!(Validity::range(0, 256).contains(v));
+        assert!(v.minus(Validity::range(60, 10)).is_empty());
+    }
+}

@@ -1,0 +1,341 @@
+//! The devices under a pool: files and block devices opened O_DIRECT, an in-memory disk
+//! with an optional volatile-cache crash simulator (model tests), and a null device.
+
+use crate::buf::AlignedBuf;
+use crate::error::PoolError;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// How to reach one device of a pool.
+#[derive(Clone, Debug)]
+pub enum DeviceSpec {
+    /// A regular file (created sparse with `create_size` if missing) or a block device.
+    Path {
+        path: PathBuf,
+        create_size: Option<u64>,
+    },
+    /// An in-memory disk (tests; with crash simulation if built so).
+    Mem(Arc<MemDisk>),
+    /// Reads return zeros, writes are dropped: measures the engine alone.
+    Null { size: u64 },
+}
+
+impl DeviceSpec {
+    /// A file or block device path, not created if missing.
+    pub fn path(p: impl Into<PathBuf>) -> DeviceSpec {
+        DeviceSpec::Path {
+            path: p.into(),
+            create_size: None,
+        }
+    }
+
+    /// A name for messages.
+    pub fn display(&self) -> PathBuf {
+        match self {
+            DeviceSpec::Path { path, .. } => path.clone(),
+            DeviceSpec::Mem(_) => PathBuf::from("mem"),
+            DeviceSpec::Null { .. } => PathBuf::from("null"),
+        }
+    }
+}
+
+/// One opened device.
+pub enum Member {
+    File {
+        path: PathBuf,
+        file: File,
+        size: u64,
+    },
+    Mem(Arc<MemDisk>),
+    Null {
+        size: u64,
+    },
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> PoolError {
+    PoolError::Io {
+        device: path.to_path_buf(),
+        source,
+    }
+}
+
+nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
+
+impl Member {
+    /// Open a device O_DIRECT and take an exclusive advisory lock on it.
+    pub fn open(spec: &DeviceSpec) -> Result<Member, PoolError> {
+        match spec {
+            DeviceSpec::Mem(m) => Ok(Member::Mem(m.clone())),
+            DeviceSpec::Null { size } => Ok(Member::Null { size: *size }),
+            DeviceSpec::Path { path, create_size } => {
+                if !path.exists() {
+                    let Some(size) = create_size else {
+                        return Err(io_err(
+                            path,
+                            std::io::Error::from(std::io::ErrorKind::NotFound),
+                        ));
+                    };
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir).map_err(|e| io_err(path, e))?;
+                    }
+                    let f = File::create(path).map_err(|e| io_err(path, e))?;
+                    f.set_len(*size).map_err(|e| io_err(path, e))?;
+                }
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .map_err(|e| io_err(path, e))?;
+                // SAFETY: flock on a valid fd owned by `file`.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    return Err(PoolError::Locked {
+                        device: path.clone(),
+                    });
+                }
+                let meta = file.metadata().map_err(|e| io_err(path, e))?;
+                let size = if meta.file_type().is_block_device() {
+                    let mut s = 0u64;
+                    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+                    unsafe { blk_getsize64(file.as_raw_fd(), &mut s) }
+                        .map_err(|e| io_err(path, std::io::Error::from(e)))?;
+                    s
+                } else if meta.file_type().is_file() {
+                    meta.len()
+                } else {
+                    return Err(io_err(
+                        path,
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            "not a file or block device",
+                        ),
+                    ));
+                };
+                Ok(Member::File {
+                    path: path.clone(),
+                    file,
+                    size,
+                })
+            }
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Member::File { size, .. } | Member::Null { size } => *size,
+            Member::Mem(m) => m.size(),
+        }
+    }
+
+    /// Name for messages.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Member::File { path, .. } => path.clone(),
+            Member::Mem(_) => PathBuf::from("mem"),
+            Member::Null { .. } => PathBuf::from("null"),
+        }
+    }
+
+    /// The raw fd for io_uring registration (files only).
+    pub fn raw_fd(&self) -> Option<i32> {
+        match self {
+            Member::File { file, .. } => Some(file.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// Synchronous read (open, recovery, checkpoint): fills `buf` from `off`.
+    pub fn read_at(&self, off: u64, buf: &mut AlignedBuf) -> Result<(), PoolError> {
+        match self {
+            Member::File { path, file, .. } => file
+                .read_exact_at(buf.as_mut_slice(), off)
+                .map_err(|e| io_err(path, e)),
+            Member::Mem(m) => {
+                m.read(off, buf.as_mut_slice());
+                Ok(())
+            }
+            Member::Null { .. } => {
+                buf.as_mut_slice().fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Synchronous write.
+    pub fn write_at(&self, off: u64, buf: &[u8]) -> Result<(), PoolError> {
+        debug_assert_eq!(
+            buf.as_ptr() as usize % 512,
+            0,
+            "O_DIRECT needs aligned buffers"
+        );
+        match self {
+            Member::File { path, file, .. } => {
+                file.write_all_at(buf, off).map_err(|e| io_err(path, e))
+            }
+            Member::Mem(m) => {
+                m.write(off, buf);
+                Ok(())
+            }
+            Member::Null { .. } => Ok(()),
+        }
+    }
+
+    /// Make completed writes durable.
+    pub fn sync(&self) -> Result<(), PoolError> {
+        match self {
+            Member::File { path, file, .. } => file.sync_data().map_err(|e| io_err(path, e)),
+            Member::Mem(m) => {
+                m.flush();
+                Ok(())
+            }
+            Member::Null { .. } => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for MemDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemDisk({} bytes)", self.size)
+    }
+}
+
+/// An in-memory disk. With crash simulation on, it behaves like a disk with a volatile write
+/// cache: writes since the last flush may be lost or torn (at 4 KiB) by `crash`.
+pub struct MemDisk {
+    state: Mutex<MemState>,
+    size: u64,
+}
+
+struct MemState {
+    data: Vec<u8>,
+    /// Present with crash simulation: the contents as of the last flush, and the writes since.
+    crash: Option<(Vec<u8>, Vec<(u64, Vec<u8>)>)>,
+}
+
+impl MemDisk {
+    /// A zeroed disk of `size` bytes.
+    pub fn new(size: u64, crash_simulation: bool) -> Arc<MemDisk> {
+        let data = vec![0u8; size as usize];
+        let crash = crash_simulation.then(|| (data.clone(), Vec::new()));
+        Arc::new(MemDisk {
+            state: Mutex::new(MemState { data, crash }),
+            size,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Copy out bytes at `off` (beyond the end reads zeros).
+    pub fn read(&self, off: u64, out: &mut [u8]) {
+        let s = self.lock();
+        copy_out(&s.data, off, out);
+    }
+
+    /// Write bytes at `off` (beyond the end is dropped).
+    pub fn write(&self, off: u64, data: &[u8]) {
+        let mut s = self.lock();
+        copy_in(&mut s.data, off, data);
+        if let Some((_, pending)) = &mut s.crash {
+            pending.push((off, data.to_vec()));
+        }
+    }
+
+    /// Flush the volatile cache: everything written so far is durable.
+    pub fn flush(&self) {
+        let mut s = self.lock();
+        let MemState { data: _, crash } = &mut *s;
+        if let Some((durable, pending)) = crash {
+            for (off, d) in pending.drain(..) {
+                copy_in(durable, off, &d);
+            }
+        }
+    }
+
+    /// Simulate power loss: a new disk holding the durable contents plus, for each write
+    /// since the last flush, a random subset of its 4 KiB blocks (seeded, reproducible).
+    pub fn crash(&self, seed: u64) -> Arc<MemDisk> {
+        let s = self.lock();
+        let (durable, pending) = s
+            .crash
+            .as_ref()
+            .expect("crash simulation is off for this disk");
+        let mut image = durable.clone();
+        let mut rng = SplitMix(seed);
+        for (off, d) in pending {
+            let keep_all = rng.next() % 2 == 0;
+            for (i, chunk) in d.chunks(4096).enumerate() {
+                if keep_all || rng.next() % 2 == 0 {
+                    copy_in(&mut image, off + (i * 4096) as u64, chunk);
+                }
+            }
+        }
+        Arc::new(MemDisk {
+            state: Mutex::new(MemState {
+                data: image.clone(),
+                crash: Some((image, Vec::new())),
+            }),
+            size: self.size,
+        })
+    }
+}
+
+fn copy_out(data: &[u8], off: u64, out: &mut [u8]) {
+    out.fill(0);
+    let off = off as usize;
+    if off < data.len() {
+        let n = out.len().min(data.len() - off);
+        out[..n].copy_from_slice(&data[off..off + n]);
+    }
+}
+
+fn copy_in(data: &mut [u8], off: u64, src: &[u8]) {
+    let off = off as usize;
+    if off < data.len() {
+        let n = src.len().min(data.len() - off);
+        data[off..off + n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// A small deterministic generator for the crash simulator (splitmix64).
+pub(crate) struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_keeps_flushed_writes_and_maybe_later_ones() {
+        let d = MemDisk::new(1 << 20, true);
+        d.write(0, &[1u8; 4096]);
+        d.flush();
+        d.write(0, &[2u8; 8192]);
+        for seed in 0..20 {
+            let c = d.crash(seed);
+            let mut b = [0u8; 8192];
+            c.read(0, &mut b);
+            assert!(b[..4096].iter().all(|&x| x == 1) || b[..4096].iter().all(|&x| x == 2));
+            assert!(b[4096..].iter().all(|&x| x == 0) || b[4096..].iter().all(|&x| x == 2));
+        }
+    }
+}

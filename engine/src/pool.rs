@@ -1,0 +1,447 @@
+//! Pool persistence outside the data path: formatting, the control log, checkpoints and
+//! recovery (load the newest checkpoint, replay the control log and every journal, check
+//! cluster references). DESIGN.md section 6; docs/format.md.
+
+use crate::buf::AlignedBuf;
+use crate::error::PoolError;
+use crate::format::{self, FormatOptions, Reader, Superblock, BLOCK, SB_SIZE};
+use crate::journal::{self, open_block, seal_block, Record, VolumeRecord};
+use crate::layout::Layout;
+use crate::map::{MapEntry, ShardMap};
+use crate::media::{DeviceSpec, Member};
+use std::collections::{BTreeMap, HashMap};
+
+const CKPT_MAGIC: u32 = u32::from_le_bytes(*b"TCKP");
+/// Region number stamped on control-log blocks.
+pub const CONTROL_REGION: u32 = u32::MAX;
+
+/// Everything the pool holds besides data, as loaded at open and written by checkpoints.
+#[derive(Debug, Default)]
+pub struct PoolState {
+    pub run: u64,
+    pub gen: u64,
+    pub next_volume_id: u64,
+    pub epoch: u64,
+    /// First control-log block recovery replays.
+    pub control_seq: u64,
+    /// Next control-log block to write (not stored; equals control_seq after a checkpoint).
+    pub control_next: u64,
+    pub region_seq: Vec<u64>,
+    pub volumes: BTreeMap<u64, VolumeRecord>,
+    pub maps: HashMap<(u64, u64), ShardMap>,
+}
+
+/// Open every device and check that they form one pool; members ordered by index.
+pub fn open_members(specs: &[DeviceSpec]) -> Result<(Vec<Member>, Vec<Superblock>), PoolError> {
+    let mut found: Vec<(Member, Superblock)> = Vec::new();
+    for spec in specs {
+        let m = Member::open(spec)?;
+        let sb = read_superblock(&m)?;
+        found.push((m, sb));
+    }
+    let first = &found[0].1;
+    let (uuid, count) = (first.pool_uuid, first.member_count);
+    if found.len() != count as usize {
+        return Err(PoolError::Membership {
+            device: found[0].0.path(),
+            reason: format!("pool has {count} devices but {} were given", found.len()),
+        });
+    }
+    for (m, sb) in &found {
+        if sb.pool_uuid != uuid {
+            return Err(PoolError::Membership {
+                device: m.path(),
+                reason: format!(
+                    "belongs to pool {}, not {}",
+                    format::uuid_string(&sb.pool_uuid),
+                    format::uuid_string(&uuid)
+                ),
+            });
+        }
+    }
+    found.sort_by_key(|(_, sb)| sb.member_index);
+    for (i, (m, sb)) in found.iter().enumerate() {
+        if sb.member_index as usize != i {
+            return Err(PoolError::Membership {
+                device: m.path(),
+                reason: format!("member {i} is missing or given twice"),
+            });
+        }
+        if m.size() < sb.member_bytes {
+            return Err(PoolError::Membership {
+                device: m.path(),
+                reason: format!(
+                    "device is {} bytes, smaller than the {} the pool uses",
+                    m.size(),
+                    sb.member_bytes
+                ),
+            });
+        }
+    }
+    Ok(found.into_iter().unzip())
+}
+
+fn read_superblock(m: &Member) -> Result<Superblock, PoolError> {
+    let mut b = AlignedBuf::zeroed(2 * SB_SIZE);
+    m.read_at(0, &mut b)?;
+    match Superblock::decode(&b.as_slice()[..SB_SIZE]) {
+        Ok(sb) => Ok(sb),
+        Err(first) => match Superblock::decode(&b.as_slice()[SB_SIZE..]) {
+            Ok(sb) => {
+                tracing::warn!(device = %m.path().display(), "primary superblock unreadable ({first:?}); using the copy");
+                Ok(sb)
+            }
+            Err(_) => Err(format::sb_error(&m.path(), first)),
+        },
+    }
+}
+
+/// Format a pool on the devices; returns the member-0 superblock.
+pub fn format(specs: &[DeviceSpec], opts: &FormatOptions) -> Result<Superblock, PoolError> {
+    let mut members = Vec::new();
+    for spec in specs {
+        let m = Member::open(spec)?;
+        if !opts.force {
+            let mut head = AlignedBuf::zeroed(format::SIGNATURE_PROBE);
+            if m.size() >= format::SIGNATURE_PROBE as u64 {
+                m.read_at(0, &mut head)?;
+                if let Some(what) = format::detect_signature(head.as_slice()) {
+                    return Err(PoolError::InUse {
+                        device: m.path(),
+                        what: what.to_string(),
+                    });
+                }
+            }
+        }
+        members.push(m);
+    }
+    let sizes: Vec<u64> = members.iter().map(|m| m.size()).collect();
+    let uuid = format::new_uuid();
+    let sbs = format::plan(&sizes, opts, uuid)?;
+    let layout = Layout::new(&sbs);
+    let run = u64::from_le_bytes(uuid[..8].try_into().unwrap()) >> 1 | 1;
+    let state = PoolState {
+        run,
+        gen: 1,
+        next_volume_id: 1,
+        epoch: 1,
+        region_seq: vec![0; sbs[0].journal_regions as usize],
+        ..Default::default()
+    };
+    // Checkpoint first, superblocks last: a half-formatted device is not a pool.
+    write_checkpoint(&members, &layout, &state, &[])?;
+    for (m, sb) in members.iter().zip(&sbs) {
+        let mut b = AlignedBuf::zeroed(2 * SB_SIZE);
+        let enc = sb.encode();
+        b.as_mut_slice()[..SB_SIZE].copy_from_slice(&enc);
+        b.as_mut_slice()[SB_SIZE..].copy_from_slice(&enc);
+        m.write_at(0, b.as_slice())?;
+        m.sync()?;
+    }
+    Ok(sbs.into_iter().next().expect("one member"))
+}
+
+fn encode_shard_image(out: &mut Vec<u8>, vol: u64, shard: u64, map: &ShardMap) {
+    let entries: Vec<(usize, MapEntry)> = map.allocated().collect();
+    out.extend_from_slice(&vol.to_le_bytes());
+    out.extend_from_slice(&shard.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (i, e) in entries {
+        out.extend_from_slice(&(i as u32).to_le_bytes());
+        out.extend_from_slice(&e.phys.to_le_bytes());
+        out.extend_from_slice(&e.born.to_le_bytes());
+        out.extend_from_slice(&e.parent.to_le_bytes());
+        for w in e.valid.0 {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// Serialize shard maps (one reactor's part of a checkpoint).
+pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (vol, shard, map) in maps {
+        encode_shard_image(&mut out, vol, shard, map);
+    }
+    out
+}
+
+fn decode_maps(b: &[u8], layout: &Layout, maps: &mut HashMap<(u64, u64), ShardMap>) -> Option<()> {
+    let mut r = Reader::new(b);
+    let cps = layout.clusters_per_shard() as usize;
+    while r.remaining() > 0 {
+        let vol = r.u64()?;
+        let shard = r.u64()?;
+        let n = r.u32()?;
+        let map = maps
+            .entry((vol, shard))
+            .or_insert_with(|| ShardMap::new(cps));
+        for _ in 0..n {
+            let i = r.u32()? as usize;
+            let e = journal::get_entry(&mut r)?;
+            if i >= cps {
+                return None;
+            }
+            map.set(i, e);
+        }
+    }
+    Some(())
+}
+
+/// Write a checkpoint into the slot `state.gen % 2`: data syncs first (entries point at it),
+/// then the payload, then the header that makes it the newest.
+pub fn write_checkpoint(
+    members: &[Member],
+    layout: &Layout,
+    state: &PoolState,
+    parts: &[Vec<u8>],
+) -> Result<(), PoolError> {
+    let sb = &layout.sb;
+    let mut p = Vec::new();
+    for v in [state.next_volume_id, state.epoch, state.control_seq] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    p.extend_from_slice(&(state.region_seq.len() as u32).to_le_bytes());
+    for s in &state.region_seq {
+        p.extend_from_slice(&s.to_le_bytes());
+    }
+    p.extend_from_slice(&(state.volumes.len() as u32).to_le_bytes());
+    for v in state.volumes.values() {
+        journal::put_volume(&mut p, v);
+    }
+    let mut maps = Vec::new();
+    for part in parts {
+        maps.extend_from_slice(part);
+    }
+    p.extend_from_slice(&(maps.len() as u64).to_le_bytes());
+    p.extend_from_slice(&maps);
+    if p.len() as u64 + BLOCK > sb.ckpt_slot_bytes {
+        return Err(PoolError::Corrupt(format!(
+            "checkpoint of {} bytes does not fit its slot of {} bytes",
+            p.len(),
+            sb.ckpt_slot_bytes
+        )));
+    }
+    let slot = sb.ckpt_start + (state.gen % 2) * sb.ckpt_slot_bytes;
+    let payload = AlignedBuf::from_slice(&{
+        let mut v = p.clone();
+        v.resize(p.len().div_ceil(BLOCK as usize) * BLOCK as usize, 0);
+        v
+    });
+    for m in members {
+        m.sync()?;
+    }
+    members[0].write_at(slot + BLOCK, payload.as_slice())?;
+    members[0].sync()?;
+    let mut h = AlignedBuf::zeroed(BLOCK as usize);
+    {
+        let hb = h.as_mut_slice();
+        hb[0..4].copy_from_slice(&CKPT_MAGIC.to_le_bytes());
+        hb[8..24].copy_from_slice(&sb.pool_uuid);
+        hb[24..32].copy_from_slice(&state.gen.to_le_bytes());
+        hb[32..40].copy_from_slice(&state.run.to_le_bytes());
+        hb[40..48].copy_from_slice(&(p.len() as u64).to_le_bytes());
+        hb[48..52].copy_from_slice(&crc32c::crc32c(&p).to_le_bytes());
+        let crc = crc32c::crc32c(hb);
+        hb[4..8].copy_from_slice(&crc.to_le_bytes());
+    }
+    members[0].write_at(slot, h.as_slice())?;
+    members[0].sync()
+}
+
+fn read_checkpoint(
+    m0: &Member,
+    layout: &Layout,
+    slot: u64,
+) -> Result<Option<PoolState>, PoolError> {
+    let sb = &layout.sb;
+    let at = sb.ckpt_start + slot * sb.ckpt_slot_bytes;
+    let mut h = AlignedBuf::zeroed(BLOCK as usize);
+    m0.read_at(at, &mut h)?;
+    let hb = h.as_mut_slice();
+    if u32::from_le_bytes(hb[0..4].try_into().unwrap()) != CKPT_MAGIC || hb[8..24] != sb.pool_uuid {
+        return Ok(None);
+    }
+    let crc = u32::from_le_bytes(hb[4..8].try_into().unwrap());
+    hb[4..8].fill(0);
+    if crc32c::crc32c(hb) != crc {
+        return Ok(None);
+    }
+    let gen = u64::from_le_bytes(hb[24..32].try_into().unwrap());
+    let run = u64::from_le_bytes(hb[32..40].try_into().unwrap());
+    let len = u64::from_le_bytes(hb[40..48].try_into().unwrap());
+    let pcrc = u32::from_le_bytes(hb[48..52].try_into().unwrap());
+    if len + BLOCK > sb.ckpt_slot_bytes {
+        return Ok(None);
+    }
+    let mut pb =
+        AlignedBuf::zeroed((len as usize).div_ceil(BLOCK as usize).max(1) * BLOCK as usize);
+    m0.read_at(at + BLOCK, &mut pb)?;
+    let p = &pb.as_slice()[..len as usize];
+    if crc32c::crc32c(p) != pcrc {
+        return Ok(None);
+    }
+    let bad = || PoolError::Corrupt(format!("checkpoint generation {gen} is malformed"));
+    let mut r = Reader::new(p);
+    let mut st = PoolState {
+        run,
+        gen,
+        ..Default::default()
+    };
+    st.next_volume_id = r.u64().ok_or_else(bad)?;
+    st.epoch = r.u64().ok_or_else(bad)?;
+    st.control_seq = r.u64().ok_or_else(bad)?;
+    let nr = r.u32().ok_or_else(bad)?;
+    for _ in 0..nr {
+        st.region_seq.push(r.u64().ok_or_else(bad)?);
+    }
+    let nv = r.u32().ok_or_else(bad)?;
+    for _ in 0..nv {
+        let v = journal::get_volume(&mut r).ok_or_else(bad)?;
+        st.volumes.insert(v.id, v);
+    }
+    let ml = r.u64().ok_or_else(bad)? as usize;
+    let maps = r.take(ml).ok_or_else(bad)?;
+    decode_maps(maps, layout, &mut st.maps).ok_or_else(bad)?;
+    Ok(Some(st))
+}
+
+/// Read blocks of a ring region from `seq` on while they carry the expected run and
+/// sequence numbers.
+fn replay_region(
+    m0: &Member,
+    offset: u64,
+    bytes: u64,
+    run: u64,
+    mut seq: u64,
+) -> Result<(Vec<Record>, u64), PoolError> {
+    let blocks = bytes / BLOCK;
+    let mut out = Vec::new();
+    let mut b = AlignedBuf::zeroed(BLOCK as usize);
+    for _ in 0..blocks {
+        m0.read_at(offset + (seq % blocks) * BLOCK, &mut b)?;
+        match open_block(b.as_slice(), run, seq) {
+            Some(recs) => out.extend(recs),
+            None => break,
+        }
+        seq += 1;
+    }
+    Ok((out, seq))
+}
+
+/// Load the newest checkpoint, replay the control log and every journal region, and check
+/// that no cluster is referenced twice or lies outside the pool.
+pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolError> {
+    let m0 = &members[0];
+    let a = read_checkpoint(m0, layout, 0)?;
+    let b = read_checkpoint(m0, layout, 1)?;
+    let mut st = match (a, b) {
+        (Some(a), Some(b)) => {
+            if a.gen > b.gen {
+                a
+            } else {
+                b
+            }
+        }
+        (Some(s), None) | (None, Some(s)) => s,
+        (None, None) => {
+            return Err(PoolError::Corrupt(
+                "no valid checkpoint in either slot".into(),
+            ))
+        }
+    };
+    let sb = &layout.sb;
+    let (control, next) = replay_region(
+        m0,
+        sb.control_start,
+        sb.control_bytes,
+        st.run,
+        st.control_seq,
+    )?;
+    st.control_next = next;
+    for rec in control {
+        match rec {
+            Record::VolumeCreate(v) => {
+                st.next_volume_id = st.next_volume_id.max(v.id + 1);
+                st.volumes.insert(v.id, v);
+            }
+            Record::VolumeDelete { id } => {
+                st.volumes.remove(&id);
+            }
+            Record::VolumeResize { id, size } => {
+                if let Some(v) = st.volumes.get_mut(&id) {
+                    v.size = size;
+                }
+            }
+            Record::Entry { .. } => {
+                return Err(PoolError::Corrupt("map record in the control log".into()))
+            }
+        }
+    }
+    let cps = layout.clusters_per_shard() as usize;
+    for r in 0..sb.journal_regions as usize {
+        let from = st.region_seq.get(r).copied().unwrap_or(0);
+        let off = sb.journal_start + r as u64 * sb.journal_region_bytes;
+        let (recs, _) = replay_region(m0, off, sb.journal_region_bytes, st.run, from)?;
+        for rec in recs {
+            if let Record::Entry {
+                vol,
+                shard,
+                index,
+                entry,
+            } = rec
+            {
+                if (index as usize) < cps {
+                    st.maps
+                        .entry((vol, shard as u64))
+                        .or_insert_with(|| ShardMap::new(cps))
+                        .set(index as usize, entry);
+                }
+            }
+        }
+    }
+    // Maps of deleted volumes (or beyond a volume's end) are dropped: their clusters are free.
+    st.maps.retain(|(vol, shard), _| {
+        st.volumes
+            .get(vol)
+            .is_some_and(|v| *shard < layout.shards_for(v.size))
+    });
+    let mut seen = vec![0u64; layout.total_clusters.div_ceil(64) as usize];
+    for ((vol, shard), map) in &st.maps {
+        for (i, e) in map.allocated() {
+            if e.phys >= layout.total_clusters {
+                return Err(PoolError::Corrupt(format!(
+                    "volume {vol} shard {shard} cluster {i} maps to cluster {} beyond the pool's {}",
+                    e.phys, layout.total_clusters
+                )));
+            }
+            let (w, bit) = ((e.phys / 64) as usize, e.phys % 64);
+            if seen[w] & (1 << bit) != 0 {
+                return Err(PoolError::Corrupt(format!(
+                    "cluster {} is referenced twice (volume {vol} shard {shard})",
+                    e.phys
+                )));
+            }
+            seen[w] |= 1 << bit;
+        }
+    }
+    Ok(st)
+}
+
+/// Append one record to the control log (one block, synced) at `seq`.
+pub fn append_control(
+    m0: &Member,
+    layout: &Layout,
+    run: u64,
+    seq: u64,
+    rec: &Record,
+) -> Result<(), PoolError> {
+    let sb = &layout.sb;
+    let blocks = sb.control_bytes / BLOCK;
+    let mut enc = Vec::new();
+    rec.encode(&mut enc);
+    let mut b = AlignedBuf::zeroed(BLOCK as usize);
+    seal_block(b.as_mut_slice(), CONTROL_REGION, seq, run, 1, &enc);
+    m0.write_at(sb.control_start + (seq % blocks) * BLOCK, b.as_slice())?;
+    m0.sync()
+}

@@ -1,0 +1,561 @@
+//! The reactor: one poller thread per core. It owns its shards, allocation groups, journal
+//! and io_uring; other threads reach it only through its inbox (DESIGN.md section 4).
+
+use crate::alloc::{AllocGroup, Allocator};
+use crate::io::{Completion, Request};
+use crate::journal::Journal;
+use crate::layout::Layout;
+use crate::map::ShardMap;
+use crate::media::Member;
+use crate::request::{Doorbell, Parent, Sink};
+use crate::slab::Slab;
+use crate::volume::{MetaCache, VolumeTable};
+use crossbeam_queue::ArrayQueue;
+use io_uring::{opcode, squeue, types, IoUring};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How an idle reactor waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Spin forever like SPDK: lowest latency, one busy core per reactor.
+    Busy,
+    /// Spin for a short budget, then sleep in io_uring_enter until woken.
+    Adaptive,
+}
+
+/// Counters a reactor publishes (read by `stats`).
+#[derive(Default)]
+pub struct CoreStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub in_flight: AtomicU64,
+    _pad: [u64; 2],
+}
+
+/// What every reactor and client shares (read-only or atomic).
+pub struct Shared {
+    pub layout: Layout,
+    pub members: Vec<Member>,
+    pub inboxes: Vec<Arc<Inbox>>,
+    pub volumes: VolumeTable,
+    /// Pool-wide epoch (grows at each snapshot barrier).
+    pub epoch: AtomicU64,
+    pub used_clusters: AtomicU64,
+    pub stopping: AtomicBool,
+    /// Set by a reactor whose journal is half full.
+    pub want_checkpoint: AtomicBool,
+    pub stats: Vec<CoreStats>,
+    /// Clusters per allocation group, and which reactor owns each group now.
+    pub group_size: u64,
+    pub group_owner: Vec<std::sync::atomic::AtomicU32>,
+    pub poll: PollMode,
+    pub spin: Duration,
+    pub ring_entries: u32,
+}
+
+impl Shared {
+    /// Reactor owning shard `shard` of any volume (clones share their origin's placement).
+    #[inline]
+    pub fn owner(&self, shard: u64) -> usize {
+        (shard % self.inboxes.len() as u64) as usize
+    }
+
+    /// Send a message to reactor `to`, spinning while its inbox is full (back-pressure for
+    /// threads outside the reactors).
+    pub fn send_blocking(&self, to: usize, mut m: Msg) {
+        let inbox = &self.inboxes[to];
+        loop {
+            match inbox.queue.push(m) {
+                Ok(()) => break,
+                Err(back) => {
+                    m = back;
+                    inbox.bell.ring();
+                    std::thread::yield_now();
+                }
+            }
+        }
+        inbox.bell.ring();
+    }
+}
+
+/// A reactor's inbound ring and wake-up line, and the sink for completions of requests its
+/// pollers submitted.
+pub struct Inbox {
+    pub queue: ArrayQueue<Msg>,
+    pub bell: Arc<Doorbell>,
+    pub sink: Arc<Sink>,
+}
+
+/// A message to a reactor.
+pub enum Msg {
+    /// Part of a request that falls in one shard owned by the receiver (or a flush).
+    Piece(Piece),
+    /// Run a closure on the reactor (control operations: volume table, checkpoint, stats).
+    Task(Box<dyn FnOnce(&mut Reactor) + Send>),
+    /// Clusters of groups the receiver owns, freed durably elsewhere.
+    Free(Vec<u64>),
+    /// Reactor `from` ran out of space: give it a group if you can.
+    GroupAsk { from: usize },
+    /// Answer to GroupAsk.
+    GroupGive {
+        group: Option<AllocGroup>,
+        from: usize,
+    },
+}
+
+/// The part of a request inside one shard.
+pub struct Piece {
+    pub parent: Arc<Parent>,
+    pub vol: u64,
+    pub shard: u64,
+    /// Byte offset in the volume.
+    pub off: u64,
+    pub len: u64,
+    /// Offset of this piece's bytes in the caller's buffer.
+    pub buf_off: usize,
+}
+
+/// A task hosted on a reactor: a connection of a target, say. Driven by the reactor's
+/// loop; submits requests through `PollCtx`.
+pub trait Poller: Send {
+    /// Do a bounded amount of work. Returns true when it made progress.
+    fn poll(&mut self, ctx: &mut PollCtx<'_>) -> bool;
+    /// A request this poller submitted has completed.
+    fn complete(&mut self, c: Completion, ctx: &mut PollCtx<'_>);
+    /// A file descriptor and poll(2) events to wait for while the reactor sleeps.
+    fn wait_fd(&self) -> Option<(i32, u32)>;
+    /// True once the poller is done, with no request in flight: it is then dropped.
+    fn finished(&self) -> bool;
+}
+
+/// What a poller may do on its reactor.
+pub struct PollCtx<'a> {
+    reactor: &'a mut Reactor,
+    route: u32,
+}
+
+impl PollCtx<'_> {
+    /// Submit a request; its completion arrives through `Poller::complete`.
+    pub fn submit(&mut self, req: Request) {
+        let sink = self.reactor.shared.inboxes[self.reactor.id].sink.clone();
+        let shared = self.reactor.shared.clone();
+        let r = &mut *self.reactor;
+        let mut meta = std::mem::take(&mut r.meta);
+        crate::dispatch::dispatch(&shared, &mut meta, req, sink, self.route, |to, m| {
+            r.send(to, m)
+        });
+        r.meta = meta;
+    }
+
+    /// The reactor's core index.
+    pub fn core(&self) -> usize {
+        self.reactor.id
+    }
+
+    /// True when the engine is shutting down.
+    pub fn stopping(&self) -> bool {
+        self.reactor.shared.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// Continuation of an io_uring operation, keyed by user_data.
+pub(crate) enum Cont {
+    /// A device read or write of cluster operation `op`.
+    Data { op: usize, len: u32 },
+    /// One step of the journal commit chain.
+    Commit,
+    /// The doorbell's eventfd became readable.
+    Bell,
+    /// A poller's fd became ready.
+    PollFd,
+}
+
+/// One volume's shards on this reactor.
+pub struct VolState {
+    pub size: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    /// Epoch of the volume's newest snapshot: entries born after it belong to it alone.
+    pub snap_epoch: u64,
+    pub shards: HashMap<u64, Shard>,
+    /// Cluster operations in flight on this volume here.
+    pub inflight: u32,
+    /// Deleted: new pieces fail; clusters are freed once `inflight` drains.
+    pub deleting: bool,
+}
+
+/// A shard owned by this reactor: its map and its cluster range locks.
+pub struct Shard {
+    pub map: ShardMap,
+    pub locks: HashMap<u32, crate::datapath::ClusterLock>,
+}
+
+/// State of the journal commit pipeline (group commit: one in flight, the next gathers).
+#[derive(Default)]
+pub(crate) struct Commit {
+    pub in_flight: bool,
+    pub wanted: bool,
+    pub waiting: Vec<Waiter>,
+    pub riding: Vec<Waiter>,
+    pub steps: u32,
+    pub error: Option<i32>,
+    pub buf: Option<crate::buf::AlignedBuf>,
+}
+
+/// Something that completes when a commit is durable.
+pub(crate) enum Waiter {
+    Op(usize),
+    Flush(Arc<Parent>),
+}
+
+/// One core's poller and everything it owns.
+pub struct Reactor {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub(crate) ring: IoUring,
+    pub(crate) conts: Slab<Cont>,
+    pub vols: HashMap<u64, VolState>,
+    pub alloc: Allocator,
+    pub journal: Journal,
+    pub(crate) commit: Commit,
+    pub(crate) ops: Slab<crate::datapath::ClusterOp>,
+    pub(crate) ready: VecDeque<usize>,
+    pub(crate) local: VecDeque<Msg>,
+    outbox: Vec<VecDeque<Msg>>,
+    /// Completions of operations on synchronous media (memory, null), reaped like CQEs.
+    pub(crate) inline_done: VecDeque<(u64, i32)>,
+    pub(crate) space_waiters: VecDeque<usize>,
+    pub(crate) asking: Option<usize>,
+    pub(crate) meta: MetaCache,
+    pollers: Vec<Option<Box<dyn Poller>>>,
+    poll_armed: HashMap<usize, i32>,
+    bell_armed: bool,
+    bell_buf: Box<u64>,
+    last_commit: Instant,
+    pub(crate) uring_files: bool,
+}
+
+impl Reactor {
+    /// Set up the reactor's ring (files registered when the media are files).
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        alloc: Allocator,
+        journal: Journal,
+    ) -> std::io::Result<Reactor> {
+        let ring = IoUring::builder().build(shared.ring_entries.max(8))?;
+        let fds: Vec<i32> = shared.members.iter().filter_map(|m| m.raw_fd()).collect();
+        let uring_files = !fds.is_empty() && fds.len() == shared.members.len();
+        if uring_files {
+            ring.submitter().register_files(&fds)?;
+        }
+        let n = shared.inboxes.len();
+        let meta = MetaCache::default();
+        Ok(Reactor {
+            id,
+            shared,
+            ring,
+            conts: Slab::default(),
+            vols: HashMap::new(),
+            alloc,
+            journal,
+            commit: Commit::default(),
+            ops: Slab::default(),
+            ready: VecDeque::new(),
+            local: VecDeque::new(),
+            outbox: (0..n).map(|_| VecDeque::new()).collect(),
+            inline_done: VecDeque::new(),
+            space_waiters: VecDeque::new(),
+            asking: None,
+            meta,
+            pollers: Vec::new(),
+            poll_armed: HashMap::new(),
+            bell_armed: false,
+            bell_buf: Box::new(0),
+            last_commit: Instant::now(),
+            uring_files,
+        })
+    }
+
+    /// Send a message to reactor `to` (to ourselves without the ring). A full inbox keeps
+    /// the message in our outbox for the next pass: back-pressure, never a drop.
+    pub fn send(&mut self, to: usize, m: Msg) {
+        if to == self.id {
+            self.local.push_back(m);
+            return;
+        }
+        if !self.outbox[to].is_empty() {
+            self.outbox[to].push_back(m);
+            return;
+        }
+        let inbox = &self.shared.inboxes[to];
+        match inbox.queue.push(m) {
+            Ok(()) => inbox.bell.ring(),
+            Err(m) => self.outbox[to].push_back(m),
+        }
+    }
+
+    fn flush_outboxes(&mut self) -> bool {
+        let mut progress = false;
+        for to in 0..self.outbox.len() {
+            let inbox = &self.shared.inboxes[to];
+            let mut pushed = false;
+            while let Some(m) = self.outbox[to].pop_front() {
+                if let Err(m) = inbox.queue.push(m) {
+                    self.outbox[to].push_front(m);
+                    break;
+                }
+                pushed = true;
+            }
+            if pushed {
+                inbox.bell.ring();
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    /// Queue an io_uring entry with a continuation, submitting if the queue is full.
+    pub(crate) fn push_sqe(&mut self, e: squeue::Entry, c: Cont) {
+        let key = self.conts.insert(c);
+        let e = e.user_data(key as u64);
+        loop {
+            // SAFETY: every buffer an entry points to is owned by state that lives until
+            // its completion is reaped (the caller's request, a cluster op's bounce buffer,
+            // the commit's buffer or the reactor's bell buffer).
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            let _ = self.ring.submit();
+        }
+    }
+
+    /// Install a poller on this reactor.
+    pub fn add_poller(&mut self, p: Box<dyn Poller>) {
+        match self.pollers.iter().position(|s| s.is_none()) {
+            Some(k) => self.pollers[k] = Some(p),
+            None => self.pollers.push(Some(p)),
+        }
+    }
+
+    /// Number of pollers hosted here.
+    pub fn pollers(&self) -> usize {
+        self.pollers.iter().flatten().count()
+    }
+
+    fn run_pollers(&mut self) -> bool {
+        let mut progress = false;
+        for k in 0..self.pollers.len() {
+            let Some(mut p) = self.pollers[k].take() else {
+                continue;
+            };
+            let mut ctx = PollCtx {
+                reactor: self,
+                route: k as u32,
+            };
+            progress |= p.poll(&mut ctx);
+            if p.finished() {
+                self.poll_armed.remove(&k);
+                progress = true;
+            } else {
+                self.pollers[k] = Some(p);
+            }
+        }
+        progress
+    }
+
+    fn deliver_completions(&mut self) -> bool {
+        let sink = self.shared.inboxes[self.id].sink.clone();
+        let mut progress = false;
+        while let Some((route, c)) = sink.pop() {
+            progress = true;
+            let k = route as usize;
+            if let Some(mut p) = self.pollers.get_mut(k).and_then(|s| s.take()) {
+                let mut ctx = PollCtx {
+                    reactor: self,
+                    route,
+                };
+                p.complete(c, &mut ctx);
+                self.pollers[k] = Some(p);
+            }
+        }
+        progress
+    }
+
+    pub(crate) fn mark_commit_time(&mut self) {
+        self.last_commit = Instant::now();
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Piece(p) => self.start_piece(p),
+            Msg::Task(f) => f(self),
+            Msg::Free(cs) => {
+                for c in cs {
+                    if self.alloc.release_now(c) {
+                        self.shared.used_clusters.fetch_sub(1, Ordering::Relaxed);
+                    } else {
+                        // The group moved on; pass the cluster to whoever took it.
+                        let to = (self.id + 1) % self.shared.inboxes.len();
+                        if to != self.id {
+                            self.send(to, Msg::Free(vec![c]));
+                        }
+                    }
+                }
+            }
+            Msg::GroupAsk { from } => {
+                let group = self.alloc.donate();
+                self.send(
+                    from,
+                    Msg::GroupGive {
+                        group,
+                        from: self.id,
+                    },
+                );
+            }
+            Msg::GroupGive { group, from } => self.on_group(group, from),
+        }
+    }
+
+    /// One pass of the loop: bounded work from every source. Returns true on progress.
+    fn pass(&mut self) -> bool {
+        let mut progress = false;
+        for _ in 0..256 {
+            match self.shared.inboxes[self.id].queue.pop() {
+                Some(m) => {
+                    self.handle(m);
+                    progress = true;
+                }
+                None => break,
+            }
+        }
+        while let Some(m) = self.local.pop_front() {
+            self.handle(m);
+            progress = true;
+        }
+        progress |= self.reap();
+        while let Some(op) = self.ready.pop_front() {
+            self.run_op(op);
+            progress = true;
+        }
+        progress |= self.deliver_completions();
+        progress |= self.run_pollers();
+        if self.journal.has_pending() && self.last_commit.elapsed() > Duration::from_millis(50) {
+            self.commit_wanted(None);
+        }
+        self.maybe_commit();
+        progress |= self.flush_outboxes();
+        let _ = self.ring.submit();
+        progress
+    }
+
+    fn reap(&mut self) -> bool {
+        let mut done: Vec<(u64, i32)> = self.inline_done.drain(..).collect();
+        for cqe in self.ring.completion() {
+            done.push((cqe.user_data(), cqe.result()));
+        }
+        let progress = !done.is_empty();
+        for (ud, res) in done {
+            let Some(c) = self.conts.remove(ud as usize) else {
+                continue;
+            };
+            match c {
+                Cont::Data { op, len } => self.on_data(op, res, len),
+                Cont::Commit => self.on_commit_step(res),
+                Cont::Bell => self.bell_armed = false,
+                Cont::PollFd => {}
+            }
+        }
+        progress
+    }
+
+    fn sleep(&mut self) {
+        if !self.bell_armed {
+            let bell = self.shared.inboxes[self.id].bell.clone();
+            let e = opcode::Read::new(
+                types::Fd(bell.fd),
+                &mut *self.bell_buf as *mut u64 as *mut u8,
+                8,
+            )
+            .build();
+            self.push_sqe(e, Cont::Bell);
+            self.bell_armed = true;
+        }
+        let mut arm = Vec::new();
+        for k in 0..self.pollers.len() {
+            if let Some(p) = &self.pollers[k] {
+                if let Some((fd, ev)) = p.wait_fd() {
+                    if self.poll_armed.get(&k) != Some(&fd) {
+                        arm.push((k, fd, ev));
+                    }
+                }
+            }
+        }
+        for (k, fd, ev) in arm {
+            self.poll_armed.insert(k, fd);
+            self.push_sqe(
+                opcode::PollAdd::new(types::Fd(fd), ev).build(),
+                Cont::PollFd,
+            );
+        }
+        let bell = self.shared.inboxes[self.id].bell.clone();
+        bell.sleeping.store(true, Ordering::SeqCst);
+        let idle = self.shared.inboxes[self.id].queue.is_empty()
+            && self.shared.inboxes[self.id].sink.is_empty()
+            && self.local.is_empty()
+            && self.ready.is_empty()
+            && self.inline_done.is_empty();
+        if idle {
+            let ts = types::Timespec::new().nsec(if self.journal.has_pending() {
+                20_000_000
+            } else {
+                200_000_000
+            });
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+        }
+        bell.sleeping.store(false, Ordering::SeqCst);
+        // A poller's readiness fired or timed out: re-arm next time it idles.
+        self.poll_armed.clear();
+    }
+
+    /// The loop: runs until the engine stops and nothing is in flight.
+    pub fn run(mut self) {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            let progress = self.pass();
+            if progress {
+                idle_since = None;
+                continue;
+            }
+            if self.shared.stopping.load(Ordering::Acquire)
+                && self.ops.is_empty()
+                && !self.commit.in_flight
+                && self.pollers() == 0
+                && self.conts.len() <= usize::from(self.bell_armed)
+            {
+                break;
+            }
+            if self.shared.poll == PollMode::Adaptive {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.shared.spin {
+                    self.sleep();
+                    idle_since = None;
+                }
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // The kernel drops a ring's registered files lazily; release them now so the
+        // pool's device locks go with the engine.
+        if self.uring_files {
+            let _ = self.ring.submitter().unregister_files();
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! A request in flight inside the engine: split into pieces (one per shard, sent to the
+//! owner reactor) and cluster operations; the last one to finish answers the caller.
+
+use crate::buf::AlignedBuf;
+use crate::error::IoError;
+use crate::io::{Completion, Extent, Op};
+use crossbeam_queue::SegQueue;
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Thread;
+
+/// Where completions go: a queue and a way to wake whoever reads it.
+pub struct Sink {
+    queue: SegQueue<(u32, Completion)>,
+    waker: Waker,
+}
+
+/// How to wake a sink's reader.
+pub enum Waker {
+    /// A thread blocked in `Client::wait`.
+    Thread(Mutex<Option<Thread>>),
+    /// A reactor (its eventfd).
+    Reactor(Arc<Doorbell>),
+}
+
+impl Sink {
+    /// A sink read by a thread.
+    pub fn for_thread() -> Arc<Sink> {
+        Arc::new(Sink {
+            queue: SegQueue::new(),
+            waker: Waker::Thread(Mutex::new(None)),
+        })
+    }
+
+    /// A sink read by a reactor.
+    pub fn for_reactor(bell: Arc<Doorbell>) -> Arc<Sink> {
+        Arc::new(Sink {
+            queue: SegQueue::new(),
+            waker: Waker::Reactor(bell),
+        })
+    }
+
+    /// Deliver a completion for `route` (a poller id on reactors; 0 for threads).
+    pub fn push(&self, route: u32, c: Completion) {
+        self.queue.push((route, c));
+        match &self.waker {
+            Waker::Thread(t) => {
+                if let Some(t) = t.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    t.unpark();
+                }
+            }
+            Waker::Reactor(bell) => bell.ring(),
+        }
+    }
+
+    /// Take one completion.
+    pub fn pop(&self) -> Option<(u32, Completion)> {
+        self.queue.pop()
+    }
+
+    /// True when no completion waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Register the calling thread as the one to unpark.
+    pub fn register_thread(&self) {
+        if let Waker::Thread(t) = &self.waker {
+            *t.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::current());
+        }
+    }
+}
+
+/// A reactor's wake-up line: an eventfd written only while the reactor sleeps.
+pub struct Doorbell {
+    pub(crate) fd: i32,
+    pub(crate) sleeping: AtomicBool,
+}
+
+impl Doorbell {
+    /// A new eventfd.
+    pub fn new() -> std::io::Result<Arc<Doorbell>> {
+        // SAFETY: plain syscall; the fd is owned by the Doorbell and closed in Drop.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Arc::new(Doorbell {
+            fd,
+            sleeping: AtomicBool::new(false),
+        }))
+    }
+
+    /// Wake the reactor if it sleeps (one syscall only then).
+    pub fn ring(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.fd, &one as *const u64 as *const libc::c_void, 8) };
+        }
+    }
+}
+
+impl Drop for Doorbell {
+    fn drop(&mut self) {
+        // SAFETY: fd was opened by `new` and is closed once.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// The caller's request while its pieces are in flight.
+pub struct Parent {
+    pub tag: u64,
+    pub op: Op,
+    pub offset: u64,
+    pub len: u64,
+    buf: UnsafeCell<Option<AlignedBuf>>,
+    data: *mut u8,
+    remaining: AtomicU32,
+    error: OnceLock<IoError>,
+    extents: Mutex<Vec<Extent>>,
+    sink: Arc<Sink>,
+    route: u32,
+    /// Submission time in nanoseconds of the engine clock (latency statistics).
+    pub started: AtomicU64,
+}
+
+// SAFETY: the buffer is only reached through `data` by pieces that write disjoint byte
+// ranges (see `slice`), and taken out once, by the last piece, after all others finished.
+unsafe impl Send for Parent {}
+// SAFETY: as above.
+unsafe impl Sync for Parent {}
+
+impl Parent {
+    /// A request with `parts` pieces to wait for.
+    pub fn new(
+        tag: u64,
+        op: Op,
+        offset: u64,
+        len: u64,
+        mut buf: Option<AlignedBuf>,
+        sink: Arc<Sink>,
+        route: u32,
+        parts: u32,
+    ) -> Arc<Parent> {
+        let data = buf
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+        Arc::new(Parent {
+            tag,
+            op,
+            offset,
+            len,
+            buf: UnsafeCell::new(buf),
+            data,
+            remaining: AtomicU32::new(parts),
+            error: OnceLock::new(),
+            extents: Mutex::new(Vec::new()),
+            sink,
+            route,
+            started: AtomicU64::new(0),
+        })
+    }
+
+    /// The caller's buffer bytes `off..off+len` (byte offsets from the request's start).
+    ///
+    /// # Safety
+    /// Each byte range must be handed to one piece at a time, and only before that piece
+    /// calls `finish`.
+    pub unsafe fn slice(&self, off: usize, len: usize) -> &mut [u8] {
+        debug_assert!(!self.data.is_null() && (off + len) as u64 <= self.len);
+        std::slice::from_raw_parts_mut(self.data.add(off), len)
+    }
+
+    /// Raw pointer to byte `off` of the caller's buffer, for device I/O.
+    pub fn ptr(&self, off: usize) -> *mut u8 {
+        // SAFETY: in bounds (checked by callers against `len`).
+        unsafe { self.data.add(off) }
+    }
+
+    /// Announce `n` more parts (a piece split into cluster operations).
+    pub fn add_parts(&self, n: u32) {
+        self.remaining.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Record extents found by a BlockStatus part.
+    pub fn add_extents(&self, e: &[Extent]) {
+        self.extents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(e);
+    }
+
+    /// One part is done (with its result); the last one answers the caller.
+    pub fn finish(&self, result: Result<(), IoError>) {
+        if let Err(e) = result {
+            let _ = self.error.set(e);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // SAFETY: every other part has finished (the counter reached zero), so nobody
+            // else reaches the buffer any more.
+            let buf = unsafe { (*self.buf.get()).take() };
+            let mut extents =
+                std::mem::take(&mut *self.extents.lock().unwrap_or_else(|p| p.into_inner()));
+            extents.sort_by_key(|e| e.offset);
+            let merged = merge_extents(extents);
+            let result = match self.error.get() {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            };
+            self.sink.push(
+                self.route,
+                Completion {
+                    tag: self.tag,
+                    result,
+                    buf,
+                    extents: merged,
+                },
+            );
+        }
+    }
+}
+
+fn merge_extents(v: Vec<Extent>) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::with_capacity(v.len());
+    for e in v {
+        match out.last_mut() {
+            Some(l) if l.allocated == e.allocated && l.offset + l.len == e.offset => l.len += e.len,
+            _ => out.push(e),
+        }
+    }
+    out
+}

@@ -1,0 +1,79 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)]
+
+use std::time::Duration;
+use tessel_engine::*;
+
+/// An engine config for tests: `n` unpinned adaptive reactors.
+pub fn cfg(n: usize) -> EngineConfig {
+    EngineConfig {
+        cores: (0..n).collect(),
+        poll: PollMode::Adaptive,
+        ring_entries: 64,
+        spin: Duration::from_micros(20),
+        pin: false,
+    }
+}
+
+/// Small pool geometry so that tests cross cluster and shard boundaries.
+pub fn small_opts() -> FormatOptions {
+    FormatOptions {
+        cluster_size: 16 << 10,
+        shard_size: 1 << 20,
+        journal_regions: 4,
+        force: false,
+    }
+}
+
+/// Run one request synchronously.
+pub fn run(
+    c: &mut Client,
+    vol: VolumeId,
+    op: Op,
+    offset: u64,
+    len: u64,
+    data: Option<&[u8]>,
+) -> Completion {
+    let buf = match op {
+        Op::Read => Some(AlignedBuf::zeroed(len as usize)),
+        Op::Write { .. } => Some(AlignedBuf::from_slice(data.expect("write data"))),
+        _ => None,
+    };
+    c.run(Request {
+        tag: 1,
+        volume: vol,
+        op,
+        offset,
+        len,
+        buf,
+    })
+}
+
+pub fn write(c: &mut Client, vol: VolumeId, offset: u64, data: &[u8]) {
+    let r = run(
+        c,
+        vol,
+        Op::Write { fua: false },
+        offset,
+        data.len() as u64,
+        Some(data),
+    );
+    r.result.expect("write");
+}
+
+pub fn read(c: &mut Client, vol: VolumeId, offset: u64, len: u64) -> Vec<u8> {
+    let r = run(c, vol, Op::Read, offset, len, None);
+    r.result.expect("read");
+    r.buf.expect("buffer").as_slice().to_vec()
+}
+
+pub fn flush(c: &mut Client, vol: VolumeId) {
+    run(c, vol, Op::Flush, 0, 0, None).result.expect("flush");
+}
+
+/// Bytes with a recognisable pattern for (offset, generation).
+pub fn pattern(offset: u64, len: usize, gen: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((offset as usize + i) / 512 % 251) as u8 ^ gen.wrapping_mul(37))
+        .collect()
+}

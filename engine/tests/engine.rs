@@ -1,0 +1,206 @@
+//! The engine through its public API, on memory and on real files (io_uring, O_DIRECT).
+
+mod common;
+use common::*;
+use tessel_engine::*;
+
+fn mem_pool(size: u64, n: usize) -> (std::sync::Arc<MemDisk>, Engine) {
+    let disk = MemDisk::new(size, false);
+    let dev = [DeviceSpec::Mem(disk.clone())];
+    Engine::format(&dev, &small_opts()).expect("format");
+    (disk, Engine::open(&dev, cfg(n)).expect("open"))
+}
+
+#[test]
+fn unwritten_blocks_read_as_zeros_and_writes_read_back() {
+    let (_d, e) = mem_pool(64 << 20, 2);
+    let v = e.create_volume("v", 8 << 20, 512).unwrap();
+    let mut c = e.client();
+    assert!(read(&mut c, v.id, 0, 64 << 10).iter().all(|&b| b == 0));
+    // Crosses clusters (16K) and a shard (1M) boundary, 512-aligned.
+    let off = (1 << 20) - 3 * 512;
+    let data = pattern(off, 40 << 10, 1);
+    write(&mut c, v.id, off, &data);
+    assert_eq!(read(&mut c, v.id, off, data.len() as u64), data);
+    // Partial overwrite inside a block keeps the rest of the block.
+    let small = pattern(off + 512, 512, 2);
+    write(&mut c, v.id, off + 512, &small);
+    let back = read(&mut c, v.id, off, 2048);
+    assert_eq!(&back[..512], &data[..512]);
+    assert_eq!(&back[512..1024], &small[..]);
+    assert_eq!(&back[1024..], &data[1024..2048]);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn trim_and_write_zeroes_read_back_as_zeros_and_free_space() {
+    let (_d, e) = mem_pool(64 << 20, 2);
+    let v = e.create_volume("v", 4 << 20, 4096).unwrap();
+    let mut c = e.client();
+    write(&mut c, v.id, 0, &pattern(0, 1 << 20, 3));
+    flush(&mut c, v.id);
+    let used = e.pool_info().used_bytes;
+    assert_eq!(used, 1 << 20);
+    run(&mut c, v.id, Op::Trim, 0, 1 << 20, None)
+        .result
+        .unwrap();
+    run(
+        &mut c,
+        v.id,
+        Op::WriteZeroes { fua: true },
+        4096,
+        8192,
+        None,
+    )
+    .result
+    .unwrap();
+    assert!(read(&mut c, v.id, 0, 1 << 20).iter().all(|&b| b == 0));
+    flush(&mut c, v.id);
+    assert!(e.pool_info().used_bytes < used);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn bad_requests_get_typed_errors() {
+    let (_d, e) = mem_pool(64 << 20, 2);
+    let v = e.create_volume("v", 1 << 20, 4096).unwrap();
+    let mut c = e.client();
+    let r = run(&mut c, v.id, Op::Read, 1 << 20, 4096, None);
+    assert!(matches!(r.result, Err(IoError::OutOfRange { .. })));
+    let r = run(&mut c, v.id, Op::Read, 512, 4096, None);
+    assert!(matches!(r.result, Err(IoError::Misaligned { .. })));
+    let r = run(&mut c, v.id, Op::Trim, 0, 0, None);
+    assert_eq!(r.result, Err(IoError::ZeroLength));
+    let r = run(&mut c, VolumeId(999), Op::Read, 0, 4096, None);
+    assert_eq!(r.result, Err(IoError::UnknownVolume));
+    let r = c.run(Request {
+        tag: 5,
+        volume: v.id,
+        op: Op::Write { fua: false },
+        offset: 0,
+        len: 8192,
+        buf: Some(AlignedBuf::zeroed(4096)),
+    });
+    assert_eq!(r.result, Err(IoError::BadBuffer));
+    assert_eq!(r.tag, 5);
+    assert!(matches!(
+        e.create_volume("v", 1 << 20, 4096),
+        Err(ControlError::Exists(_))
+    ));
+    assert!(matches!(
+        e.create_volume("bad name", 1 << 20, 4096),
+        Err(ControlError::BadName(_))
+    ));
+    assert!(matches!(
+        e.create_volume("w", 1000, 512),
+        Err(ControlError::BadSize(_))
+    ));
+    assert!(matches!(
+        e.create_volume("w", 1 << 20, 1024),
+        Err(ControlError::BadBlockSize(1024))
+    ));
+    assert!(matches!(
+        e.delete_volume("nope"),
+        Err(ControlError::UnknownVolume(_))
+    ));
+    e.delete_volume("v").unwrap();
+    let r = run(&mut c, v.id, Op::Read, 0, 4096, None);
+    assert_eq!(r.result, Err(IoError::UnknownVolume));
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn a_full_pool_refuses_new_clusters_but_overwrites_work() {
+    let (_d, e) = mem_pool(48 << 20, 2);
+    let v = e.create_volume("big", 1 << 30, 4096).unwrap();
+    let mut c = e.client();
+    let total = e.pool_info().total_bytes;
+    let chunk = 256 << 10;
+    let mut off = 0;
+    let mut full = false;
+    while off < 2 * total {
+        let r = run(
+            &mut c,
+            v.id,
+            Op::Write { fua: false },
+            off,
+            chunk,
+            Some(&pattern(off, chunk as usize, 1)),
+        );
+        match r.result {
+            Ok(()) => off += chunk,
+            Err(IoError::NoSpace) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(full, "pool never filled");
+    assert!(
+        off >= total / 2,
+        "only {off} of {total} bytes written before NoSpace"
+    );
+    write(&mut c, v.id, 0, &pattern(0, 4096, 9));
+    assert_eq!(read(&mut c, v.id, 0, 4096), pattern(0, 4096, 9));
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn volumes_and_data_survive_reopen_on_a_real_file() {
+    let dir = std::env::temp_dir().join(format!("tessel-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pool.img");
+    let _ = std::fs::remove_file(&path);
+    let dev = [DeviceSpec::Path {
+        path: path.clone(),
+        create_size: Some(256 << 20),
+    }];
+    Engine::format(&dev, &small_opts()).unwrap();
+    let e = Engine::open(&dev, cfg(2)).unwrap();
+    let v = e.create_volume("data", 16 << 20, 4096).unwrap();
+    let mut c = e.client();
+    for i in 0..64u64 {
+        write(&mut c, v.id, i * 65536, &pattern(i * 65536, 8192, 4));
+    }
+    flush(&mut c, v.id);
+    // A second open while the first runs is refused.
+    assert!(matches!(
+        Engine::open(&dev, cfg(1)),
+        Err(PoolError::Locked { .. })
+    ));
+    e.shutdown().unwrap();
+    drop((c, e));
+    let e = Engine::open(&dev, cfg(1)).unwrap();
+    let v = e.volume("data").unwrap();
+    let mut c = e.client();
+    for i in 0..64u64 {
+        assert_eq!(
+            read(&mut c, v.id, i * 65536, 8192),
+            pattern(i * 65536, 8192, 4),
+            "block {i}"
+        );
+    }
+    e.shutdown().unwrap();
+    drop((c, e));
+    // Formatting over a pool needs force.
+    assert!(matches!(
+        Engine::format(&dev, &small_opts()),
+        Err(PoolError::InUse { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn opening_a_foreign_or_corrupt_device_fails_with_its_name() {
+    let dir = std::env::temp_dir().join(format!("tessel-foreign-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("zeros.img");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    match Engine::open(&[DeviceSpec::path(&path)], cfg(1)) {
+        Err(PoolError::NotAPool { device }) => assert_eq!(device, path),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("opened a zero file"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
