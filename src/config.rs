@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::size::{self, ByteSize};
 
 mod check;
+pub(crate) use check::is_log_filter;
 mod keys;
 #[cfg(test)]
 mod tests;

@@ -162,7 +162,7 @@ pub fn format_size(bytes: u64) -> String {
 /// Formats a whole number of seconds the way `parse_duration` reads it back: "1h", "90s".
 pub fn format_duration(secs: u64) -> String {
     for (per, unit) in [(86_400, "d"), (3600, "h"), (60, "m")] {
-        if secs != 0 && secs % per == 0 {
+        if secs != 0 && secs.rem_euclid(per) == 0 {
             return format!("{}{unit}", secs / per);
         }
     }

@@ -161,11 +161,11 @@ impl EngineConfig {
     }
 }
 
+/// Checks that a volume named at a key path exists.
+type KnownVolume<'a> = dyn Fn(&str, Vec<Seg<'static>>) -> Result<(), Problem> + 'a;
+
 impl IscsiConfig {
-    fn check(
-        &self,
-        known_volume: &dyn Fn(&str, Vec<Seg<'static>>) -> Result<(), Problem>,
-    ) -> Result<(), Problem> {
+    fn check(&self, known_volume: &KnownVolume<'_>) -> Result<(), Problem> {
         if !self.iqn_prefix.starts_with("iqn.") || self.iqn_prefix.ends_with(':') {
             return Err(Problem::new(
                 vec![Seg::Key("iscsi"), Seg::Key("iqn_prefix")],
@@ -213,7 +213,7 @@ impl IscsiConfig {
 
 /// Levels, or `target=level` directives, comma separated. Stricter than tracing's own
 /// parser, which reads a mistyped level ("inf") as a target name and logs everything.
-fn is_log_filter(filter: &str) -> bool {
+pub(crate) fn is_log_filter(filter: &str) -> bool {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     let is_level = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
     let is_target =

@@ -50,10 +50,9 @@ fn walk_table(
 ) {
     for (key, value) in table {
         path.push(key.get_ref().to_string());
-        if contains(key.span(), offset) || contains(value.span(), offset) {
-            if !matches!(best, Some(b) if b.len() >= path.len()) {
-                *best = Some(path.clone());
-            }
+        let here = contains(key.span(), offset) || contains(value.span(), offset);
+        if here && !matches!(best, Some(b) if b.len() >= path.len()) {
+            *best = Some(path.clone());
         }
         walk_value(value, path, offset, best);
         path.pop();
