@@ -6,4 +6,5 @@
 
 pub mod control;
 pub mod export;
+pub mod iscsi;
 pub mod nbd;

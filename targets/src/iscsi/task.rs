@@ -1,0 +1,468 @@
+//! SCSI tasks of a session: immediate and unsolicited data, R2T and Data-Out gathering
+//! straight into the engine buffer, execution through the SCSI layer, engine completions,
+//! and the answer as Data-In (status in the last PDU) or a SCSI Response with sense.
+
+use tessel_engine::{AlignedBuf, Completion, IoError, Request};
+
+use super::pdu::{self, Bhs, Residual, RESERVED_TAG};
+use super::scsi::{self, Cdb, Done, Sense, Step, Then};
+use super::session::IscsiSession;
+use super::IscsiError;
+use crate::export::{Actions, Exports};
+
+/// An outstanding R2T.
+#[derive(Debug)]
+struct R2tWindow {
+    ttt: u32,
+    offset: u32,
+    len: u32,
+    next_data_sn: u32,
+    received: u32,
+}
+
+/// One SCSI command between its arrival and its response.
+#[derive(Debug)]
+pub(super) struct Task {
+    pub itt: u32,
+    pub lun: u64,
+    cdb: Result<Cdb, Sense>,
+    edtl: u32,
+    read: bool,
+    /// Data-out the command needs (from the CDB).
+    needed: u64,
+    /// Data-out we keep: min(EDTL, needed); the buffer is exactly this long.
+    wanted: u32,
+    buf: Option<AlignedBuf>,
+    /// End of the contiguous data received so far.
+    received: u32,
+    unsolicited_open: bool,
+    unsolicited_limit: u32,
+    unsolicited_sn: u32,
+    r2ts: Vec<R2tWindow>,
+    next_r2t_offset: u32,
+    r2t_sn: u32,
+    /// Engine requests not yet completed, and what to do when they are.
+    pub pending: usize,
+    then: Option<Then>,
+    done: Option<Done>,
+    pub aborted: bool,
+}
+
+impl Task {
+    fn data_complete(&self) -> bool {
+        !self.unsolicited_open && self.r2ts.is_empty() && self.next_r2t_offset >= self.wanted
+    }
+
+    /// Lands `data` at `offset`; bytes beyond what we keep are dropped.
+    fn land(&mut self, offset: u32, data: &[u8]) -> Result<(), IscsiError> {
+        let end = u64::from(offset) + data.len() as u64;
+        if end > u64::from(self.edtl) {
+            return Err(IscsiError::Protocol(format!(
+                "data ends at {end}, beyond the expected length {}",
+                self.edtl
+            )));
+        }
+        if offset != self.received {
+            return Err(IscsiError::Protocol(format!(
+                "data at offset {offset}, expected {}",
+                self.received
+            )));
+        }
+        if let Some(buf) = self.buf.as_mut() {
+            let keep = (self.wanted.saturating_sub(offset) as usize).min(data.len());
+            buf.as_mut_slice()[offset as usize..offset as usize + keep]
+                .copy_from_slice(&data[..keep]);
+        }
+        self.received = end as u32;
+        Ok(())
+    }
+}
+
+impl IscsiSession {
+    /// A SCSI Command PDU whose CmdSN was accepted.
+    pub(super) fn scsi_command(
+        &mut self,
+        cmd: &pdu::ScsiCommand,
+        immediate: &[u8],
+        exports: &dyn Exports,
+        actions: &mut Actions,
+    ) -> Result<(), IscsiError> {
+        if self.by_itt.contains_key(&cmd.itt) {
+            self.reject(
+                pdu::reject_reason::INVALID_PDU_FIELD,
+                &cmd_header(cmd),
+                actions,
+            );
+            return Ok(());
+        }
+        let lun_number = pdu::lun_number(cmd.lun);
+        if lun_number.is_some_and(|n| usize::from(n) >= self.luns.len()) {
+            if let Some(super::login::SessionKind::Normal { volume, .. }) = self.kind.clone() {
+                self.refresh_luns(&volume, exports);
+            }
+        }
+        let block_size = lun_number
+            .and_then(|n| self.luns.get(usize::from(n)))
+            .map(|l| l.block_size())
+            .unwrap_or(512);
+        let cdb = Cdb::parse(&cmd.cdb);
+        let needed = match (&cdb, cmd.write) {
+            (Ok(c), true) => c.data_out_len(block_size),
+            _ => 0,
+        };
+        let wanted = needed.min(u64::from(cmd.edtl)) as u32;
+        let p = &self.params;
+        let unsolicited_limit = if cmd.write {
+            cmd.edtl.min(p.first_burst_length)
+        } else {
+            0
+        };
+        if immediate.len() as u64 > u64::from(unsolicited_limit)
+            || (!immediate.is_empty() && !p.immediate_data)
+        {
+            self.reject(
+                pdu::reject_reason::PROTOCOL_ERROR,
+                &cmd_header(cmd),
+                actions,
+            );
+            return Ok(());
+        }
+        let unsolicited_open = cmd.write
+            && !cmd.final_
+            && !p.initial_r2t
+            && immediate.len() < unsolicited_limit as usize;
+        let id = self.next_task;
+        self.next_task += 1;
+        let mut task = Task {
+            itt: cmd.itt,
+            lun: cmd.lun,
+            cdb,
+            edtl: cmd.edtl,
+            read: cmd.read,
+            needed,
+            wanted,
+            buf: (wanted > 0).then(|| AlignedBuf::zeroed(wanted as usize)),
+            received: 0,
+            unsolicited_open,
+            unsolicited_limit,
+            unsolicited_sn: 0,
+            r2ts: Vec::new(),
+            next_r2t_offset: 0,
+            r2t_sn: 0,
+            pending: 0,
+            then: None,
+            done: None,
+            aborted: false,
+        };
+        task.land(0, immediate)?;
+        // A command refused up front answers at once; unsolicited data still on its way
+        // is then dropped as data for an unknown task.
+        if let Err(sense) = &task.cdb {
+            let sense = *sense;
+            self.respond(&mut task, scsi::Reply::check(sense), actions);
+            return Ok(());
+        }
+        self.tasks.insert(id, task);
+        self.by_itt.insert(cmd.itt, id);
+        self.advance(id, actions);
+        Ok(())
+    }
+
+    /// A Data-Out PDU.
+    pub(super) fn data_out(
+        &mut self,
+        d: &pdu::DataOut,
+        data: &[u8],
+        actions: &mut Actions,
+    ) -> Result<(), IscsiError> {
+        let Some(&id) = self.by_itt.get(&d.itt) else {
+            // Data for a task that already ended (answered early, or aborted).
+            return Ok(());
+        };
+        let task = self.tasks.get_mut(&id).expect("indexed task exists");
+        if d.ttt == RESERVED_TAG {
+            if !task.unsolicited_open || d.data_sn != task.unsolicited_sn {
+                return Err(IscsiError::Protocol(format!(
+                    "unexpected unsolicited Data-Out DataSN {}",
+                    d.data_sn
+                )));
+            }
+            if u64::from(d.buffer_offset) + data.len() as u64 > u64::from(task.unsolicited_limit) {
+                return Err(IscsiError::Protocol(
+                    "unsolicited data beyond FirstBurstLength".into(),
+                ));
+            }
+            task.unsolicited_sn += 1;
+            task.land(d.buffer_offset, data)?;
+            if d.final_ {
+                task.unsolicited_open = false;
+            }
+        } else {
+            let Some(at) = task.r2ts.iter().position(|r| r.ttt == d.ttt) else {
+                return Err(IscsiError::Protocol(format!(
+                    "Data-Out for unknown TTT {:#x}",
+                    d.ttt
+                )));
+            };
+            let r = &mut task.r2ts[at];
+            let end = u64::from(d.buffer_offset) + data.len() as u64;
+            if d.data_sn != r.next_data_sn
+                || d.buffer_offset < r.offset
+                || end > u64::from(r.offset + r.len)
+            {
+                return Err(IscsiError::Protocol(format!(
+                    "Data-Out DataSN {} or offset out of sequence",
+                    d.data_sn
+                )));
+            }
+            r.next_data_sn += 1;
+            r.received += data.len() as u32;
+            let finished = r.received == r.len || d.final_;
+            if finished {
+                task.r2ts.remove(at);
+            }
+            task.land(d.buffer_offset, data)?;
+            if finished && task.received < task.next_r2t_offset && task.r2ts.is_empty() {
+                return Err(IscsiError::Protocol("R2T sequence ended short".into()));
+            }
+        }
+        self.advance(id, actions);
+        Ok(())
+    }
+
+    /// Sends the R2Ts a task may have outstanding, or executes it once its data is in.
+    fn advance(&mut self, id: u64, actions: &mut Actions) {
+        let (max_r2t, max_burst) = (
+            self.params.max_outstanding_r2t as usize,
+            self.params.max_burst_length,
+        );
+        let mut r2ts = Vec::new();
+        {
+            let task = self.tasks.get_mut(&id).expect("task exists");
+            if !task.unsolicited_open {
+                task.next_r2t_offset = task.next_r2t_offset.max(task.received);
+                while task.r2ts.len() < max_r2t && task.next_r2t_offset < task.wanted {
+                    let len = (task.wanted - task.next_r2t_offset).min(max_burst);
+                    r2ts.push((task.next_r2t_offset, len, task.r2t_sn, task.itt, task.lun));
+                    task.next_r2t_offset += len;
+                    task.r2t_sn += 1;
+                    // The TTT is filled in below (it needs the session's counter).
+                    task.r2ts.push(R2tWindow {
+                        ttt: RESERVED_TAG,
+                        offset: task.next_r2t_offset - len,
+                        len,
+                        next_data_sn: 0,
+                        received: 0,
+                    });
+                }
+            }
+        }
+        for (offset, len, r2t_sn, itt, lun) in r2ts {
+            let ttt = self.new_ttt();
+            let task = self.tasks.get_mut(&id).expect("task exists");
+            if let Some(w) = task
+                .r2ts
+                .iter_mut()
+                .find(|w| w.offset == offset && w.ttt == RESERVED_TAG)
+            {
+                w.ttt = ttt;
+            }
+            let r2t = pdu::R2t {
+                lun,
+                itt,
+                ttt,
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: self.exp_cmd_sn,
+                max_cmd_sn: self.max_cmd_sn(),
+                r2t_sn,
+                buffer_offset: offset,
+                desired_length: len,
+            };
+            self.send(&Bhs::R2t(r2t), &[], actions);
+        }
+        let task = self.tasks.get(&id).expect("task exists");
+        if task.data_complete() && task.then.is_none() && task.pending == 0 {
+            self.execute(id, actions);
+        }
+    }
+
+    fn execute(&mut self, id: u64, actions: &mut Actions) {
+        let task = self.tasks.get_mut(&id).expect("task exists");
+        let cdb = task
+            .cdb
+            .clone()
+            .expect("refused commands never reach execute");
+        let data = task.buf.take();
+        let numbers: Vec<u16> = self.luns.iter().map(|l| l.number).collect();
+        let step = match pdu::lun_number(task.lun).and_then(|n| self.luns.get_mut(usize::from(n))) {
+            Some(lun) => scsi::execute(lun, &numbers, &cdb, data),
+            None => Step::Reply(scsi::execute_without_lun(&numbers, &cdb)),
+        };
+        self.run_step(id, step, actions);
+    }
+
+    fn run_step(&mut self, id: u64, step: Step, actions: &mut Actions) {
+        match step {
+            Step::Reply(reply) => {
+                let mut task = self.tasks.remove(&id).expect("task exists");
+                self.by_itt.remove(&task.itt);
+                self.respond(&mut task, reply, actions);
+            }
+            Step::Io(io) => {
+                let task = self.tasks.get_mut(&id).expect("task exists");
+                let volume = pdu::lun_number(task.lun)
+                    .and_then(|n| self.luns.get(usize::from(n)))
+                    .map(|l| l.export.volume)
+                    .expect("I/O only for existing LUNs");
+                task.pending = io.requests.len();
+                task.then = Some(io.then);
+                task.done = Some(Done {
+                    result: Ok(()),
+                    buf: None,
+                    extents: Vec::new(),
+                    wrote: false,
+                });
+                self.in_flight += io.requests.len();
+                for r in io.requests {
+                    if let Some(done) = task.done.as_mut() {
+                        done.wrote |= r.op.is_write();
+                    }
+                    actions.submit.push(Request {
+                        tag: id,
+                        volume,
+                        op: r.op,
+                        offset: r.offset,
+                        len: r.len,
+                        buf: r.buf,
+                    });
+                }
+            }
+        }
+    }
+
+    /// An engine completion for one of this session's tasks.
+    pub(super) fn task_completion(&mut self, c: Completion, actions: &mut Actions) {
+        let Some(task) = self.tasks.get_mut(&c.tag) else {
+            return;
+        };
+        self.in_flight = self.in_flight.saturating_sub(1);
+        task.pending = task.pending.saturating_sub(1);
+        let done = task.done.get_or_insert(Done {
+            result: Ok(()),
+            buf: None,
+            extents: Vec::new(),
+            wrote: false,
+        });
+        if done.result.is_ok() {
+            if let Err(e) = c.result {
+                done.result = Err(e);
+            }
+        }
+        if done.buf.is_none() {
+            done.buf = c.buf;
+        }
+        done.extents.extend(c.extents);
+        if task.pending > 0 {
+            return;
+        }
+        if task.aborted {
+            self.tasks.remove(&c.tag);
+            return;
+        }
+        let then = task
+            .then
+            .take()
+            .expect("a task with I/O has a continuation");
+        let done = task.done.take().expect("gathered above");
+        let lun_index = pdu::lun_number(task.lun).map(usize::from);
+        let step = match lun_index.and_then(|n| self.luns.get(n)) {
+            Some(lun) => scsi::resume(lun, then, done),
+            None => Step::Reply(scsi::Reply::check(Sense::from_io_error(
+                &IoError::UnknownVolume,
+                false,
+            ))),
+        };
+        self.run_step(c.tag, step, actions);
+    }
+
+    /// Sends a task's data-in and status.
+    fn respond(&mut self, task: &mut Task, reply: scsi::Reply, actions: &mut Actions) {
+        let data = reply.data.as_slice();
+        let (residual, send_len) = if task.read && task.needed == 0 {
+            (
+                Residual::of(task.edtl, data.len() as u64),
+                data.len().min(task.edtl as usize),
+            )
+        } else {
+            (Residual::of(task.edtl, task.needed), 0)
+        };
+        let descriptor = pdu::lun_number(task.lun)
+            .and_then(|n| self.luns.get(usize::from(n)))
+            .is_some_and(|l| l.descriptor_sense);
+        let collapse = reply.sense.is_none();
+        let max_seg = (self.params.peer_max_recv_data_segment_length as usize).max(512);
+        let max_burst = (self.params.max_burst_length as usize).max(max_seg);
+        let mut offset = 0;
+        let mut data_sn = 0;
+        while offset < send_len {
+            let burst_end = (offset / max_burst + 1) * max_burst;
+            let len = (send_len - offset).min(max_seg).min(burst_end - offset);
+            let last = offset + len == send_len;
+            let status = (last && collapse).then_some(scsi::sense::status::GOOD);
+            let d = pdu::DataIn {
+                final_: last || offset + len == burst_end,
+                ack: false,
+                status,
+                residual: if status.is_some() {
+                    residual
+                } else {
+                    Residual::None
+                },
+                lun: task.lun,
+                itt: task.itt,
+                ttt: RESERVED_TAG,
+                stat_sn: if status.is_some() {
+                    self.next_stat_sn()
+                } else {
+                    0
+                },
+                exp_cmd_sn: self.exp_cmd_sn,
+                max_cmd_sn: self.max_cmd_sn(),
+                data_sn,
+                buffer_offset: offset as u32,
+            };
+            self.send(&Bhs::DataIn(d), &data[offset..offset + len], actions);
+            offset += len;
+            data_sn += 1;
+        }
+        if collapse && send_len > 0 {
+            return;
+        }
+        let mut sense_data = Vec::new();
+        let status = match reply.sense {
+            Some(s) => {
+                let bytes = s.encode(descriptor);
+                sense_data.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+                sense_data.extend_from_slice(&bytes);
+                scsi::sense::status::CHECK_CONDITION
+            }
+            None => scsi::sense::status::GOOD,
+        };
+        let resp = pdu::ScsiResponse {
+            response: 0,
+            status,
+            residual,
+            itt: task.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            exp_data_sn: if task.read { data_sn } else { task.r2t_sn },
+        };
+        self.send(&Bhs::ScsiResponse(resp), &sense_data, actions);
+    }
+}
+
+/// The raw header of a command, for a Reject.
+fn cmd_header(cmd: &pdu::ScsiCommand) -> [u8; pdu::BHS_LEN] {
+    Bhs::ScsiCommand(cmd.clone()).encode(0, 0)
+}
