@@ -474,7 +474,7 @@ impl Reactor {
             (op.coff, op.clen, op.kind)
         };
         if !e.is_allocated() {
-            return self.finish_op(i, Ok(()));
+            return self.set_entry_and_finish(i, e, e);
         }
         let owned = e.born > snap;
         if coff == 0 && clen == cs {
@@ -510,16 +510,27 @@ impl Reactor {
     fn set_entry_and_finish(&mut self, i: usize, old: MapEntry, ne: MapEntry) {
         if ne != old {
             self.apply_entry(i, ne);
-            let fua = matches!(
-                self.ops.get(i).map(|o| o.kind),
-                Some(Op::WriteZeroes { fua: true })
-            );
-            if fua {
-                self.ops.get_mut(i).expect("op").stage = Stage::Durable;
-                return self.commit_wanted(Some(Waiter::Op(i)));
-            }
+        }
+        let fua = matches!(
+            self.ops.get(i).map(|o| o.kind),
+            Some(Op::WriteZeroes { fua: true })
+        );
+        if fua {
+            return self.finish_fua(i, true);
         }
         self.finish_op(i, Ok(()))
+    }
+
+    /// A FUA operation's I/O is done. It is acknowledged once its data and every map record
+    /// before it are durable: even with no record of its own, it may depend on one still
+    /// pending (a write that allocated the cluster, a trim that unmapped it). `synced`: its
+    /// data, if any, went out with RWF_DSYNC; otherwise the commit's device sync covers it.
+    fn finish_fua(&mut self, i: usize, synced: bool) {
+        if synced && !self.journal.has_pending() && !self.commit.in_flight {
+            return self.finish_op(i, Ok(()));
+        }
+        self.ops.get_mut(i).expect("op").stage = Stage::Durable;
+        self.commit_wanted(Some(Waiter::Op(i)))
     }
 
     fn apply_entry(&mut self, i: usize, ne: MapEntry) {
@@ -667,19 +678,18 @@ impl Reactor {
                     op.kind,
                     Op::Write { fua: true } | Op::WriteZeroes { fua: true }
                 );
-                let Some(ne) = op.new_entry else {
-                    return self.finish_op(i, Ok(()));
-                };
-                let Some((old, _)) = self.entry_of(i) else {
-                    return self.finish_op(i, Err(IoError::UnknownVolume));
-                };
-                if ne == old {
-                    return self.finish_op(i, Ok(()));
+                // Only the in-place path (no new entry) wrote with RWF_DSYNC.
+                let synced = op.new_entry.is_none();
+                if let Some(ne) = op.new_entry {
+                    let Some((old, _)) = self.entry_of(i) else {
+                        return self.finish_op(i, Err(IoError::UnknownVolume));
+                    };
+                    if ne != old {
+                        self.apply_entry(i, ne);
+                    }
                 }
-                self.apply_entry(i, ne);
                 if fua {
-                    self.ops.get_mut(i).expect("op").stage = Stage::Durable;
-                    return self.commit_wanted(Some(Waiter::Op(i)));
+                    return self.finish_fua(i, synced);
                 }
                 self.finish_op(i, Ok(()))
             }
