@@ -1,9 +1,22 @@
-//! `tessel serve`: the daemon.
+//! `tessel serve`: logging setup, then the daemon (src/daemon/).
 
-use crate::cli::ServeArgs;
+use crate::cli::{LogFormat, ServeArgs};
+use tracing_subscriber::EnvFilter;
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// Runs the daemon until SIGTERM or SIGINT (or a control `shutdown`).
 pub fn run(args: &ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let _ = args;
-    Err("not implemented yet".into())
+    let config = args.config()?;
+    let level = args
+        .log_level
+        .clone()
+        .unwrap_or_else(|| config.engine.log_level.clone());
+    let filter = EnvFilter::try_new(&level).map_err(|e| format!("log level '{level}': {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    crate::daemon::run(config)
 }

@@ -1,0 +1,181 @@
+//! `tessel serve`: open (or format) the pool, make the configured volumes exist, start the
+//! NBD target and the control socket, and run until SIGTERM/SIGINT or a shutdown request.
+
+pub mod conn;
+pub mod control;
+pub mod exports;
+
+use crate::config::{Config, Cores, FormatPolicy, PollMode};
+use conn::Session;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+use tessel_engine::{Completion, DeviceSpec, Engine, EngineConfig, FormatOptions, PoolError};
+use tessel_targets::export::{Actions, Exports};
+use tessel_targets::nbd::{NbdConfig, NbdSession};
+
+impl Session for NbdSession {
+    const PROTOCOL: &'static str = "nbd";
+    fn receive(
+        &mut self,
+        input: &[u8],
+        exports: &dyn Exports,
+        actions: &mut Actions,
+    ) -> Result<usize, String> {
+        NbdSession::receive(self, input, exports, actions).map_err(|e| e.to_string())
+    }
+    fn complete(&mut self, c: Completion, actions: &mut Actions) {
+        NbdSession::complete(self, c, actions)
+    }
+    fn shut_down(&mut self, _actions: &mut Actions) {
+        NbdSession::shut_down(self)
+    }
+    fn in_flight(&self) -> usize {
+        NbdSession::in_flight(self)
+    }
+}
+
+/// Block SIGINT and SIGTERM in this thread and every thread it starts; `wait_signal`
+/// receives them.
+fn block_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    let _ = set.thread_block();
+    set
+}
+
+fn engine_config(c: &Config) -> EngineConfig {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = match &c.engine.cores {
+        Cores::All => (0..online).collect(),
+        Cores::Count(n) => (0..*n).collect(),
+        Cores::List(l) => l.clone(),
+    };
+    EngineConfig {
+        cores,
+        poll: match c.engine.poll {
+            PollMode::Adaptive => tessel_engine::PollMode::Adaptive,
+            PollMode::Busy => tessel_engine::PollMode::Busy,
+        },
+        ring_entries: c.engine.ring_entries,
+        spin: Duration::from_micros(c.engine.spin_us),
+        pin: true,
+    }
+}
+
+/// Open the configured pool, formatting empty devices when the policy allows it.
+fn open_pool(config: &Config) -> Result<Engine, Box<dyn std::error::Error>> {
+    let pool = match config.pools.as_slice() {
+        [p] => p,
+        [] => return Err("the configuration declares no [[pool]]".into()),
+        _ => {
+            return Err(
+                "this build serves one [[pool]] per daemon; start one daemon per pool".into(),
+            )
+        }
+    };
+    let devices: Vec<DeviceSpec> = pool
+        .devices
+        .iter()
+        .map(|d| DeviceSpec::Path {
+            path: config.resolve(d),
+            create_size: pool.create_size.map(|s| s.0),
+        })
+        .collect();
+    let ecfg = engine_config(config);
+    match Engine::open(&devices, ecfg.clone()) {
+        Ok(e) => Ok(e),
+        Err(PoolError::NotAPool { device }) if pool.format == FormatPolicy::IfEmpty => {
+            tracing::info!(device = %device.display(), pool = %pool.name, "no pool found; formatting");
+            let opts = FormatOptions {
+                cluster_size: pool.cluster_size.0 as u32,
+                journal_regions: (ecfg.cores.len() as u32).max(16),
+                ..FormatOptions::default()
+            };
+            Engine::format(&devices, &opts)?;
+            Ok(Engine::open(&devices, ecfg)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Run the daemon with a resolved configuration.
+pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let signals = block_signals();
+    let data_dir = &config.daemon.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let engine = open_pool(&config)?;
+    for v in &config.volumes {
+        match engine.volume(&v.name) {
+            Some(existing) if existing.size != v.size.0 => tracing::warn!(
+                volume = %v.name,
+                configured = v.size.0,
+                actual = existing.size,
+                "volume exists with another size; leaving it as it is"
+            ),
+            Some(_) => {}
+            None => {
+                engine.create_volume(&v.name, v.size.0, v.block_size)?;
+            }
+        }
+    }
+    let (tx, rx) = mpsc::channel::<&'static str>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let exports: Arc<dyn Exports + Send + Sync> = Arc::new(exports::EngineExports {
+        engine: engine.clone(),
+    });
+
+    let mut listeners = Vec::new();
+    if let Some(addr) = config.nbd.listen {
+        let l = TcpListener::bind(addr).map_err(|e| format!("NBD listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "NBD target listening");
+        listeners.push(addr);
+        let (engine, exports, stop) = (engine.clone(), exports.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || {
+                conn::accept_loop(l, engine, exports, stop, || {
+                    let mut a = Actions::default();
+                    let s = NbdSession::new(NbdConfig::default(), &mut a);
+                    (s, a)
+                })
+            })?;
+    }
+
+    let sock = config.control_socket_path();
+    let ul = control::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+    tracing::info!(socket = %sock.display(), "control socket listening");
+    let server = Arc::new(control::ControlServer::new(engine.clone(), tx.clone()));
+    let sock2 = sock.clone();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control::serve(ul, server, sock2))?;
+
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                let _ = tx.send(if sig == nix::sys::signal::Signal::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                });
+            }
+        })?;
+    tracing::info!("tessel is ready");
+    let why = rx.recv().unwrap_or("channel closed");
+    tracing::info!(reason = why, "shutting down");
+    stop.store(true, Ordering::Release);
+    // Wake the accept loops so they see the stop flag.
+    for addr in listeners {
+        let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+    }
+    let r = engine.shutdown();
+    let _ = std::fs::remove_file(&sock);
+    r?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
