@@ -1,0 +1,323 @@
+//! Pools on real devices: files through io_uring O_DIRECT (one or several per pool), a loop
+//! device where one can be made, and the checks that keep tessel from opening or formatting
+//! the wrong device.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tessel_engine::format::{Superblock, SB_SIZE};
+use tessel_engine::*;
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("tessel-files-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch dir");
+        Scratch(d)
+    }
+    fn file(&self, name: &str, size: u64) -> DeviceSpec {
+        DeviceSpec::Path {
+            path: self.0.join(name),
+            create_size: Some(size),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn path_of(d: &DeviceSpec) -> PathBuf {
+    d.display()
+}
+
+/// Write `chunks` chunks of `chunk` bytes with a pattern, then read them back.
+fn fill_and_check(e: &Engine, name: &str, chunk: u64, chunks: u64, gen: u8) {
+    let v = e.volume(name).expect("volume");
+    let mut c = e.client();
+    for k in 0..chunks {
+        write(
+            &mut c,
+            v.id,
+            k * chunk,
+            &pattern(k * chunk, chunk as usize, gen),
+        );
+    }
+    flush(&mut c, v.id);
+    check(e, name, chunk, chunks, gen);
+}
+
+fn check(e: &Engine, name: &str, chunk: u64, chunks: u64, gen: u8) {
+    let v = e.volume(name).expect("volume");
+    let mut c = e.client();
+    for k in 0..chunks {
+        assert!(
+            read(&mut c, v.id, k * chunk, chunk) == pattern(k * chunk, chunk as usize, gen),
+            "{name}: chunk {k} differs"
+        );
+    }
+}
+
+#[test]
+fn a_pool_spans_two_files_and_survives_reopen_in_any_order() {
+    let s = Scratch::new("two");
+    let a = s.file("a.img", 40 << 20);
+    let b = s.file("b.img", 24 << 20);
+    Engine::format(&[a.clone(), b.clone()], &small_opts()).expect("format");
+    let e = Engine::open(&[a.clone(), b.clone()], cfg(2)).expect("open");
+    let info = e.pool_info();
+    assert_eq!(info.devices.len(), 2);
+    // More than member 0's data region, so clusters land on both files.
+    let size = 20 << 20;
+    assert!(info.total_bytes > size);
+    e.create_volume("wide", size, 4096).expect("create");
+    fill_and_check(&e, "wide", 256 << 10, size / (256 << 10), 5);
+    assert_eq!(e.pool_info().used_bytes, size);
+    e.shutdown().expect("shutdown");
+    drop(e);
+    // Members are found by their superblocks, not by the order given.
+    let e = Engine::open(&[b, a], cfg(1)).expect("reopen swapped");
+    check(&e, "wide", 256 << 10, size / (256 << 10), 5);
+    e.shutdown().expect("shutdown");
+}
+
+#[test]
+fn a_missing_or_foreign_member_is_refused_naming_the_device() {
+    let s = Scratch::new("members");
+    let a = s.file("a.img", 32 << 20);
+    let b = s.file("b.img", 16 << 20);
+    let other = s.file("other.img", 32 << 20);
+    Engine::format(&[a.clone(), b.clone()], &small_opts()).expect("format");
+    Engine::format(std::slice::from_ref(&other), &small_opts()).expect("format other");
+    match Engine::open(std::slice::from_ref(&a), cfg(1)) {
+        Err(PoolError::Membership { device, reason }) => {
+            assert_eq!(device, path_of(&a));
+            assert!(reason.contains("2 devices"), "{reason}");
+        }
+        Err(e) => panic!("wrong error for a missing member: {e}"),
+        Ok(_) => panic!("opened a pool with a member missing"),
+    }
+    match Engine::open(&[a.clone(), other.clone()], cfg(1)) {
+        Err(PoolError::Membership { device, reason }) => {
+            assert_eq!(device, path_of(&other));
+            assert!(reason.contains("belongs to pool"), "{reason}");
+        }
+        Err(e) => panic!("wrong error for a foreign member: {e}"),
+        Ok(_) => panic!("opened a pool with a foreign member"),
+    }
+    // The same device twice: its second open finds it locked.
+    match Engine::open(&[a.clone(), a.clone()], cfg(1)) {
+        Err(PoolError::Locked { device }) | Err(PoolError::Membership { device, .. }) => {
+            assert_eq!(device, path_of(&a))
+        }
+        Err(e) => panic!("wrong error for a member given twice: {e}"),
+        Ok(_) => panic!("opened a pool with a member given twice"),
+    }
+    // A device that does not exist is named.
+    let gone = DeviceSpec::path(s.0.join("gone.img"));
+    match Engine::open(&[a.clone(), gone.clone()], cfg(1)) {
+        Err(PoolError::Io { device, .. }) => assert_eq!(device, path_of(&gone)),
+        Err(e) => panic!("wrong error for a missing file: {e}"),
+        Ok(_) => panic!("opened a missing file"),
+    }
+    // The whole pool still opens.
+    Engine::open(&[a, b], cfg(1))
+        .expect("open")
+        .shutdown()
+        .unwrap();
+}
+
+fn write_at(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+#[test]
+fn a_filesystem_signature_needs_force_to_format() {
+    let s = Scratch::new("ext4");
+    let dev = s.file("fs.img", 32 << 20);
+    let p = path_of(&dev);
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    write_at(&p, 1080, &[0x53, 0xEF]);
+    match Engine::format(std::slice::from_ref(&dev), &small_opts()) {
+        Err(PoolError::InUse { device, what }) => {
+            assert_eq!(device, p);
+            assert!(what.contains("ext"), "{what}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("formatted over an ext4 signature without force"),
+    }
+    let forced = FormatOptions {
+        force: true,
+        ..small_opts()
+    };
+    Engine::format(std::slice::from_ref(&dev), &forced).expect("forced format");
+    let e = Engine::open(&[dev], cfg(1)).expect("open");
+    e.create_volume("v", 1 << 20, 512).unwrap();
+    fill_and_check(&e, "v", 64 << 10, 16, 1);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn a_corrupted_superblock_is_refused_not_repaired() {
+    let s = Scratch::new("sb");
+    let dev = s.file("pool.img", 32 << 20);
+    let p = path_of(&dev);
+    Engine::format(std::slice::from_ref(&dev), &small_opts()).expect("format");
+    let good = read_at(&p, 0, 2 * SB_SIZE);
+    // The primary copy alone damaged: the second copy serves.
+    write_at(&p, 100, &[good[100] ^ 0xFF]);
+    Engine::open(std::slice::from_ref(&dev), cfg(1))
+        .expect("open with the second superblock copy")
+        .shutdown()
+        .unwrap();
+    // Both damaged: refused with the device's name, and left as it was.
+    write_at(&p, (SB_SIZE + 100) as u64, &[good[SB_SIZE + 100] ^ 0xFF]);
+    let before = read_at(&p, 0, 2 * SB_SIZE);
+    match Engine::open(std::slice::from_ref(&dev), cfg(1)) {
+        Err(PoolError::BadChecksum { device }) => assert_eq!(device, p),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("opened a pool whose superblocks fail their checksum"),
+    }
+    assert_eq!(
+        read_at(&p, 0, 2 * SB_SIZE),
+        before,
+        "superblocks were rewritten"
+    );
+    let msg = match Engine::open(std::slice::from_ref(&dev), cfg(1)) {
+        Err(e) => e.to_string(),
+        Ok(_) => unreachable!(),
+    };
+    assert!(
+        msg.contains(&p.display().to_string()) && msg.contains("checksum"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_unknown_format_version_is_refused() {
+    let s = Scratch::new("ver");
+    let dev = s.file("pool.img", 32 << 20);
+    let p = path_of(&dev);
+    Engine::format(std::slice::from_ref(&dev), &small_opts()).expect("format");
+    let mut sb = Superblock::decode(&read_at(&p, 0, SB_SIZE)).expect("superblock");
+    sb.version = 99;
+    let enc = sb.encode();
+    write_at(&p, 0, &enc);
+    write_at(&p, SB_SIZE as u64, &enc);
+    match Engine::open(std::slice::from_ref(&dev), cfg(1)) {
+        Err(PoolError::UnknownVersion { device, version }) => {
+            assert_eq!((device, version), (p.clone(), 99));
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("opened a pool of an unknown version"),
+    }
+    // Formatting over it still needs force: it is somebody's pool.
+    assert!(matches!(
+        Engine::format(std::slice::from_ref(&dev), &small_opts()),
+        Err(PoolError::InUse { .. })
+    ));
+}
+
+#[test]
+fn a_device_too_small_for_the_metadata_is_refused() {
+    let s = Scratch::new("small");
+    let dev = s.file("tiny.img", 8 << 20);
+    assert!(matches!(
+        Engine::format(&[dev], &small_opts()),
+        Err(PoolError::Geometry(_))
+    ));
+}
+
+/// A loop device attached for the test's lifetime, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Result<Loop, String> {
+        if !Path::new("/dev/loop-control").exists() {
+            return Err("no /dev/loop-control".into());
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(file)
+            .output()
+            .or_else(|_| {
+                Command::new("losetup")
+                    .args(["-f", "--show"])
+                    .arg(file)
+                    .output()
+            })
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if dev.is_empty() || !Path::new(&dev).exists() {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+            return Err(format!("losetup gave '{dev}', which does not exist here"));
+        }
+        Ok(Loop(dev))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_pool_on_a_loop_device() {
+    let s = Scratch::new("loop");
+    let backing = s.0.join("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let lo = match Loop::attach(&backing) {
+        Ok(l) => l,
+        Err(why) => {
+            println!("skipping the loop device test: {why}");
+            return;
+        }
+    };
+    let dev = DeviceSpec::path(&lo.0);
+    Engine::format(std::slice::from_ref(&dev), &small_opts()).expect("format loop device");
+    let e = Engine::open(std::slice::from_ref(&dev), cfg(2)).expect("open loop device");
+    assert_eq!(e.pool_info().devices, vec![lo.0.clone()]);
+    e.create_volume("lv", 4 << 20, 4096).unwrap();
+    fill_and_check(&e, "lv", 128 << 10, 32, 7);
+    e.shutdown().unwrap();
+    drop(e);
+    let e = Engine::open(std::slice::from_ref(&dev), cfg(1)).expect("reopen loop device");
+    check(&e, "lv", 128 << 10, 32, 7);
+    e.shutdown().unwrap();
+    drop(e);
+    // The pool is on the backing file too; formatting over it needs force.
+    assert!(matches!(
+        Engine::format(&[dev], &small_opts()),
+        Err(PoolError::InUse { .. })
+    ));
+}
