@@ -13,6 +13,8 @@ pub struct Limits {
     pub max_outstanding_r2t: u32,
     pub default_time2wait: u32,
     pub default_time2retain: u32,
+    /// Whether we accept immediate data (ImmediateData is an AND key).
+    pub immediate_data: bool,
 }
 
 impl Default for Limits {
@@ -24,6 +26,7 @@ impl Default for Limits {
             max_outstanding_r2t: 16,
             default_time2wait: 2,
             default_time2retain: 0,
+            immediate_data: true,
         }
     }
 }
@@ -215,8 +218,11 @@ impl Negotiator {
             },
             // OR: Yes if either side wants Yes; we are content with No.
             "InitialR2T" => self.boolean(value, |a| a, |p, v| p.initial_r2t = v),
-            // AND: Yes only if both want it; we do.
-            "ImmediateData" => self.boolean(value, |a| a, |p, v| p.immediate_data = v),
+            // AND: Yes only if both want it.
+            "ImmediateData" => {
+                let ours = l.immediate_data;
+                self.boolean(value, |a| a && ours, |p, v| p.immediate_data = v)
+            }
             // OR with our Yes: we only handle in-order data.
             "DataPDUInOrder" => self.boolean(value, |_| true, |p, v| p.data_pdu_in_order = v),
             "DataSequenceInOrder" => {
@@ -366,11 +372,25 @@ mod tests {
 
     #[test]
     fn booleans_follow_or_and_and() {
-        let mut n = normal();
+        let mut n = Negotiator::new(
+            Limits {
+                immediate_data: true,
+                ..Limits::default()
+            },
+            false,
+        );
         assert_eq!(n.offer("InitialR2T", "No"), Answer::Value("No".into()));
         assert_eq!(n.offer("InitialR2T", "Yes"), Answer::Value("Yes".into()));
         assert_eq!(n.offer("ImmediateData", "Yes"), Answer::Value("Yes".into()));
         assert_eq!(n.offer("ImmediateData", "No"), Answer::Value("No".into()));
+        let mut no = Negotiator::new(
+            Limits {
+                immediate_data: false,
+                ..Limits::default()
+            },
+            false,
+        );
+        assert_eq!(no.offer("ImmediateData", "Yes"), Answer::Value("No".into()));
         assert_eq!(n.offer("DataPDUInOrder", "No"), Answer::Value("Yes".into()));
         assert_eq!(n.offer("IFMarker", "Yes"), Answer::Value("No".into()));
         assert_eq!(n.offer("ImmediateData", "Maybe"), Answer::Reject);

@@ -49,6 +49,57 @@ pub(super) struct Task {
 }
 
 impl Task {
+    /// Checks a Data-Out against the unsolicited sequence or its R2T, and lands it.
+    fn accept_data_out(&mut self, d: &pdu::DataOut, data: &[u8]) -> Result<(), IscsiError> {
+        if d.ttt == RESERVED_TAG {
+            if !self.unsolicited_open || d.data_sn != self.unsolicited_sn {
+                return Err(IscsiError::Protocol(format!(
+                    "unexpected unsolicited Data-Out DataSN {}",
+                    d.data_sn
+                )));
+            }
+            if u64::from(d.buffer_offset) + data.len() as u64 > u64::from(self.unsolicited_limit) {
+                return Err(IscsiError::Protocol(
+                    "unsolicited data beyond FirstBurstLength".into(),
+                ));
+            }
+            self.unsolicited_sn += 1;
+            self.land(d.buffer_offset, data)?;
+            if d.final_ {
+                self.unsolicited_open = false;
+            }
+            return Ok(());
+        }
+        let Some(at) = self.r2ts.iter().position(|r| r.ttt == d.ttt) else {
+            return Err(IscsiError::Protocol(format!(
+                "Data-Out for unknown TTT {:#x}",
+                d.ttt
+            )));
+        };
+        let r = &mut self.r2ts[at];
+        let end = u64::from(d.buffer_offset) + data.len() as u64;
+        if d.data_sn != r.next_data_sn
+            || d.buffer_offset < r.offset
+            || end > u64::from(r.offset + r.len)
+        {
+            return Err(IscsiError::Protocol(format!(
+                "Data-Out DataSN {} or offset out of sequence",
+                d.data_sn
+            )));
+        }
+        r.next_data_sn += 1;
+        r.received += data.len() as u32;
+        let finished = r.received == r.len || d.final_;
+        if finished {
+            self.r2ts.remove(at);
+        }
+        self.land(d.buffer_offset, data)?;
+        if finished && self.received < self.next_r2t_offset && self.r2ts.is_empty() {
+            return Err(IscsiError::Protocol("R2T sequence ended short".into()));
+        }
+        Ok(())
+    }
+
     fn data_complete(&self) -> bool {
         !self.unsolicited_open && self.r2ts.is_empty() && self.next_r2t_offset >= self.wanted
     }
@@ -105,7 +156,10 @@ impl IscsiSession {
             .and_then(|n| self.luns.get(usize::from(n)))
             .map(|l| l.block_size())
             .unwrap_or(512);
-        let cdb = Cdb::parse(&cmd.cdb);
+        let cdb = Cdb::parse(&cmd.cdb).and_then(|c| {
+            c.check_expected_length(if cmd.write { cmd.edtl } else { 0 }, block_size)?;
+            Ok(c)
+        });
         let needed = match (&cdb, cmd.write) {
             (Ok(c), true) => c.data_out_len(block_size),
             _ => 0,
@@ -168,66 +222,26 @@ impl IscsiSession {
         Ok(())
     }
 
-    /// A Data-Out PDU.
-    pub(super) fn data_out(
-        &mut self,
-        d: &pdu::DataOut,
-        data: &[u8],
-        actions: &mut Actions,
-    ) -> Result<(), IscsiError> {
+    /// A Data-Out PDU. One out of sequence (DataSN, offset, TTT) ends its task with
+    /// CHECK CONDITION, DATA PHASE ERROR; the connection stays up.
+    pub(super) fn data_out(&mut self, d: &pdu::DataOut, data: &[u8], actions: &mut Actions) {
         let Some(&id) = self.by_itt.get(&d.itt) else {
             // Data for a task that already ended (answered early, or aborted).
-            return Ok(());
+            return;
         };
         let task = self.tasks.get_mut(&id).expect("indexed task exists");
-        if d.ttt == RESERVED_TAG {
-            if !task.unsolicited_open || d.data_sn != task.unsolicited_sn {
-                return Err(IscsiError::Protocol(format!(
-                    "unexpected unsolicited Data-Out DataSN {}",
-                    d.data_sn
-                )));
-            }
-            if u64::from(d.buffer_offset) + data.len() as u64 > u64::from(task.unsolicited_limit) {
-                return Err(IscsiError::Protocol(
-                    "unsolicited data beyond FirstBurstLength".into(),
-                ));
-            }
-            task.unsolicited_sn += 1;
-            task.land(d.buffer_offset, data)?;
-            if d.final_ {
-                task.unsolicited_open = false;
-            }
-        } else {
-            let Some(at) = task.r2ts.iter().position(|r| r.ttt == d.ttt) else {
-                return Err(IscsiError::Protocol(format!(
-                    "Data-Out for unknown TTT {:#x}",
-                    d.ttt
-                )));
-            };
-            let r = &mut task.r2ts[at];
-            let end = u64::from(d.buffer_offset) + data.len() as u64;
-            if d.data_sn != r.next_data_sn
-                || d.buffer_offset < r.offset
-                || end > u64::from(r.offset + r.len)
-            {
-                return Err(IscsiError::Protocol(format!(
-                    "Data-Out DataSN {} or offset out of sequence",
-                    d.data_sn
-                )));
-            }
-            r.next_data_sn += 1;
-            r.received += data.len() as u32;
-            let finished = r.received == r.len || d.final_;
-            if finished {
-                task.r2ts.remove(at);
-            }
-            task.land(d.buffer_offset, data)?;
-            if finished && task.received < task.next_r2t_offset && task.r2ts.is_empty() {
-                return Err(IscsiError::Protocol("R2T sequence ended short".into()));
-            }
+        if let Err(e) = task.accept_data_out(d, data) {
+            tracing::debug!(itt = d.itt, "iSCSI Data-Out refused: {e}");
+            let mut task = self.tasks.remove(&id).expect("indexed task exists");
+            self.by_itt.remove(&task.itt);
+            self.respond(
+                &mut task,
+                scsi::Reply::check(Sense::DATA_PHASE_ERROR),
+                actions,
+            );
+            return;
         }
         self.advance(id, actions);
-        Ok(())
     }
 
     /// Sends the R2Ts a task may have outstanding, or executes it once its data is in.

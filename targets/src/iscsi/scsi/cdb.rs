@@ -383,6 +383,22 @@ impl Cdb {
         })
     }
 
+    /// Commands whose data-out must be exactly as long as the CDB says: a different
+    /// expected transfer length makes the CDB inconsistent (INVALID FIELD IN CDB), unlike
+    /// a plain WRITE, which transfers what it can and reports the residual.
+    pub fn check_expected_length(&self, edtl: u32, block_size: u32) -> Result<(), Sense> {
+        let exact = matches!(
+            self,
+            Cdb::CompareAndWrite { .. }
+                | Cdb::WriteSame { ndob: false, .. }
+                | Cdb::Verify { bytchk: 1 | 3, .. }
+        );
+        if exact && u64::from(edtl) != self.data_out_len(block_size) {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        Ok(())
+    }
+
     /// Bytes of data-out the command takes, for a LUN of `block_size`.
     pub fn data_out_len(&self, block_size: u32) -> u64 {
         let bs = u64::from(block_size);
@@ -499,6 +515,27 @@ mod tests {
             .data_out_len(bs),
             0
         );
+    }
+
+    #[test]
+    fn exact_data_out_commands_refuse_a_different_expected_length() {
+        let caw = Cdb::CompareAndWrite {
+            lba: 0,
+            blocks: 1,
+            fua: false,
+        };
+        assert!(caw.check_expected_length(1024, 512).is_ok());
+        assert_eq!(
+            caw.check_expected_length(2048, 512),
+            Err(Sense::INVALID_FIELD_IN_CDB)
+        );
+        let w = Cdb::Write {
+            lba: 0,
+            blocks: 1,
+            fua: false,
+            verify: false,
+        };
+        assert!(w.check_expected_length(0, 512).is_ok());
     }
 
     #[test]

@@ -11,12 +11,13 @@ use super::cdb::Cdb;
 use super::sense::Sense;
 use super::{Io, IoRequest, Lun, Reply, Step, Then, MAX_TRANSFER_BYTES};
 
-/// Largest WRITE SAME of a non-zero block expanded into one buffer.
-pub const MAX_WRITE_SAME_BYTES: u64 = 32 << 20;
+/// Largest WRITE SAME of a non-zero block expanded into one buffer (and the MAXIMUM WRITE
+/// SAME LENGTH reported: hosts may not ask for more than one transfer's worth).
+pub const MAX_WRITE_SAME_BYTES: u64 = MAX_TRANSFER_BYTES;
 /// Largest COMPARE AND WRITE, in blocks.
 pub const MAX_COMPARE_AND_WRITE_BLOCKS: u32 = 32;
 /// Largest UNMAP range per descriptor, and descriptors per command.
-pub const MAX_UNMAP_BLOCKS: u32 = 0x0040_0000;
+pub const MAX_UNMAP_BLOCKS: u32 = 0x0010_0000;
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 64;
 /// Largest range GET LBA STATUS asks the engine about at once.
 const LBA_STATUS_WINDOW: u64 = 1 << 30;
@@ -57,8 +58,9 @@ fn read_capacity_16(lun: &Lun) -> Vec<u8> {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&lun.blocks().saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&lun.block_size().to_be_bytes());
-    // Logical blocks per physical block exponent: tessel tracks validity in 4 KiB blocks.
-    d[13] = (4096 / lun.block_size()).trailing_zeros() as u8;
+    // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0: GET LBA STATUS answers per
+    // logical block, and hosts (libiscsi's conformance tests among them) expect a
+    // physical block to be unmappable on its own when the exponent says so.
     d[14] = 0x80 | 0x40; // LBPME (thin), LBPRZ (unmapped blocks read as zeros)
     d
 }
@@ -202,6 +204,9 @@ fn run(lun: &Lun, cdb: &Cdb, data_out: Option<AlignedBuf>) -> Result<Step, Sense
                 return Err(Sense::INVALID_FIELD_IN_CDB);
             }
             check_range(lun, lba, blocks)?;
+            if u64::from(blocks) * bs > MAX_WRITE_SAME_BYTES {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
+            }
             let block = match data_out {
                 _ if ndob => None,
                 Some(b) if b.len() as u64 == bs => Some(b),
@@ -217,11 +222,7 @@ fn run(lun: &Lun, cdb: &Cdb, data_out: Option<AlignedBuf>) -> Result<Step, Sense
                     one(request(lun, op, lba, blocks.into(), None), Then::Good)
                 }
                 Some(block) => {
-                    let bytes = u64::from(blocks) * bs;
-                    if bytes > MAX_WRITE_SAME_BYTES {
-                        return Err(Sense::INVALID_FIELD_IN_CDB);
-                    }
-                    let mut buf = AlignedBuf::zeroed(bytes as usize);
+                    let mut buf = AlignedBuf::zeroed((u64::from(blocks) * bs) as usize);
                     for chunk in buf.as_mut_slice().chunks_mut(bs as usize) {
                         chunk.copy_from_slice(block.as_slice());
                     }
@@ -376,7 +377,7 @@ mod tests {
         ));
         let d = d.data.as_slice();
         assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), 999);
-        assert_eq!(d[13], 3);
+        assert_eq!(d[13], 0);
         assert_eq!(d[14] & 0xc0, 0xc0);
     }
 
@@ -468,7 +469,7 @@ mod tests {
         let mut big = lun(1 << 20, false);
         let mut ws16 = [0u8; 16];
         ws16[0] = 0x93;
-        ws16[10..14].copy_from_slice(&0x2_0000u32.to_be_bytes());
+        ws16[10..14].copy_from_slice(&0x8001u32.to_be_bytes());
         let r = reply(run(&mut big, &ws16, Some(&[5u8; 512])));
         assert_eq!(r.sense, Some(Sense::INVALID_FIELD_IN_CDB));
     }

@@ -17,6 +17,7 @@ pub mod key {
     pub const HARDWARE_ERROR: u8 = 0x4;
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     pub const DATA_PROTECT: u8 = 0x7;
+    pub const ABORTED_COMMAND: u8 = 0xb;
     pub const MISCOMPARE: u8 = 0xe;
 }
 
@@ -65,6 +66,8 @@ impl Sense {
     pub const LUN_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x25, 0x00);
     /// ILLEGAL REQUEST, SAVING PARAMETERS NOT SUPPORTED (39/00).
     pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
+    /// ABORTED COMMAND, DATA PHASE ERROR (4B/00): Data-Out out of sequence.
+    pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x00);
     /// DATA PROTECT, WRITE PROTECTED (27/00).
     pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
 
