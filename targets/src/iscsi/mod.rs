@@ -12,6 +12,8 @@ pub mod pdu;
 pub mod scsi;
 mod session;
 mod task;
+#[cfg(test)]
+mod tests;
 pub mod text;
 
 use std::fmt;

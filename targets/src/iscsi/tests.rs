@@ -1,0 +1,565 @@
+//! Session tests that drive an `IscsiSession` through bytes, as an initiator would.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use tessel_engine::{Completion, Op, VolumeId};
+
+use super::pdu::{self, Bhs, Digests, RESERVED_TAG};
+use super::text::TextPairs;
+use super::{IscsiConfig, IscsiSession, State};
+use crate::export::{Actions, ExportInfo};
+
+fn exports() -> Vec<ExportInfo> {
+    let e = |name: &str, id, ro| ExportInfo {
+        name: name.into(),
+        description: String::new(),
+        volume: VolumeId(id),
+        size: 1 << 20,
+        block_size: 512,
+        read_only: ro,
+    };
+    vec![e("vol0", 1, false), e("vol0@s1", 2, true)]
+}
+
+/// A scripted initiator: encodes requests, decodes the session's answers.
+struct Initiator {
+    session: IscsiSession,
+    cmd_sn: u32,
+    digests: Digests,
+}
+
+impl Initiator {
+    fn new() -> Initiator {
+        Initiator {
+            session: IscsiSession::new(Arc::new(IscsiConfig::default())),
+            cmd_sn: 1,
+            digests: Digests::default(),
+        }
+    }
+
+    fn send(&mut self, bhs: Bhs, data: &[u8]) -> (Vec<(Bhs, Vec<u8>)>, Actions) {
+        let mut bytes = Vec::new();
+        pdu::encode(&bhs, &[], data, self.digests, &mut bytes);
+        let mut actions = Actions::default();
+        let used = self
+            .session
+            .receive(&bytes, &exports(), &mut actions)
+            .expect("session accepts the PDU");
+        assert_eq!(used, bytes.len());
+        (self.decode(&actions.send), actions)
+    }
+
+    fn decode(&self, mut bytes: &[u8]) -> Vec<(Bhs, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(f) = pdu::frame(bytes, self.digests).unwrap() {
+            out.push((Bhs::decode(&f.header).unwrap(), f.data.to_vec()));
+            bytes = &bytes[f.len..];
+        }
+        assert!(bytes.is_empty());
+        out
+    }
+
+    fn login(&mut self, keys: &[(&str, &str)]) -> TextPairs {
+        let mut text = TextPairs::default();
+        text.push("InitiatorName", "iqn.2026-11.test:host");
+        for (k, v) in keys {
+            text.push(*k, *v);
+        }
+        let req = pdu::LoginRequest {
+            transit: true,
+            cont: false,
+            csg: 1,
+            nsg: 3,
+            version_max: 0,
+            version_min: 0,
+            isid: [0x80, 0, 0, 0, 0, 1],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: 0,
+        };
+        let (out, _) = self.send(Bhs::LoginRequest(req), &text.encode());
+        let Bhs::LoginResponse(r) = &out[0].0 else {
+            panic!("expected a login response: {out:?}")
+        };
+        assert_eq!((r.status_class, r.transit, r.nsg), (0, true, 3));
+        assert!(matches!(self.session.state(), State::FullFeature));
+        let keys = TextPairs::parse(&out[0].1).unwrap();
+        self.digests = Digests {
+            header: keys.get("HeaderDigest") == Some("CRC32C"),
+            data: keys.get("DataDigest") == Some("CRC32C"),
+        };
+        keys
+    }
+
+    fn normal_login(&mut self, extra: &[(&str, &str)]) -> TextPairs {
+        let mut keys = vec![("TargetName", "iqn.2026-11.dev.tessel:vol0")];
+        keys.extend_from_slice(extra);
+        self.login(&keys)
+    }
+
+    fn command(
+        &mut self,
+        itt: u32,
+        lun: u16,
+        cdb: &[u8],
+        edtl: u32,
+        write: bool,
+        data: &[u8],
+    ) -> (Vec<(Bhs, Vec<u8>)>, Actions) {
+        let mut c = [0u8; 16];
+        c[..cdb.len()].copy_from_slice(cdb);
+        let cmd = pdu::ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: !write && edtl > 0,
+            write,
+            attr: 1,
+            lun: pdu::lun_field(lun),
+            itt,
+            edtl,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: 0,
+            cdb: c,
+        };
+        self.cmd_sn += 1;
+        self.send(Bhs::ScsiCommand(cmd), data)
+    }
+
+    fn complete(&mut self, actions: Actions, fill: u8) -> Vec<(Bhs, Vec<u8>)> {
+        let mut out = Actions::default();
+        for mut r in actions.submit {
+            if let Some(b) = r.buf.as_mut() {
+                if r.op == Op::Read {
+                    b.as_mut_slice().fill(fill);
+                }
+            }
+            let c = Completion {
+                tag: r.tag,
+                result: Ok(()),
+                buf: r.buf,
+                extents: Vec::new(),
+            };
+            self.session.complete(c, &mut out);
+        }
+        self.decode(&out.send)
+    }
+}
+
+const READ10_2: [u8; 10] = [0x28, 0, 0, 0, 0, 4, 0, 0, 2, 0];
+const WRITE10_2: [u8; 10] = [0x2a, 0, 0, 0, 0, 4, 0, 0, 2, 0];
+
+#[test]
+fn login_read_returns_data_in_with_collapsed_status() {
+    let mut ini = Initiator::new();
+    let keys = ini.normal_login(&[
+        ("MaxRecvDataSegmentLength", "512"),
+        ("HeaderDigest", "None"),
+    ]);
+    assert_eq!(keys.get("TargetPortalGroupTag"), Some("1"));
+    assert_eq!(keys.get("HeaderDigest"), Some("None"));
+    let (out, actions) = ini.command(7, 0, &READ10_2, 1024, false, &[]);
+    assert!(out.is_empty());
+    assert_eq!(actions.submit.len(), 1);
+    let r = &actions.submit[0];
+    assert_eq!(
+        (r.op, r.offset, r.len, r.volume),
+        (Op::Read, 2048, 1024, VolumeId(1))
+    );
+    assert_eq!(ini.session.in_flight(), 1);
+    let out = ini.complete(actions, 0xab);
+    assert_eq!(
+        out.len(),
+        2,
+        "two Data-In PDUs of MaxRecvDataSegmentLength 512"
+    );
+    let Bhs::DataIn(first) = &out[0].0 else {
+        panic!()
+    };
+    let Bhs::DataIn(last) = &out[1].0 else {
+        panic!()
+    };
+    assert_eq!(
+        (first.status, first.data_sn, first.buffer_offset),
+        (None, 0, 0)
+    );
+    assert_eq!(
+        (last.status, last.data_sn, last.buffer_offset, last.itt),
+        (Some(0), 1, 512, 7)
+    );
+    assert!(out
+        .iter()
+        .all(|(_, d)| d.len() == 512 && d.iter().all(|&b| b == 0xab)));
+    assert_eq!(ini.session.in_flight(), 0);
+}
+
+#[test]
+fn crc32c_digests_are_used_when_the_initiator_insists() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
+    assert!(ini.digests.header && ini.digests.data);
+    let (out, _) = ini.command(1, 0, &[0x00], 0, false, &[]);
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!("{out:?}")
+    };
+    assert_eq!(r.status, 0);
+}
+
+#[test]
+fn write_with_r2t_gathers_data_out_into_the_engine_buffer() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[
+        ("InitialR2T", "Yes"),
+        ("ImmediateData", "No"),
+        ("MaxBurstLength", "512"),
+        ("MaxOutstandingR2T", "2"),
+    ]);
+    let (out, _) = ini.command(9, 0, &WRITE10_2, 1024, true, &[]);
+    let r2ts: Vec<pdu::R2t> = out
+        .into_iter()
+        .map(|(b, _)| match b {
+            Bhs::R2t(r) => r,
+            other => panic!("expected R2T, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(r2ts.len(), 2);
+    assert_eq!(
+        (
+            r2ts[1].buffer_offset,
+            r2ts[1].desired_length,
+            r2ts[1].r2t_sn
+        ),
+        (512, 512, 1)
+    );
+    let mut submitted = Vec::new();
+    for (i, r) in r2ts.iter().enumerate() {
+        let d = pdu::DataOut {
+            final_: true,
+            lun: 0,
+            itt: 9,
+            ttt: r.ttt,
+            exp_stat_sn: 0,
+            data_sn: 0,
+            buffer_offset: r.buffer_offset,
+        };
+        let (out, actions) = ini.send(Bhs::DataOut(d), &[i as u8 + 1; 512]);
+        assert!(out.is_empty());
+        submitted.extend(actions.submit);
+    }
+    assert_eq!(submitted.len(), 1);
+    let w = &submitted[0];
+    assert_eq!(
+        (w.op, w.offset, w.len),
+        (Op::Write { fua: false }, 2048, 1024)
+    );
+    let buf = w.buf.as_ref().unwrap().as_slice();
+    assert!(buf[..512].iter().all(|&b| b == 1) && buf[512..].iter().all(|&b| b == 2));
+}
+
+#[test]
+fn immediate_and_unsolicited_data_need_no_r2t() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[("InitialR2T", "No"), ("ImmediateData", "Yes")]);
+    let (out, actions) = ini.command(3, 0, &WRITE10_2, 1024, true, &[5u8; 1024]);
+    assert!(out.is_empty());
+    assert_eq!(
+        actions.submit[0].buf.as_ref().unwrap().as_slice(),
+        &[5u8; 1024]
+    );
+    let out = ini.complete(actions, 0);
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!()
+    };
+    assert_eq!((r.status, r.residual), (0, pdu::Residual::None));
+}
+
+#[test]
+fn a_data_out_out_of_sequence_fails_the_task_not_the_session() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[("InitialR2T", "No"), ("ImmediateData", "No")]);
+    let mut cdb = [0u8; 16];
+    cdb[..10].copy_from_slice(&WRITE10_2);
+    let cmd = pdu::ScsiCommand {
+        immediate: false,
+        final_: false,
+        read: false,
+        write: true,
+        attr: 1,
+        lun: 0,
+        itt: 4,
+        edtl: 1024,
+        cmd_sn: 1,
+        exp_stat_sn: 0,
+        cdb,
+    };
+    assert!(ini.send(Bhs::ScsiCommand(cmd), &[]).0.is_empty());
+    let d = pdu::DataOut {
+        final_: true,
+        lun: 0,
+        itt: 4,
+        ttt: RESERVED_TAG,
+        exp_stat_sn: 0,
+        data_sn: 27,
+        buffer_offset: 0,
+    };
+    let (out, _) = ini.send(Bhs::DataOut(d), &[0u8; 1024]);
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!()
+    };
+    assert_eq!(r.status, 2);
+    assert_eq!(&out[0].1[2..3], &[0x70]);
+    assert_eq!(out[0].1[2 + 12], 0x4b);
+}
+
+#[test]
+fn errors_carry_sense_and_snapshots_are_write_protected() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let (out, _) = ini.command(
+        1,
+        0,
+        &[0x28, 0, 0, 0, 0x07, 0xff, 0, 0, 2, 0],
+        1024,
+        false,
+        &[],
+    );
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!()
+    };
+    assert_eq!((r.status, r.residual), (2, pdu::Residual::Underflow(1024)));
+    let sense = &out[0].1[2..];
+    assert_eq!((sense[2], sense[12], sense[13]), (0x05, 0x21, 0x00));
+    let (out, _) = ini.command(2, 1, &WRITE10_2, 1024, true, &[0u8; 1024]);
+    let sense = &out[0].1[2..];
+    assert_eq!((sense[2], sense[12]), (0x07, 0x27));
+    let (out, _) = ini.command(3, 0, &[0xc1], 0, false, &[]);
+    let sense = &out[0].1[2..];
+    assert_eq!((sense[2], sense[12]), (0x05, 0x20));
+    let (out, _) = ini.command(4, 5, &[0x00], 0, false, &[]);
+    assert_eq!(out[0].1[2 + 12], 0x25);
+}
+
+#[test]
+fn commands_outside_the_cmdsn_window_are_ignored() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let expected = ini.cmd_sn;
+    ini.cmd_sn = expected.wrapping_add(1000);
+    assert!(ini.command(1, 0, &[0x00], 0, false, &[]).0.is_empty());
+    ini.cmd_sn = expected.wrapping_sub(10);
+    assert!(ini.command(2, 0, &[0x00], 0, false, &[]).0.is_empty());
+    ini.cmd_sn = expected;
+    let (out, _) = ini.command(3, 0, &[0x00], 0, false, &[]);
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!()
+    };
+    assert_eq!(r.exp_cmd_sn, ini.cmd_sn);
+}
+
+#[test]
+fn nop_out_is_echoed_and_idle_initiators_are_pinged_then_dropped() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let nop = pdu::NopOut {
+        immediate: true,
+        lun: 0,
+        itt: 5,
+        ttt: RESERVED_TAG,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+    };
+    let (out, _) = ini.send(Bhs::NopOut(nop), b"ping");
+    assert!(matches!(&out[0].0, Bhs::NopIn(n) if n.itt == 5));
+    assert_eq!(out[0].1, b"ping");
+    let t0 = Instant::now();
+    let mut a = Actions::default();
+    ini.session.tick(t0, &mut a).unwrap();
+    assert!(a.send.is_empty());
+    ini.session
+        .tick(t0 + Duration::from_secs(6), &mut a)
+        .unwrap();
+    let out = ini.decode(&a.send);
+    let Bhs::NopIn(ping) = &out[0].0 else {
+        panic!()
+    };
+    assert_eq!(ping.itt, RESERVED_TAG);
+    let answer = pdu::NopOut {
+        immediate: true,
+        lun: 0,
+        itt: RESERVED_TAG,
+        ttt: ping.ttt,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+    };
+    assert!(ini.send(Bhs::NopOut(answer), &[]).0.is_empty());
+    let mut a = Actions::default();
+    ini.session
+        .tick(t0 + Duration::from_secs(12), &mut a)
+        .unwrap();
+    ini.session
+        .tick(t0 + Duration::from_secs(18), &mut a)
+        .unwrap();
+    assert!(ini
+        .session
+        .tick(t0 + Duration::from_secs(60), &mut a)
+        .is_err());
+}
+
+#[test]
+fn an_aborted_tasks_completion_is_dropped() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let (_, actions) = ini.command(8, 0, &READ10_2, 1024, false, &[]);
+    let tmf = pdu::TaskMgmtRequest {
+        immediate: true,
+        function: 1,
+        lun: 0,
+        itt: 9,
+        rtt: 8,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+        ref_cmd_sn: ini.cmd_sn - 1,
+        exp_data_sn: 0,
+    };
+    let (out, _) = ini.send(Bhs::TaskMgmtRequest(tmf.clone()), &[]);
+    assert!(matches!(&out[0].0, Bhs::TaskMgmtResponse(r) if r.response == 0 && r.itt == 9));
+    assert!(ini.complete(actions, 0).is_empty());
+    assert_eq!(ini.session.in_flight(), 0);
+    let (out, _) = ini.send(Bhs::TaskMgmtRequest(tmf), &[]);
+    assert!(matches!(&out[0].0, Bhs::TaskMgmtResponse(r) if r.response == 1));
+}
+
+#[test]
+fn logout_waits_for_tasks_in_the_engine() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let (_, actions) = ini.command(8, 0, &READ10_2, 1024, false, &[]);
+    let logout = pdu::LogoutRequest {
+        immediate: true,
+        reason: 0,
+        itt: 10,
+        cid: 0,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+    };
+    let (out, a) = ini.send(Bhs::LogoutRequest(logout), &[]);
+    assert!(out.is_empty() && !a.close);
+    let mut done = Actions::default();
+    for r in actions.submit {
+        let c = Completion {
+            tag: r.tag,
+            result: Ok(()),
+            buf: r.buf,
+            extents: Vec::new(),
+        };
+        ini.session.complete(c, &mut done);
+    }
+    let out = ini.decode(&done.send);
+    assert!(matches!(&out[0].0, Bhs::DataIn(d) if d.status == Some(0)));
+    assert!(matches!(&out[1].0, Bhs::LogoutResponse(r) if r.response == 0 && r.itt == 10));
+    assert!(done.close);
+}
+
+#[test]
+fn discovery_answers_send_targets_all() {
+    let mut ini = Initiator::new();
+    ini.login(&[
+        ("SessionType", "Discovery"),
+        ("HeaderDigest", "CRC32C,None"),
+    ]);
+    assert!(!ini.digests.header);
+    let mut text = TextPairs::default();
+    text.push("SendTargets", "All");
+    let req = pdu::TextRequest {
+        immediate: true,
+        final_: true,
+        cont: false,
+        lun: 0,
+        itt: 2,
+        ttt: RESERVED_TAG,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+    };
+    let (out, _) = ini.send(Bhs::TextRequest(req), &text.encode());
+    let keys = TextPairs::parse(&out[0].1).unwrap();
+    assert_eq!(keys.get("TargetName"), Some("iqn.2026-11.dev.tessel:vol0"));
+    assert_eq!(keys.get("TargetAddress"), Some("127.0.0.1:3260,1"));
+}
+
+#[test]
+fn report_luns_lists_the_volume_and_its_snapshot() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let (out, _) = ini.command(
+        1,
+        0,
+        &[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        256,
+        false,
+        &[],
+    );
+    let Bhs::DataIn(d) = &out[0].0 else { panic!() };
+    assert_eq!(d.residual, pdu::Residual::Underflow(256 - 24));
+    assert_eq!(&out[0].1[..4], &[0, 0, 0, 16]);
+}
+
+#[test]
+fn unknown_opcodes_are_rejected_in_full_feature_phase() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let mut h = [0u8; pdu::BHS_LEN];
+    h[0] = 0x1c;
+    let mut a = Actions::default();
+    ini.session.receive(&h, &exports(), &mut a).unwrap();
+    let out = ini.decode(&a.send);
+    assert!(
+        matches!(&out[0].0, Bhs::Reject(r) if r.reason == pdu::reject_reason::COMMAND_NOT_SUPPORTED)
+    );
+    assert_eq!(out[0].1, h);
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_never_panic_in_any_state(logged_in: bool, chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 0..8)) {
+        let mut ini = Initiator::new();
+        if logged_in {
+            ini.normal_login(&[]);
+        }
+        let mut pending = Vec::new();
+        for c in chunks {
+            pending.extend(c);
+            let mut a = Actions::default();
+            match ini.session.receive(&pending, &exports(), &mut a) {
+                Ok(used) => { pending.drain(..used); }
+                Err(_) => break,
+            }
+            for r in a.submit {
+                let c = Completion { tag: r.tag, result: Ok(()), buf: r.buf, extents: Vec::new() };
+                ini.session.complete(c, &mut Actions::default());
+            }
+        }
+    }
+
+    #[test]
+    fn random_pdus_after_login_never_panic(op in 0u8..0x40, body in prop::collection::vec(any::<u8>(), 47), data in prop::collection::vec(any::<u8>(), 0..64)) {
+        let mut ini = Initiator::new();
+        ini.normal_login(&[]);
+        let mut h = [0u8; pdu::BHS_LEN];
+        h[1..].copy_from_slice(&body);
+        h[0] = op;
+        h[4] = 0;
+        h[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        let mut bytes = h.to_vec();
+        bytes.extend(&data);
+        bytes.resize(pdu::BHS_LEN + data.len().div_ceil(4) * 4, 0);
+        let mut a = Actions::default();
+        let _ = ini.session.receive(&bytes, &exports(), &mut a);
+        for r in a.submit {
+            let c = Completion { tag: r.tag, result: Ok(()), buf: r.buf, extents: Vec::new() };
+            ini.session.complete(c, &mut Actions::default());
+        }
+    }
+}
