@@ -820,9 +820,13 @@ impl Reactor {
         self.commit.in_flight = true;
         self.commit.riding = std::mem::take(&mut self.commit.waiting);
         self.commit.error = None;
-        self.alloc.commit_started();
         self.mark_commit_time();
         let jw = self.journal.take_commit();
+        // Frees ride only a commit that writes every record so far: one cut short (ring
+        // full, or at its end) leaves records, maybe the ones that free them, for later.
+        if !self.journal.has_pending() {
+            self.alloc.commit_started();
+        }
         if self.journal.used_blocks() * 2 > self.journal.blocks {
             self.shared.want_checkpoint.store(true, Ordering::Release);
         }
