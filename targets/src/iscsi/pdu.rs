@@ -907,7 +907,7 @@ fn check_header_digest(head: &[u8], digest: &[u8]) -> Result<(), PduError> {
 
 /// Appends one PDU (header, AHS, digests, padded data) to `out`.
 pub fn encode(bhs: &Bhs, ahs: &[u8], data: &[u8], digests: Digests, out: &mut Vec<u8>) {
-    debug_assert!(ahs.len() % 4 == 0 && ahs.len() / 4 <= 255);
+    debug_assert!(ahs.len() & 3 == 0 && ahs.len() / 4 <= 255);
     debug_assert!(data.len() <= MAX_DATA_SEGMENT);
     let start = out.len();
     out.extend_from_slice(&bhs.encode((ahs.len() / 4) as u8, data.len() as u32));
