@@ -421,7 +421,7 @@ fn crashes_keep_the_durability_contract() {
         println!("seed {seed}: {n} crash images checked");
         return;
     }
-    let workloads = env("TESSEL_CRASH_WORKLOADS").unwrap_or(400);
+    let workloads = env("TESSEL_CRASH_WORKLOADS").unwrap_or(350);
     let base = env("TESSEL_CRASH_BASE").unwrap_or(0x7E55E1);
     let start = std::time::Instant::now();
     let threads = 2;
