@@ -152,12 +152,14 @@ impl IscsiSession {
                 self.refresh_luns(&volume, exports);
             }
         }
-        let block_size = lun_number
-            .and_then(|n| self.luns.get(usize::from(n)))
-            .map(|l| l.block_size())
-            .unwrap_or(512);
+        let lun = lun_number.and_then(|n| self.luns.get(usize::from(n)));
+        let block_size = lun.map(|l| l.block_size()).unwrap_or(512);
+        let read_only = lun.is_some_and(|l| l.export.read_only);
         let cdb = Cdb::parse(&cmd.cdb).and_then(|c| {
-            c.check_expected_length(if cmd.write { cmd.edtl } else { 0 }, block_size)?;
+            // WRITE PROTECTED takes precedence over an inconsistent transfer length.
+            if !(read_only && c.writes()) {
+                c.check_expected_length(if cmd.write { cmd.edtl } else { 0 }, block_size)?;
+            }
             Ok(c)
         });
         let needed = match (&cdb, cmd.write) {

@@ -383,6 +383,17 @@ impl Cdb {
         })
     }
 
+    /// True for commands that change the medium (refused on read-only LUNs).
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            Cdb::Write { .. }
+                | Cdb::WriteSame { .. }
+                | Cdb::Unmap { .. }
+                | Cdb::CompareAndWrite { .. }
+        )
+    }
+
     /// Commands whose data-out must be exactly as long as the CDB says: a different
     /// expected transfer length makes the CDB inconsistent (INVALID FIELD IN CDB), unlike
     /// a plain WRITE, which transfers what it can and reports the residual.
