@@ -1,1 +1,512 @@
-fn main() {}
+//! tessel-bench: the in-process workload runner (bdevperf for tessel). It opens a pool on a
+//! file, block device, memory or the null device, creates the volume `bench` and drives it
+//! through the engine's request API from submitter threads, one `Client` each.
+//!
+//! Load model: `--cores N` starts N reactors and N submitter threads, and each submitter keeps
+//! `--qd` requests in flight (like fio's `iodepth` per job, with `numjobs=N`), so the total
+//! queue depth is N × qd. A submitter is pinned to a CPU after the reactors' when the machine
+//! has one to spare, so one reactor core is measured the way fio measures one job.
+
+mod args;
+mod report;
+mod workload;
+
+use args::{Args, Device, Poll, Workload};
+use clap::Parser;
+use report::{Progress, ProgressLine, Report, Stats};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+use tessel_engine::{
+    AlignedBuf, Completion, DeviceSpec, Engine, EngineConfig, FormatOptions, MemDisk, Op, PollMode,
+    PoolError, Request, VolumeId,
+};
+use workload::{Generator, Kind, Mismatch, Pattern, XorShift};
+
+/// The volume every run uses.
+const VOLUME: &str = "bench";
+/// Prefill request size.
+const PREFILL_BS: u64 = 1 << 20;
+/// Mismatches printed in full by `verify`; the rest are counted.
+const MISMATCHES_SHOWN: usize = 20;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = args.validate() {
+        eprintln!("tessel-bench: {e}");
+        return ExitCode::from(2);
+    }
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tessel-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Run the benchmark; Ok(false) when a request failed or `verify` found a mismatch.
+fn run(args: &Args) -> Result<bool, String> {
+    let engine = open_engine(args)?;
+    let vol = test_volume(&engine, args)?;
+    let threads = args.cores as usize;
+    if args.prefill() {
+        let bs = PREFILL_BS.max(args.bs);
+        let pass = Pass {
+            label: "prefill",
+            qd: args.qd.min(8),
+            deadline: None,
+            data: Data::Filler,
+        };
+        let out = drive(&engine, vol, threads, &pass, |t| {
+            Generator::once(Kind::Write, args.size, bs, t, threads)
+        });
+        if out.stats.errors > 0 {
+            return Err(format!("prefill: {} writes failed", out.stats.errors));
+        }
+        tracing::info!(seconds = out.seconds, "prefill done");
+    }
+    let out = match args.workload {
+        Workload::Verify => verify(&engine, vol, args),
+        w => {
+            let pass = Pass {
+                label: w.name(),
+                qd: args.qd,
+                deadline: Some(Duration::from_secs_f64(args.time)),
+                data: Data::Filler,
+            };
+            drive(&engine, vol, threads, &pass, |t| {
+                Generator::timed(w, args.size, args.bs, args.rwmix, args.seed, t, threads)
+            })
+        }
+    };
+    let (page_bytes, clusters) = engine.map_memory();
+    engine
+        .shutdown()
+        .map_err(|e| format!("engine shutdown: {e}"))?;
+    let mut stats = out.stats;
+    stats.errors += out.mismatches.len() as u64;
+    let base = Report {
+        workload: args.workload.name().into(),
+        bs: args.bs,
+        qd: args.qd,
+        cores: args.cores,
+        seconds: out.seconds,
+        ops: 0,
+        iops: 0.0,
+        mib_s: 0.0,
+        errors: 0,
+        lat_us: report::Latency {
+            min: 0.0,
+            avg: 0.0,
+            p50: 0.0,
+            p99: 0.0,
+            p999: 0.0,
+            max: 0.0,
+        },
+        snapshots: 0,
+        snapshot_stall_us_max: 0,
+        metadata_bytes_per_cluster: if clusters == 0 {
+            0.0
+        } else {
+            (page_bytes as f64 / clusters as f64 * 10.0).round() / 10.0
+        },
+        poll: format!("{:?}", args.poll).to_lowercase(),
+        device: args.device.clone(),
+    };
+    let report = Report::new(base, &stats);
+    for m in out.mismatches.iter().take(MISMATCHES_SHOWN) {
+        eprintln!("verify: LBA {}: {}", m.lba, m.what);
+    }
+    if out.mismatches.len() > MISMATCHES_SHOWN {
+        eprintln!(
+            "verify: {} more mismatching blocks",
+            out.mismatches.len() - MISMATCHES_SHOWN
+        );
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(report.errors == 0)
+}
+
+/// Bytes a file or null device needs for a volume of `size` plus pool metadata.
+fn device_bytes(size: u64) -> u64 {
+    size + size / 8 + (512 << 20)
+}
+
+/// Format (when asked, or when the device holds nothing) and open the pool.
+fn open_engine(args: &Args) -> Result<Engine, String> {
+    let n = args.cores as usize;
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let cfg = EngineConfig {
+        cores: (0..n).map(|i| i % cpus).collect(),
+        poll: match args.poll {
+            Poll::Busy => PollMode::Busy,
+            Poll::Adaptive => PollMode::Adaptive,
+        },
+        ring_entries: 256u32.max((args.qd * 2).next_power_of_two()),
+        ..EngineConfig::default()
+    };
+    let mut opts = FormatOptions {
+        cluster_size: u32::try_from(args.cluster_size)
+            .map_err(|_| format!("--cluster-size {} is too large", args.cluster_size))?,
+        force: args.force,
+        ..FormatOptions::default()
+    };
+    opts.journal_regions = opts.journal_regions.max(args.cores);
+    let size = device_bytes(args.size);
+    let (spec, fresh) = match args.device() {
+        Device::Null => (DeviceSpec::Null { size }, true),
+        Device::Mem => (DeviceSpec::Mem(MemDisk::new(size, false)), true),
+        Device::Path(path) => (
+            DeviceSpec::Path {
+                path,
+                create_size: Some(size),
+            },
+            args.format,
+        ),
+    };
+    let dev = [spec];
+    let err = |what: &str, e: PoolError| format!("{what} {}: {e}", args.device);
+    if fresh {
+        opts.force |= matches!(args.device(), Device::Null | Device::Mem);
+        Engine::format(&dev, &opts).map_err(|e| err("format", e))?;
+        tracing::info!(device = %args.device, "pool formatted");
+    }
+    match Engine::open(&dev, cfg.clone()) {
+        Ok(e) => Ok(e),
+        Err(PoolError::NotAPool { .. }) if !fresh => {
+            // A blank device: formatting refuses by itself if it finds a filesystem.
+            Engine::format(&dev, &opts).map_err(|e| err("format", e))?;
+            tracing::info!(device = %args.device, "blank device formatted");
+            Engine::open(&dev, cfg).map_err(|e| err("open", e))
+        }
+        Err(e) => Err(err("open", e)),
+    }
+}
+
+/// Create the volume `bench`, or reuse it (grown to --size if smaller).
+fn test_volume(engine: &Engine, args: &Args) -> Result<VolumeId, String> {
+    let info = match engine.volume(VOLUME) {
+        None => engine
+            .create_volume(VOLUME, args.size, args.block_size())
+            .map_err(|e| format!("create volume {VOLUME}: {e}"))?,
+        Some(v) if v.size < args.size => engine
+            .resize_volume(VOLUME, args.size)
+            .map_err(|e| format!("grow volume {VOLUME}: {e}"))?,
+        Some(v) => v,
+    };
+    if args.bs % info.block_size as u64 != 0 {
+        return Err(format!(
+            "volume {VOLUME} has {}-byte blocks; --bs {} is not a multiple (use --format)",
+            info.block_size, args.bs
+        ));
+    }
+    let pool = engine.pool_info();
+    if pool.total_bytes < args.size {
+        tracing::warn!(
+            pool_bytes = pool.total_bytes,
+            size = args.size,
+            "the pool is smaller than the test volume; writes may fail with no space"
+        );
+    }
+    Ok(info.id)
+}
+
+/// What writes carry and what reads are checked against.
+#[derive(Clone, Copy)]
+enum Data {
+    /// Random bytes filled once per buffer; reads are not checked.
+    Filler,
+    /// The verify pattern: written per request, checked on every read.
+    Pattern(Pattern),
+}
+
+/// One phase of a run.
+struct Pass {
+    label: &'static str,
+    qd: u32,
+    /// Stop issuing after this long; None: run the generators to their end.
+    deadline: Option<Duration>,
+    data: Data,
+}
+
+/// What a phase measured.
+struct Outcome {
+    stats: Stats,
+    seconds: f64,
+    mismatches: Vec<Mismatch>,
+}
+
+/// `verify`: write the pattern over the whole range, flush, read it all back.
+fn verify(engine: &Engine, vol: VolumeId, args: &Args) -> Outcome {
+    let threads = args.cores as usize;
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(args.seed, |d| d.as_nanos() as u64);
+    let pattern = Pattern {
+        block: args.block_size() as u64,
+        generation,
+    };
+    tracing::info!(generation, "verify pattern");
+    let mut total = Outcome {
+        stats: Stats::new(),
+        seconds: 0.0,
+        mismatches: Vec::new(),
+    };
+    for (label, kind) in [("verify-write", Kind::Write), ("verify-read", Kind::Read)] {
+        let pass = Pass {
+            label,
+            qd: args.qd,
+            deadline: None,
+            data: Data::Pattern(pattern),
+        };
+        let out = drive(engine, vol, threads, &pass, |t| {
+            Generator::once(kind, args.size, args.bs, t, threads)
+        });
+        total.stats.merge(&out.stats);
+        total.seconds += out.seconds;
+        total.mismatches.extend(out.mismatches);
+        if kind == Kind::Write {
+            let c = engine.client().run(request(0, vol, Op::Flush, 0, 0, None));
+            if let Err(e) = c.result {
+                tracing::error!("flush after the verify writes failed: {e}");
+                total.stats.errors += 1;
+            }
+        }
+    }
+    total.mismatches.sort_by_key(|m| m.lba);
+    total
+}
+
+fn request(
+    tag: u64,
+    vol: VolumeId,
+    op: Op,
+    offset: u64,
+    len: u64,
+    buf: Option<AlignedBuf>,
+) -> Request {
+    Request {
+        tag,
+        volume: vol,
+        op,
+        offset,
+        len,
+        buf,
+    }
+}
+
+/// Run one pass on `threads` submitter threads, drawing a progress line once a second.
+fn drive(
+    engine: &Engine,
+    vol: VolumeId,
+    threads: usize,
+    pass: &Pass,
+    generator: impl Fn(usize) -> Generator + Sync,
+) -> Outcome {
+    let progress = Progress::default();
+    let finished = AtomicUsize::new(0);
+    let start = Barrier::new(threads + 1);
+    let total_bytes = pass
+        .deadline
+        .is_none()
+        .then(|| (0..threads).map(|t| generator(t).span()).sum::<u64>());
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let reactors = engine.reactors();
+    let (outs, seconds) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (progress, finished, start) = (&progress, &finished, &start);
+                let gen = generator(t);
+                let mut client = engine.client();
+                s.spawn(move || {
+                    if reactors + t < cpus {
+                        core_affinity::set_for_current(core_affinity::CoreId { id: reactors + t });
+                    }
+                    start.wait();
+                    let out = submitter(&mut client, vol, gen, pass, progress, t);
+                    finished.fetch_add(1, Ordering::Release);
+                    out
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        let show = pass.deadline.is_none_or(|d| d > Duration::from_secs(2));
+        let mut line = ProgressLine::new(pass.label);
+        let mut next = began + Duration::from_secs(1);
+        while finished.load(Ordering::Acquire) < threads {
+            std::thread::sleep(Duration::from_millis(20));
+            if show && Instant::now() >= next {
+                line.draw(&progress, total_bytes);
+                next += Duration::from_secs(1);
+            }
+        }
+        let seconds = match pass.deadline {
+            Some(d) => d.as_secs_f64(),
+            None => began.elapsed().as_secs_f64(),
+        };
+        line.finish();
+        let outs: Vec<Outcome> = handles
+            .into_iter()
+            .map(|h| h.join().expect("submitter thread panicked"))
+            .collect();
+        (outs, seconds)
+    });
+    let mut total = Outcome {
+        stats: Stats::new(),
+        seconds,
+        mismatches: Vec::new(),
+    };
+    for o in outs {
+        total.stats.merge(&o.stats);
+        total.mismatches.extend(o.mismatches);
+    }
+    total
+}
+
+/// One request slot of a submitter: its buffer and when it was submitted.
+struct Slot {
+    buf: Option<AlignedBuf>,
+    kind: Kind,
+    offset: u64,
+    submitted: Instant,
+}
+
+/// Completions to wait for with spinning before parking the thread.
+const SPIN_POLLS: u32 = 2000;
+
+/// Keep `pass.qd` requests in flight until the generator ends or the deadline passes.
+fn submitter(
+    client: &mut tessel_engine::Client,
+    vol: VolumeId,
+    mut gen: Generator,
+    pass: &Pass,
+    progress: &Progress,
+    thread: usize,
+) -> Outcome {
+    let bs = gen.bs() as usize;
+    let mut rng = XorShift::new(0xf111 + thread as u64);
+    let now = Instant::now();
+    let mut slots: Vec<Slot> = (0..pass.qd)
+        .map(|_| {
+            let mut b = AlignedBuf::zeroed(bs);
+            if matches!(pass.data, Data::Filler) {
+                for w in b.as_mut_slice().chunks_mut(8) {
+                    w.copy_from_slice(&rng.next_u64().to_le_bytes()[..w.len()]);
+                }
+            }
+            Slot {
+                buf: Some(b),
+                kind: Kind::Read,
+                offset: 0,
+                submitted: now,
+            }
+        })
+        .collect();
+    let mut free: Vec<usize> = (0..slots.len()).rev().collect();
+    let mut done: Vec<Completion> = Vec::with_capacity(slots.len());
+    let mut out = Outcome {
+        stats: Stats::new(),
+        seconds: 0.0,
+        mismatches: Vec::new(),
+    };
+    let began = Instant::now();
+    let deadline = pass.deadline.map(|d| began + d);
+    let mut exhausted = false;
+    let mut idle = 0u32;
+    loop {
+        let now = Instant::now();
+        let stop = exhausted || deadline.is_some_and(|d| now >= d);
+        if !stop {
+            while let Some(&i) = free.last() {
+                let Some((kind, offset, len)) = gen.next_op() else {
+                    exhausted = true;
+                    break;
+                };
+                free.pop();
+                let slot = &mut slots[i];
+                let mut buf = slot.buf.take().expect("free slot has its buffer");
+                buf.set_len(len as usize);
+                if let (Kind::Write, Data::Pattern(p)) = (kind, pass.data) {
+                    p.fill(offset, buf.as_mut_slice());
+                }
+                let op = match kind {
+                    Kind::Read => Op::Read,
+                    Kind::Write => Op::Write { fua: false },
+                };
+                slot.kind = kind;
+                slot.offset = offset;
+                slot.submitted = Instant::now();
+                client.submit(request(i as u64, vol, op, offset, len, Some(buf)));
+            }
+        } else if free.len() == slots.len() {
+            break;
+        }
+        if client.poll(&mut done) == 0 {
+            idle += 1;
+            if idle < SPIN_POLLS {
+                std::hint::spin_loop();
+            } else {
+                client.wait(Duration::from_millis(1));
+            }
+            continue;
+        }
+        idle = 0;
+        let now = Instant::now();
+        let counted = deadline.is_none_or(|d| now < d);
+        let (mut ops, mut bytes, mut errors) = (0, 0, 0);
+        for c in done.drain(..) {
+            let i = c.tag as usize;
+            let slot = &mut slots[i];
+            let buf = c.buf.unwrap_or_else(|| AlignedBuf::zeroed(bs));
+            let ok = match &c.result {
+                Ok(()) => true,
+                Err(e) => {
+                    if out.stats.errors < 5 {
+                        tracing::error!(
+                            op = ?slot.kind,
+                            offset = slot.offset,
+                            len = buf.len(),
+                            "request failed: {e}"
+                        );
+                    }
+                    false
+                }
+            };
+            if let (true, Kind::Read, Data::Pattern(p)) = (ok, slot.kind, pass.data) {
+                out.mismatches.extend(p.check(slot.offset, buf.as_slice()));
+            }
+            if counted {
+                out.stats
+                    .record(now.duration_since(slot.submitted), buf.len() as u64, ok);
+                ops += 1;
+                bytes += buf.len() as u64;
+                errors += u64::from(!ok);
+            }
+            slot.buf = Some(buf);
+            free.push(i);
+        }
+        progress.ops.fetch_add(ops, Ordering::Relaxed);
+        progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        progress.errors.fetch_add(errors, Ordering::Relaxed);
+    }
+    out.seconds = began.elapsed().as_secs_f64();
+    out
+}
