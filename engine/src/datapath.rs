@@ -43,30 +43,83 @@ pub(crate) enum Stage {
 
 /// The part of a request inside one cluster.
 pub(crate) struct ClusterOp {
-    parent: Arc<Parent>,
-    kind: Op,
-    vol: u64,
-    shard: u64,
-    idx: u32,
+    pub(crate) parent: Arc<Parent>,
+    pub(crate) kind: Op,
+    pub(crate) vol: u64,
+    pub(crate) shard: u64,
+    pub(crate) idx: u32,
     /// Byte range inside the cluster.
     coff: u32,
     clen: u32,
     /// Where the bytes sit in the caller's buffer.
     buf_off: usize,
     vol_off: u64,
-    held: Held,
-    stage: Stage,
+    pub(crate) held: Held,
+    pub(crate) stage: Stage,
     pending: u32,
     err: Option<IoError>,
     /// Cluster being written, and whether this operation allocated it.
-    target: u64,
-    fresh: bool,
-    new_entry: Option<MapEntry>,
-    /// Read-modify-write buffer covering the 4 KiB-aligned range `bounce_at..`.
-    bounce: Option<AlignedBuf>,
-    bounce_at: u32,
+    pub(crate) target: u64,
+    pub(crate) fresh: bool,
+    pub(crate) new_entry: Option<MapEntry>,
+    /// Read-modify-write buffer holding the whole cluster.
+    pub(crate) bounce: Option<AlignedBuf>,
+    /// Blocks written from the bounce buffer to `target`.
+    pub(crate) write_set: Validity,
+    /// Clusters whose reference the new entry drops (checked once it is applied).
+    pub(crate) drops: [u64; 2],
     /// Write zeros rather than the caller's data.
     zeros: bool,
+    /// A background job rather than a host request.
+    pub(crate) job: Job,
+}
+
+/// Background work on one cluster of a live volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Job {
+    /// A host request.
+    None,
+    /// Copy the blocks a redirected cluster still reads from its parent, then drop it.
+    Fill,
+    /// Give a clone's cluster its own copy of everything it reads (clone inflate).
+    Inflate,
+}
+
+impl ClusterOp {
+    /// A background job's operation on one whole cluster.
+    pub(crate) fn job(
+        parent: Arc<Parent>,
+        job: Job,
+        vol: u64,
+        shard: u64,
+        idx: u32,
+        cluster_size: u32,
+        vol_off: u64,
+    ) -> ClusterOp {
+        ClusterOp {
+            parent,
+            kind: Op::Write { fua: false },
+            vol,
+            shard,
+            idx,
+            coff: 0,
+            clen: cluster_size,
+            buf_off: 0,
+            vol_off,
+            held: Held::None,
+            stage: Stage::Start,
+            pending: 0,
+            err: None,
+            target: NONE,
+            fresh: false,
+            new_entry: None,
+            bounce: None,
+            write_set: Validity::default(),
+            drops: [NONE; 2],
+            zeros: false,
+            job,
+        }
+    }
 }
 
 impl Shard {
@@ -126,6 +179,12 @@ impl Reactor {
             p.parent.finish(Err(IoError::ReadOnly));
             return;
         }
+        if let Some(hold) = &mut vol.hold {
+            if hold.all || p.parent.op.is_write() {
+                hold.pieces.push(p);
+                return;
+            }
+        }
         vol.shards.entry(p.shard).or_insert_with(|| Shard::new(cps));
         let base = p.shard * ss;
         let end = p.off + p.len;
@@ -154,8 +213,10 @@ impl Reactor {
                 fresh: false,
                 new_entry: None,
                 bounce: None,
-                bounce_at: 0,
+                write_set: Validity::default(),
+                drops: [NONE; 2],
                 zeros: false,
+                job: Job::None,
             };
             let k = self.ops.insert(op);
             self.ready.push_back(k);
@@ -163,6 +224,9 @@ impl Reactor {
             n += 1;
         }
         vol.inflight += n;
+        if p.parent.op.is_write() {
+            vol.writes_inflight += n;
+        }
         p.parent.add_parts(n - 1);
     }
 
@@ -170,7 +234,7 @@ impl Reactor {
         self.vols.get_mut(&vol)?.shards.get_mut(&shard)
     }
 
-    fn entry_of(&self, i: usize) -> Option<(MapEntry, u64)> {
+    pub(crate) fn entry_of(&self, i: usize) -> Option<(MapEntry, u64)> {
         let op = self.ops.get(i)?;
         let v = self.vols.get(&op.vol)?;
         let s = v.shards.get(&op.shard)?;
@@ -182,6 +246,10 @@ impl Reactor {
         let Some(op) = self.ops.get(i) else { return };
         if op.stage != Stage::Start {
             return;
+        }
+        if op.job != Job::None {
+            let job = op.job;
+            return self.op_job(i, job);
         }
         match op.kind {
             Op::BlockStatus => {
@@ -201,7 +269,7 @@ impl Reactor {
         }
     }
 
-    fn acquire(&mut self, i: usize, exclusive: bool) -> bool {
+    pub(crate) fn acquire(&mut self, i: usize, exclusive: bool) -> bool {
         let (held, vol, shard, idx) = {
             let op = self.ops.get(i).expect("op");
             (op.held, op.vol, op.shard, op.idx)
@@ -301,44 +369,48 @@ impl Reactor {
             (op.coff, op.clen, op.buf_off)
         };
         let end = coff + clen;
-        // Runs of blocks that come from the cluster, the rest reads as zeros.
-        let mut run: Option<(u32, u32)> = None;
+        // Runs of blocks read from one cluster (this one or the parent); others are zeros.
+        let mut run: Option<(u64, u32, u32)> = None;
         let mut b = coff / B4K;
         while b * B4K < end {
             let s = (b * B4K).max(coff);
             let t = ((b + 1) * B4K).min(end);
-            if e.is_allocated() && e.valid.get(b) {
-                run = match run {
-                    Some((rs, _)) => Some((rs, t)),
-                    None => Some((s, t)),
-                };
-            } else {
-                if let Some((rs, rt)) = run.take() {
-                    self.submit_data(
-                        i,
-                        false,
-                        e.phys,
-                        rs,
-                        buf_off + (rs - coff) as usize,
-                        rt - rs,
-                        false,
-                    );
+            let src = e.source(b);
+            match (run, src) {
+                (Some((c, rs, _)), Some(x)) if c == x => run = Some((c, rs, t)),
+                _ => {
+                    if let Some((c, rs, rt)) = run.take() {
+                        self.submit_data(
+                            i,
+                            false,
+                            c,
+                            rs,
+                            buf_off + (rs - coff) as usize,
+                            rt - rs,
+                            false,
+                        );
+                    }
+                    match src {
+                        Some(x) => run = Some((x, s, t)),
+                        None => {
+                            let op = self.ops.get(i).expect("op");
+                            // SAFETY: bytes s..t of this cluster belong to this operation only.
+                            unsafe {
+                                op.parent
+                                    .slice(buf_off + (s - coff) as usize, (t - s) as usize)
+                            }
+                            .fill(0);
+                        }
+                    }
                 }
-                let op = self.ops.get(i).expect("op");
-                // SAFETY: bytes s..t of this cluster belong to this operation only.
-                unsafe {
-                    op.parent
-                        .slice(buf_off + (s - coff) as usize, (t - s) as usize)
-                }
-                .fill(0);
             }
             b += 1;
         }
-        if let Some((rs, rt)) = run {
+        if let Some((c, rs, rt)) = run {
             self.submit_data(
                 i,
                 false,
-                e.phys,
+                c,
                 rs,
                 buf_off + (rs - coff) as usize,
                 rt - rs,
@@ -398,18 +470,28 @@ impl Reactor {
             }
         };
         let epoch = self.shared.epoch.load(Ordering::Relaxed);
+        // Blocks to copy into the target besides the written ones: those a redirected entry
+        // reads from its own parent (a parent never has a parent itself).
+        let mut copy = Validity::default();
         let new_entry = if owned {
             MapEntry {
                 valid: e.valid.or(touched),
                 ..e
             }
         } else if e.is_allocated() {
-            // Redirect: the snapshot keeps `e`; new blocks go to a new cluster.
+            // Redirect: the snapshot keeps `e`; new blocks go to a new cluster and the rest
+            // is read from e's cluster until fill copies it.
+            let keep = e.valid.minus(touched);
+            if e.parent != NONE {
+                copy = e.pvalid.minus(e.valid).minus(touched);
+            }
+            let parent = if keep.is_empty() { NONE } else { e.phys };
             MapEntry {
                 phys: target,
                 born: epoch,
-                parent: e.phys,
-                valid: touched,
+                parent,
+                valid: touched.or(copy),
+                pvalid: keep,
             }
         } else {
             MapEntry {
@@ -417,17 +499,27 @@ impl Reactor {
                 born: epoch,
                 parent: NONE,
                 valid: touched,
+                pvalid: Validity::default(),
             }
         };
-        let a = fb * B4K;
-        let b = (fb + nb) * B4K;
+        let mut edges = Validity::default();
+        if coff % B4K != 0 {
+            edges.set(fb);
+        }
+        if (coff + clen) % B4K != 0 {
+            edges.set(fb + nb - 1);
+        }
         {
             let op = self.ops.get_mut(i).expect("op");
             op.target = target;
             op.fresh = !owned;
             op.new_entry = Some(new_entry);
+            if !owned && e.is_allocated() {
+                // The live volume stops pointing at e's clusters (the snapshot still may).
+                op.drops = [e.phys, e.parent];
+            }
         }
-        if aligned && !zeros {
+        if aligned && !zeros && copy.is_empty() {
             let buf_off = {
                 let op = self.ops.get_mut(i).expect("op");
                 op.stage = Stage::Write;
@@ -436,29 +528,60 @@ impl Reactor {
             self.submit_data(i, true, target, coff, buf_off, clen, false);
             return self.maybe_advance(i);
         }
-        // Partial blocks: merge into a 4 KiB-aligned bounce buffer, reading the edge blocks'
-        // current contents when they hold data.
+        // Merge into a cluster-sized bounce buffer: the edge blocks' and copied blocks'
+        // current contents first, then the new bytes.
+        let reads = edges.or(copy);
         {
             let op = self.ops.get_mut(i).expect("op");
-            op.bounce = Some(AlignedBuf::zeroed((b - a) as usize));
-            op.bounce_at = a;
+            op.bounce = Some(AlignedBuf::zeroed(self.shared.layout.cluster_size as usize));
+            op.write_set = touched.or(copy);
             op.stage = Stage::RmwRead;
         }
-        let head = fb;
-        let tail = fb + nb - 1;
-        let mut edges = Vec::new();
-        if coff % B4K != 0 {
-            edges.push(head);
-        }
-        if (coff + clen) % B4K != 0 && (tail != head || edges.is_empty()) {
-            edges.push(tail);
-        }
-        for blk in edges {
-            if e.is_allocated() && e.valid.get(blk) {
-                self.submit_bounce(i, false, e.phys, blk * B4K, B4K);
-            }
-        }
+        self.read_blocks_into_bounce(i, &e, reads);
         self.maybe_advance(i);
+    }
+
+    /// Read each block of `set` from where `e` says it lives into the bounce buffer.
+    pub(crate) fn read_blocks_into_bounce(&mut self, i: usize, e: &MapEntry, set: Validity) {
+        let bpc = self.shared.layout.blocks_per_cluster();
+        let mut b = 0;
+        while b < bpc {
+            if !set.get(b) {
+                b += 1;
+                continue;
+            }
+            let src = e.source(b);
+            let mut n = 1;
+            while b + n < bpc && set.get(b + n) && e.source(b + n) == src {
+                n += 1;
+            }
+            if let Some(c) = src {
+                self.submit_bounce(i, false, c, b * B4K, n * B4K);
+            }
+            b += n;
+        }
+    }
+
+    /// Write the runs of `write_set` from the bounce buffer to the target cluster.
+    fn write_bounce_runs(&mut self, i: usize) {
+        let (set, target) = {
+            let op = self.ops.get(i).expect("op");
+            (op.write_set, op.target)
+        };
+        let bpc = self.shared.layout.blocks_per_cluster();
+        let mut b = 0;
+        while b < bpc {
+            if !set.get(b) {
+                b += 1;
+                continue;
+            }
+            let mut n = 1;
+            while b + n < bpc && set.get(b + n) {
+                n += 1;
+            }
+            self.submit_bounce(i, true, target, b * B4K, n * B4K);
+            b += n;
+        }
     }
 
     fn op_discard(&mut self, i: usize) {
@@ -478,32 +601,36 @@ impl Reactor {
         }
         let owned = e.born > snap;
         if coff == 0 && clen == cs {
-            if owned {
-                self.free_cluster(e.phys);
-            }
+            self.ops.get_mut(i).expect("op").drops = [e.phys, e.parent];
             return self.set_entry_and_finish(i, e, MapEntry::UNALLOCATED);
         }
         let first_full = coff.div_ceil(B4K);
         let end_full = (coff + clen) / B4K;
-        if matches!(kind, Op::Trim) {
-            if owned && e.parent == NONE && end_full > first_full {
-                let mut ne = MapEntry {
-                    valid: e
-                        .valid
-                        .minus(Validity::range(first_full, end_full - first_full)),
-                    ..e
-                };
-                if ne.valid.is_empty() {
-                    self.free_cluster(e.phys);
-                    ne = MapEntry::UNALLOCATED;
-                }
-                return self.set_entry_and_finish(i, e, ne);
+        let aligned = coff % B4K == 0 && clen % B4K == 0;
+        if owned && end_full > first_full && (aligned || matches!(kind, Op::Trim)) {
+            // Metadata only: the covered blocks read as zeros from now on.
+            let r = Validity::range(first_full, end_full - first_full);
+            let mut ne = MapEntry {
+                valid: e.valid.minus(r),
+                pvalid: e.pvalid.minus(r),
+                ..e
+            };
+            if ne.pvalid.is_empty() && ne.parent != NONE {
+                ne.parent = NONE;
+                self.ops.get_mut(i).expect("op").drops[1] = e.parent;
             }
+            if ne.valid.is_empty() && ne.pvalid.is_empty() {
+                ne = MapEntry::UNALLOCATED;
+                self.ops.get_mut(i).expect("op").drops = [e.phys, e.parent];
+            }
+            return self.set_entry_and_finish(i, e, ne);
+        }
+        if matches!(kind, Op::Trim) {
+            // Trimming part of a shared cluster is only advice: nothing to do.
             return self.finish_op(i, Ok(()));
         }
         // Part of a cluster must read as zeros: write zeros through the write path.
-        let op = self.ops.get_mut(i).expect("op");
-        op.zeros = true;
+        self.ops.get_mut(i).expect("op").zeros = true;
         self.op_write(i);
     }
 
@@ -534,18 +661,33 @@ impl Reactor {
     }
 
     fn apply_entry(&mut self, i: usize, ne: MapEntry) {
-        let (vol, shard, idx) = {
-            let op = self.ops.get(i).expect("op");
-            (op.vol, op.shard, op.idx)
+        let (vol, shard, idx, drops) = {
+            let op = self.ops.get_mut(i).expect("op");
+            let d = op.drops;
+            op.drops = [NONE; 2];
+            (op.vol, op.shard, op.idx, d)
         };
-        if let Some(s) = self.shard_mut(vol, shard) {
-            s.map.set(idx as usize, ne);
-            self.journal.append(&crate::journal::Record::Entry {
-                vol,
-                shard: shard as u32,
-                index: idx,
-                entry: ne,
-            });
+        let Some(v) = self.vols.get_mut(&vol) else {
+            return;
+        };
+        let snap = v.snap_epoch;
+        let Some(s) = v.shards.get_mut(&shard) else {
+            return;
+        };
+        s.map.set(idx as usize, ne);
+        self.journal.append(&crate::journal::Record::Entry {
+            vol,
+            shard: shard as u32,
+            index: idx,
+            entry: ne,
+        });
+        for c in drops {
+            if c != ne.phys && c != ne.parent {
+                self.release_ref(shard, idx, c);
+            }
+        }
+        if ne.parent != NONE && ne.born > snap {
+            self.fills.push_back((vol, shard, idx));
         }
     }
 
@@ -568,9 +710,9 @@ impl Reactor {
     /// Device I/O between a cluster and the operation's bounce buffer.
     fn submit_bounce(&mut self, i: usize, write: bool, cluster: u64, coff: u32, len: u32) {
         let op = self.ops.get_mut(i).expect("op");
-        let at = (coff - op.bounce_at) as usize;
+        let at = coff as usize;
         let ptr = op.bounce.as_mut().expect("bounce").as_mut_ptr();
-        // SAFETY: at + len lies inside the bounce buffer (both within bounce_at..b).
+        // SAFETY: the bounce buffer holds the whole cluster and coff + len lies inside it.
         let ptr = unsafe { ptr.add(at) };
         self.submit_dev(i, write, cluster, coff, ptr, len, false);
     }
@@ -636,7 +778,7 @@ impl Reactor {
         self.maybe_advance(i);
     }
 
-    fn maybe_advance(&mut self, i: usize) {
+    pub(crate) fn maybe_advance(&mut self, i: usize) {
         let Some(op) = self.ops.get_mut(i) else {
             return;
         };
@@ -652,22 +794,19 @@ impl Reactor {
                 if let Some(e) = op.err.clone() {
                     return self.fail_write(i, e);
                 }
-                let (coff, clen, a, zeros, buf_off) =
-                    (op.coff, op.clen, op.bounce_at, op.zeros, op.buf_off);
-                let target = op.target;
-                let mut bounce = op.bounce.take().expect("bounce");
-                let dst =
-                    &mut bounce.as_mut_slice()[(coff - a) as usize..(coff - a + clen) as usize];
-                if zeros {
+                let (coff, clen, zeros, buf_off) = (op.coff, op.clen, op.zeros, op.buf_off);
+                let bounce = op.bounce.as_mut().expect("bounce");
+                let dst = &mut bounce.as_mut_slice()[coff as usize..(coff + clen) as usize];
+                if op.job != Job::None {
+                    // Jobs copy what they read; there are no caller bytes.
+                } else if zeros {
                     dst.fill(0);
                 } else {
                     // SAFETY: the caller's bytes of this operation, read-only here.
                     dst.copy_from_slice(unsafe { op.parent.slice(buf_off, clen as usize) });
                 }
-                let len = bounce.len() as u32;
-                op.bounce = Some(bounce);
                 op.stage = Stage::Write;
-                self.submit_bounce(i, true, target, a, len);
+                self.write_bounce_runs(i);
                 self.maybe_advance(i)
             }
             Stage::Write => {
@@ -713,31 +852,34 @@ impl Reactor {
     pub(crate) fn finish_op(&mut self, i: usize, r: Result<(), IoError>) {
         self.release(i);
         let Some(op) = self.ops.remove(i) else { return };
+        if op.job != Job::None {
+            self.jobs_in_flight -= 1;
+        }
         if let Some(v) = self.vols.get_mut(&op.vol) {
             v.inflight -= 1;
-            if v.deleting && v.inflight == 0 {
-                self.drop_volume(op.vol);
+            if op.kind.is_write() && op.job == Job::None {
+                v.writes_inflight -= 1;
+            }
+            let drained = match &v.hold {
+                Some(h) if h.all => v.inflight == 0,
+                Some(_) => v.writes_inflight == 0,
+                None => false,
+            };
+            if drained {
+                if let Some(f) = v.hold.as_mut().and_then(|h| h.on_drained.take()) {
+                    f(self);
+                }
+            }
+            if let Some(v) = self.vols.get(&op.vol) {
+                if v.deleting && v.inflight == 0 {
+                    self.drop_image(op.vol);
+                }
             }
         }
         op.parent.finish(r);
     }
 
-    /// Free every cluster of a deleted volume's shards here and forget it.
-    pub(crate) fn drop_volume(&mut self, vol: u64) {
-        let Some(v) = self.vols.remove(&vol) else {
-            return;
-        };
-        for s in v.shards.values() {
-            for (_, e) in s.map.allocated() {
-                if e.born > v.snap_epoch {
-                    self.free_cluster(e.phys);
-                }
-            }
-        }
-        self.commit_wanted(None);
-    }
-
-    fn alloc_cluster(&mut self) -> Option<u64> {
+    pub(crate) fn alloc_cluster(&mut self) -> Option<u64> {
         let c = self.alloc.alloc()?;
         self.shared.used_clusters.fetch_add(1, Ordering::Relaxed);
         Some(c)
@@ -748,7 +890,7 @@ impl Reactor {
         self.alloc.free_later(c);
     }
 
-    fn wait_space(&mut self, i: usize) {
+    pub(crate) fn wait_space(&mut self, i: usize) {
         self.ops.get_mut(i).expect("op").stage = Stage::Start;
         self.space_waiters.push_back(i);
         if self.alloc.has_frees() {
@@ -927,6 +1069,7 @@ impl Reactor {
         match w {
             Waiter::Op(i) => self.finish_op(i, r),
             Waiter::Flush(p) => p.finish(r),
+            Waiter::Call(f) => f(r),
         }
     }
 }

@@ -5,7 +5,7 @@ use crate::alloc::{self, Allocator};
 use crate::error::{ControlError, PoolError};
 use crate::format::{FormatOptions, Superblock};
 use crate::io::{Completion, Request, VolumeId};
-use crate::journal::{Journal, Record, VolumeRecord};
+use crate::journal::{ImageKind, Journal, Record, VolumeRecord};
 use crate::layout::Layout;
 use crate::map::ShardMap;
 use crate::media::DeviceSpec;
@@ -78,13 +78,46 @@ pub struct CoreCounters {
     pub flushes: u64,
 }
 
-struct ControlState {
-    state: PoolState,
+pub(crate) struct ControlState {
+    pub(crate) state: PoolState,
+    /// Clones being inflated: clusters queued at the start.
+    pub(crate) inflating: HashMap<u64, u64>,
 }
 
-struct Inner {
-    shared: Arc<Shared>,
-    control: Mutex<ControlState>,
+impl ControlState {
+    /// The volume (not snapshot) of that name.
+    pub(crate) fn find_volume(&self, name: &str) -> Option<&VolumeRecord> {
+        self.state
+            .volumes
+            .values()
+            .find(|v| v.kind == ImageKind::Volume && v.name == name)
+    }
+
+    /// Snapshots of volume `id`, oldest first.
+    pub(crate) fn snapshots_of(&self, id: u64) -> Vec<&VolumeRecord> {
+        let mut v: Vec<&VolumeRecord> = self
+            .state
+            .volumes
+            .values()
+            .filter(|s| s.kind == ImageKind::Snapshot && s.of == id)
+            .collect();
+        v.sort_by_key(|s| s.epoch);
+        v
+    }
+
+    /// Clones still depending on snapshot `id`.
+    pub(crate) fn clones_of(&self, id: u64) -> Vec<&VolumeRecord> {
+        self.state
+            .volumes
+            .values()
+            .filter(|v| v.kind == ImageKind::Volume && v.of == id)
+            .collect()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) control: Mutex<ControlState>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stopped: AtomicBool,
 }
@@ -92,10 +125,10 @@ struct Inner {
 /// A running engine. Cheap to clone; `shutdown` stops it.
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -152,6 +185,7 @@ impl Engine {
         st.gen += 1;
         st.control_seq = 0;
         st.control_next = 0;
+        st.reactors = n as u32;
         st.region_seq = vec![0; layout.sb.journal_regions as usize];
         let parts = vec![pool::encode_maps(
             maps.iter().map(|((v, s), m)| (*v, *s, m)),
@@ -190,7 +224,8 @@ impl Engine {
         }
         let volumes = VolumeTable::default();
         for v in st.volumes.values() {
-            volumes.insert(Arc::new(meta_of(v)));
+            let of = st.volumes.get(&v.of).map(|o| o.name.as_str());
+            volumes.insert(Arc::new(meta_of(v, of)));
         }
         let shared = Arc::new(Shared {
             layout: layout.clone(),
@@ -264,22 +299,25 @@ impl Engine {
             threads.push(t);
         }
         tracing::info!(reactors = n, poll = ?cfg.poll, "engine started");
-        Ok(Engine {
-            inner: Arc::new(Inner {
-                shared,
-                control: Mutex::new(ControlState { state: st }),
-                threads: Mutex::new(threads),
-                stopped: AtomicBool::new(false),
+        let inner = Arc::new(Inner {
+            shared,
+            control: Mutex::new(ControlState {
+                state: st,
+                inflating: HashMap::new(),
             }),
-        })
+            threads: Mutex::new(threads),
+            stopped: AtomicBool::new(false),
+        });
+        crate::coordinator::spawn_housekeeper(Arc::downgrade(&inner));
+        Ok(Engine { inner })
     }
 
-    fn control(&self) -> std::sync::MutexGuard<'_, ControlState> {
+    pub(crate) fn control(&self) -> std::sync::MutexGuard<'_, ControlState> {
         self.inner.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Run `f` on every reactor and collect the answers in reactor order.
-    fn on_all<T: Send + 'static>(
+    pub(crate) fn on_all<T: Send + 'static>(
         &self,
         f: impl Fn(&mut Reactor) -> T + Send + Sync + 'static,
     ) -> Vec<T> {
@@ -306,7 +344,11 @@ impl Engine {
         self.inner.shared.inboxes.len()
     }
 
-    fn log_control(&self, c: &mut ControlState, rec: Record) -> Result<(), ControlError> {
+    pub(crate) fn log_control(
+        &self,
+        c: &mut ControlState,
+        rec: Record,
+    ) -> Result<(), ControlError> {
         let s = &self.inner.shared;
         let blocks = s.layout.sb.control_bytes / crate::format::BLOCK;
         if c.state.control_next - c.state.control_seq + 1 >= blocks {
@@ -333,7 +375,7 @@ impl Engine {
         }
         check_size(size, block_size)?;
         let mut c = self.control();
-        if c.state.volumes.values().any(|v| v.name == name) {
+        if c.find_volume(name).is_some() {
             return Err(ControlError::Exists(name.into()));
         }
         let v = VolumeRecord {
@@ -342,6 +384,9 @@ impl Engine {
             size,
             block_size,
             created_unix: now_unix(),
+            kind: ImageKind::Volume,
+            of: crate::map::NONE,
+            epoch: 0,
         };
         self.log_control(&mut c, Record::VolumeCreate(v.clone()))?;
         c.state.next_volume_id += 1;
@@ -350,7 +395,10 @@ impl Engine {
         self.on_all(move |r| {
             r.vols.insert(vr.id, vol_state(&vr));
         });
-        self.inner.shared.volumes.insert(Arc::new(meta_of(&v)));
+        self.inner
+            .shared
+            .volumes
+            .insert(Arc::new(meta_of(&v, None)));
         tracing::info!(volume = name, size, block_size, "volume created");
         Ok(info_of(&v))
     }
@@ -359,12 +407,16 @@ impl Engine {
     pub fn delete_volume(&self, name: &str) -> Result<(), ControlError> {
         let mut c = self.control();
         let id = c
-            .state
-            .volumes
-            .values()
-            .find(|v| v.name == name)
+            .find_volume(name)
             .map(|v| v.id)
             .ok_or_else(|| ControlError::UnknownVolume(name.into()))?;
+        let snaps: Vec<String> = c.snapshots_of(id).iter().map(|s| s.name.clone()).collect();
+        if !snaps.is_empty() {
+            return Err(ControlError::InUse(format!(
+                "volume '{name}' has snapshots ({}); delete them first",
+                snaps.join(", ")
+            )));
+        }
         self.log_control(&mut c, Record::VolumeDelete { id })?;
         c.state.volumes.remove(&id);
         self.inner.shared.volumes.remove(id);
@@ -372,7 +424,7 @@ impl Engine {
             if let Some(v) = r.vols.get_mut(&id) {
                 v.deleting = true;
                 if v.inflight == 0 {
-                    r.drop_volume(id);
+                    r.drop_image(id);
                 }
             }
         });
@@ -384,10 +436,7 @@ impl Engine {
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, ControlError> {
         let mut c = self.control();
         let v = c
-            .state
-            .volumes
-            .values()
-            .find(|v| v.name == name)
+            .find_volume(name)
             .cloned()
             .ok_or_else(|| ControlError::UnknownVolume(name.into()))?;
         check_size(size, v.block_size)?;
@@ -419,19 +468,20 @@ impl Engine {
     /// Every volume, by name.
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         let c = self.control();
-        let mut v: Vec<VolumeInfo> = c.state.volumes.values().map(info_of).collect();
+        let mut v: Vec<VolumeInfo> = c
+            .state
+            .volumes
+            .values()
+            .filter(|v| v.kind == ImageKind::Volume)
+            .map(info_of)
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
     /// The volume of that name.
     pub fn volume(&self, name: &str) -> Option<VolumeInfo> {
-        self.control()
-            .state
-            .volumes
-            .values()
-            .find(|v| v.name == name)
-            .map(info_of)
+        self.control().find_volume(name).map(info_of)
     }
 
     /// Bytes of clusters a volume has allocated.
@@ -569,6 +619,11 @@ impl Engine {
         Ok(())
     }
 
+    /// True once `shutdown` began.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::Acquire)
+    }
+
     /// Stop: fail new requests, let in-flight ones finish, flush, checkpoint, join reactors.
     pub fn shutdown(&self) -> Result<(), ControlError> {
         if self.inner.stopped.swap(true, Ordering::AcqRel) {
@@ -608,7 +663,7 @@ impl Engine {
     }
 }
 
-fn check_size(size: u64, block_size: u32) -> Result<(), ControlError> {
+pub(crate) fn check_size(size: u64, block_size: u32) -> Result<(), ControlError> {
     if size == 0 || size % block_size as u64 != 0 {
         return Err(ControlError::BadSize(format!(
             "{size} bytes is not a non-zero multiple of the block size {block_size}"
@@ -623,19 +678,24 @@ fn check_size(size: u64, block_size: u32) -> Result<(), ControlError> {
     Ok(())
 }
 
-fn meta_of(v: &VolumeRecord) -> VolumeMeta {
+/// The submit path's view of an image; snapshots are named `volume@snapshot`.
+pub(crate) fn meta_of(v: &VolumeRecord, of: Option<&str>) -> VolumeMeta {
+    let name = match (v.kind, of) {
+        (ImageKind::Snapshot, Some(vol)) => format!("{vol}@{}", v.name),
+        _ => v.name.clone(),
+    };
     VolumeMeta {
         id: v.id,
-        name: v.name.clone(),
+        name,
         block_size: v.block_size,
         size: AtomicU64::new(v.size),
-        read_only: false,
+        read_only: v.kind != ImageKind::Volume,
         deleted: AtomicBool::new(false),
         created_unix: v.created_unix,
     }
 }
 
-fn info_of(v: &VolumeRecord) -> VolumeInfo {
+pub(crate) fn info_of(v: &VolumeRecord) -> VolumeInfo {
     VolumeInfo {
         id: VolumeId(v.id),
         name: v.name.clone(),
@@ -645,15 +705,17 @@ fn info_of(v: &VolumeRecord) -> VolumeInfo {
     }
 }
 
-fn vol_state(v: &VolumeRecord) -> VolState {
+pub(crate) fn vol_state(v: &VolumeRecord) -> VolState {
     VolState {
         size: v.size,
         block_size: v.block_size,
-        read_only: false,
-        snap_epoch: 0,
+        read_only: v.kind != ImageKind::Volume,
+        snap_epoch: v.epoch,
         shards: HashMap::new(),
         inflight: 0,
+        writes_inflight: 0,
         deleting: false,
+        hold: None,
     }
 }
 

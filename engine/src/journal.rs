@@ -14,7 +14,16 @@ const HEADER: usize = 32;
 /// Record bytes that fit in one block.
 pub const BLOCK_PAYLOAD: usize = BLOCK as usize - HEADER;
 
-/// A volume as recorded in the control log and checkpoints.
+/// What an image in the volume table is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// A writable volume (a clone when `of` names a snapshot).
+    Volume = 0,
+    /// A read-only snapshot of volume `of`.
+    Snapshot = 1,
+}
+
+/// A volume or snapshot as recorded in the control log and checkpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeRecord {
     pub id: u64,
@@ -22,6 +31,13 @@ pub struct VolumeRecord {
     pub size: u64,
     pub block_size: u32,
     pub created_unix: u64,
+    pub kind: ImageKind,
+    /// Snapshot: the volume it was taken of. Volume: the snapshot it was cloned
+    /// from (until inflated), or NONE.
+    pub of: u64,
+    /// Snapshot: the epoch it froze. Volume: S, the epoch of its newest snapshot (or of
+    /// its origin snapshot), so entries born after it belong to the volume alone.
+    pub epoch: u64,
 }
 
 /// One metadata change.
@@ -40,13 +56,27 @@ pub enum Record {
     VolumeDelete { id: u64 },
     /// A volume was resized.
     VolumeResize { id: u64, size: u64 },
+    /// Control log: a snapshot exists (every region froze its shards before this record).
+    SnapshotCreate(VolumeRecord),
+    /// Control log: a snapshot was deleted.
+    SnapshotDelete { id: u64 },
+    /// Control log: a clone no longer depends on its origin snapshot.
+    CloneInflated { id: u64 },
+    /// Region: this region's shards of `vol` were frozen into snapshot `snap` here.
+    Freeze { vol: u64, snap: u64, epoch: u64 },
+    /// Region: clone `vol` starts with this region's shards of snapshot `from`.
+    Clone { vol: u64, from: u64 },
+    /// Region: this region's shards of `vol` were replaced by snapshot `snap`'s.
+    Rollback { vol: u64, snap: u64 },
+    /// Region: image `id` was deleted here; entries no other image reads through are gone.
+    Drop { id: u64 },
 }
 
-fn put_entry(out: &mut Vec<u8>, e: &MapEntry) {
+pub(crate) fn put_entry(out: &mut Vec<u8>, e: &MapEntry) {
     out.extend_from_slice(&e.phys.to_le_bytes());
     out.extend_from_slice(&e.born.to_le_bytes());
     out.extend_from_slice(&e.parent.to_le_bytes());
-    for w in e.valid.0 {
+    for w in e.valid.0.iter().chain(e.pvalid.0.iter()) {
         out.extend_from_slice(&w.to_le_bytes());
     }
 }
@@ -57,6 +87,7 @@ pub(crate) fn get_entry(r: &mut Reader) -> Option<MapEntry> {
         born: r.u64()?,
         parent: r.u64()?,
         valid: Validity([r.u64()?, r.u64()?, r.u64()?, r.u64()?]),
+        pvalid: Validity([r.u64()?, r.u64()?, r.u64()?, r.u64()?]),
     })
 }
 
@@ -76,6 +107,9 @@ pub(crate) fn put_volume(out: &mut Vec<u8>, v: &VolumeRecord) {
     out.extend_from_slice(&v.size.to_le_bytes());
     out.extend_from_slice(&v.block_size.to_le_bytes());
     out.extend_from_slice(&v.created_unix.to_le_bytes());
+    out.push(v.kind as u8);
+    out.extend_from_slice(&v.of.to_le_bytes());
+    out.extend_from_slice(&v.epoch.to_le_bytes());
 }
 
 pub(crate) fn get_volume(r: &mut Reader) -> Option<VolumeRecord> {
@@ -85,7 +119,21 @@ pub(crate) fn get_volume(r: &mut Reader) -> Option<VolumeRecord> {
         size: r.u64()?,
         block_size: r.u32()?,
         created_unix: r.u64()?,
+        kind: match r.u8()? {
+            0 => ImageKind::Volume,
+            1 => ImageKind::Snapshot,
+            _ => return None,
+        },
+        of: r.u64()?,
+        epoch: r.u64()?,
     })
+}
+
+fn put_ids(out: &mut Vec<u8>, tag: u8, ids: &[u64]) {
+    out.push(tag);
+    for id in ids {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
 }
 
 impl Record {
@@ -117,6 +165,16 @@ impl Record {
                 out.extend_from_slice(&id.to_le_bytes());
                 out.extend_from_slice(&size.to_le_bytes());
             }
+            Record::SnapshotCreate(v) => {
+                out.push(5);
+                put_volume(out, v);
+            }
+            Record::SnapshotDelete { id } => put_ids(out, 6, &[*id]),
+            Record::CloneInflated { id } => put_ids(out, 7, &[*id]),
+            Record::Freeze { vol, snap, epoch } => put_ids(out, 8, &[*vol, *snap, *epoch]),
+            Record::Clone { vol, from } => put_ids(out, 9, &[*vol, *from]),
+            Record::Rollback { vol, snap } => put_ids(out, 10, &[*vol, *snap]),
+            Record::Drop { id } => put_ids(out, 11, &[*id]),
         }
     }
 
@@ -135,6 +193,23 @@ impl Record {
                 id: r.u64()?,
                 size: r.u64()?,
             },
+            5 => Record::SnapshotCreate(get_volume(r)?),
+            6 => Record::SnapshotDelete { id: r.u64()? },
+            7 => Record::CloneInflated { id: r.u64()? },
+            8 => Record::Freeze {
+                vol: r.u64()?,
+                snap: r.u64()?,
+                epoch: r.u64()?,
+            },
+            9 => Record::Clone {
+                vol: r.u64()?,
+                from: r.u64()?,
+            },
+            10 => Record::Rollback {
+                vol: r.u64()?,
+                snap: r.u64()?,
+            },
+            11 => Record::Drop { id: r.u64()? },
             _ => return None,
         })
     }
@@ -285,6 +360,7 @@ mod tests {
                 born: 4,
                 parent: NONE,
                 valid: Validity::range(0, i % 16 + 1),
+                pvalid: Validity::range(0, 3),
             },
         }
     }
@@ -301,7 +377,20 @@ mod tests {
                     size: 1 << 30,
                     block_size: 512,
                     created_unix: 5,
+                    kind: ImageKind::Volume,
+                    of: NONE,
+                    epoch: 0,
                 }),
+                Record::SnapshotDelete { id: 4 },
+                Record::CloneInflated { id: 5 },
+                Record::Freeze {
+                    vol: 3,
+                    snap: 4,
+                    epoch: 9,
+                },
+                Record::Clone { vol: 5, from: 4 },
+                Record::Rollback { vol: 3, snap: 4 },
+                Record::Drop { id: 4 },
                 Record::VolumeResize {
                     id: 3,
                     size: 2 << 30,

@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod buf;
+pub mod coordinator;
 mod datapath;
 mod dispatch;
 pub mod engine;
@@ -20,9 +21,11 @@ pub mod pool;
 pub mod reactor;
 pub mod request;
 mod slab;
+mod snapshot;
 pub mod volume;
 
 pub use buf::AlignedBuf;
+pub use coordinator::{InflateProgress, SnapshotInfo};
 pub use engine::{Client, CoreCounters, Engine, EngineConfig, PoolInfo, VolumeInfo};
 pub use error::{ControlError, IoError, PoolError};
 pub use format::FormatOptions;

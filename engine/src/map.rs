@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 /// "No cluster": an unallocated entry's `phys`, or an entry without a parent.
 pub const NONE: u64 = u64::MAX;
-/// Entries per map page: 64 × 56 bytes, about one 4 KiB page.
+/// Entries per map page (64 × 88 bytes).
 pub const ENTRIES_PER_PAGE: usize = 64;
 
 /// One bit per 4 KiB block of a cluster (clusters hold at most 256 blocks).
@@ -72,10 +72,14 @@ pub struct MapEntry {
     pub phys: u64,
     /// Epoch in which this entry was written; `born > S` means the live volume owns it alone.
     pub born: u64,
-    /// The cluster to read invalid blocks from (a snapshot's), or NONE for zeros.
+    /// The cluster (a snapshot's, never changed again) that holds the blocks of `pvalid`,
+    /// or NONE.
     pub parent: u64,
     /// Blocks this cluster holds.
     pub valid: Validity,
+    /// Blocks not in `valid` that are read from `parent`; any other block reads as zeros.
+    /// Every entry resolves on its own: a parent never needs its own parent.
+    pub pvalid: Validity,
 }
 
 impl MapEntry {
@@ -85,11 +89,26 @@ impl MapEntry {
         born: 0,
         parent: NONE,
         valid: Validity([0; 4]),
+        pvalid: Validity([0; 4]),
     };
 
     /// True when a cluster backs this entry.
     pub fn is_allocated(&self) -> bool {
         self.phys != NONE
+    }
+
+    /// Where block `b` is read from: this cluster, the parent, or nowhere (zeros).
+    #[inline]
+    pub fn source(&self, b: u32) -> Option<u64> {
+        if self.phys == NONE {
+            None
+        } else if self.valid.get(b) {
+            Some(self.phys)
+        } else if self.parent != NONE && self.pvalid.get(b) {
+            Some(self.parent)
+        } else {
+            None
+        }
     }
 }
 
@@ -143,6 +162,16 @@ impl ShardMap {
         }
     }
 
+    /// The pages, shared by `Arc` (checkpoints write each distinct page once).
+    pub fn pages(&self) -> &[Option<Arc<MapPage>>] {
+        &self.pages
+    }
+
+    /// A map made of these pages.
+    pub fn from_pages(pages: Vec<Option<Arc<MapPage>>>) -> ShardMap {
+        ShardMap { pages }
+    }
+
     /// Every allocated entry with its index, in index order.
     pub fn allocated(&self) -> impl Iterator<Item = (usize, MapEntry)> + '_ {
         self.pages
@@ -183,6 +212,7 @@ mod tests {
             born: 1,
             parent: NONE,
             valid: Validity::range(0, 16),
+            pvalid: Validity::default(),
         };
         live.set(3, e);
         let snap = live.clone();

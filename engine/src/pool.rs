@@ -5,11 +5,12 @@
 use crate::buf::AlignedBuf;
 use crate::error::PoolError;
 use crate::format::{self, FormatOptions, Reader, Superblock, BLOCK, SB_SIZE};
-use crate::journal::{self, open_block, seal_block, Record, VolumeRecord};
+use crate::journal::{self, open_block, seal_block, ImageKind, Record, VolumeRecord};
 use crate::layout::Layout;
-use crate::map::{MapEntry, ShardMap};
+use crate::map::{MapEntry, MapPage, ShardMap};
 use crate::media::{DeviceSpec, Member};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 const CKPT_MAGIC: u32 = u32::from_le_bytes(*b"TCKP");
 /// Region number stamped on control-log blocks.
@@ -27,6 +28,8 @@ pub struct PoolState {
     /// Next control-log block to write (not stored; equals control_seq after a checkpoint).
     pub control_next: u64,
     pub region_seq: Vec<u64>,
+    /// Reactors of the run the checkpoint starts: region r owned shards s with s % n == r.
+    pub reactors: u32,
     pub volumes: BTreeMap<u64, VolumeRecord>,
     pub maps: HashMap<(u64, u64), ShardMap>,
 }
@@ -141,49 +144,95 @@ pub fn format(specs: &[DeviceSpec], opts: &FormatOptions) -> Result<Superblock, 
     Ok(sbs.into_iter().next().expect("one member"))
 }
 
-fn encode_shard_image(out: &mut Vec<u8>, vol: u64, shard: u64, map: &ShardMap) {
-    let entries: Vec<(usize, MapEntry)> = map.allocated().collect();
-    out.extend_from_slice(&vol.to_le_bytes());
-    out.extend_from_slice(&shard.to_le_bytes());
-    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    for (i, e) in entries {
-        out.extend_from_slice(&(i as u32).to_le_bytes());
-        out.extend_from_slice(&e.phys.to_le_bytes());
-        out.extend_from_slice(&e.born.to_le_bytes());
-        out.extend_from_slice(&e.parent.to_le_bytes());
-        for w in e.valid.0 {
-            out.extend_from_slice(&w.to_le_bytes());
+/// Serialize shard maps (one reactor's part of a checkpoint). Pages shared between maps (a
+/// volume and its snapshots) are written once and referenced by number.
+pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> Vec<u8> {
+    let mut ids: HashMap<*const MapPage, u32> = HashMap::new();
+    let mut pages = Vec::new();
+    let mut npages = 0u32;
+    let mut index = Vec::new();
+    let mut nmaps = 0u32;
+    for (img, shard, map) in maps {
+        nmaps += 1;
+        index.extend_from_slice(&img.to_le_bytes());
+        index.extend_from_slice(&shard.to_le_bytes());
+        index.extend_from_slice(&(map.pages().len() as u32).to_le_bytes());
+        for p in map.pages() {
+            let id = match p {
+                None => u32::MAX,
+                Some(p) => *ids.entry(Arc::as_ptr(p)).or_insert_with(|| {
+                    let live: Vec<(usize, &MapEntry)> = p
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, e)| e.is_allocated())
+                        .collect();
+                    pages.extend_from_slice(&(live.len() as u16).to_le_bytes());
+                    for (k, e) in live {
+                        pages.push(k as u8);
+                        journal::put_entry(&mut pages, e);
+                    }
+                    npages += 1;
+                    npages - 1
+                }),
+            };
+            index.extend_from_slice(&id.to_le_bytes());
         }
     }
+    let mut out = Vec::with_capacity(8 + pages.len() + index.len());
+    out.extend_from_slice(&npages.to_le_bytes());
+    out.extend_from_slice(&pages);
+    out.extend_from_slice(&nmaps.to_le_bytes());
+    out.extend_from_slice(&index);
+    out
 }
 
-/// Serialize shard maps (one reactor's part of a checkpoint).
-pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (vol, shard, map) in maps {
-        encode_shard_image(&mut out, vol, shard, map);
+fn decode_part(
+    r: &mut Reader,
+    layout: &Layout,
+    maps: &mut HashMap<(u64, u64), ShardMap>,
+) -> Option<()> {
+    let npages = r.u32()?;
+    let mut pages = Vec::with_capacity(npages as usize);
+    for _ in 0..npages {
+        let n = r.u16()?;
+        let mut page = [MapEntry::UNALLOCATED; crate::map::ENTRIES_PER_PAGE];
+        for _ in 0..n {
+            let k = r.u8()? as usize;
+            *page.get_mut(k)? = journal::get_entry(r)?;
+        }
+        pages.push(Arc::new(page));
     }
-    out
+    let slots = layout
+        .clusters_per_shard()
+        .div_ceil(crate::map::ENTRIES_PER_PAGE as u64) as usize;
+    let nmaps = r.u32()?;
+    for _ in 0..nmaps {
+        let img = r.u64()?;
+        let shard = r.u64()?;
+        let n = r.u32()? as usize;
+        if n != slots {
+            return None;
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = r.u32()?;
+            v.push(if id == u32::MAX {
+                None
+            } else {
+                Some(pages.get(id as usize)?.clone())
+            });
+        }
+        maps.insert((img, shard), ShardMap::from_pages(v));
+    }
+    Some(())
 }
 
 fn decode_maps(b: &[u8], layout: &Layout, maps: &mut HashMap<(u64, u64), ShardMap>) -> Option<()> {
     let mut r = Reader::new(b);
-    let cps = layout.clusters_per_shard() as usize;
     while r.remaining() > 0 {
-        let vol = r.u64()?;
-        let shard = r.u64()?;
-        let n = r.u32()?;
-        let map = maps
-            .entry((vol, shard))
-            .or_insert_with(|| ShardMap::new(cps));
-        for _ in 0..n {
-            let i = r.u32()? as usize;
-            let e = journal::get_entry(&mut r)?;
-            if i >= cps {
-                return None;
-            }
-            map.set(i, e);
-        }
+        let len = r.u64()? as usize;
+        let part = r.take(len)?;
+        decode_part(&mut Reader::new(part), layout, maps)?;
     }
     Some(())
 }
@@ -198,7 +247,12 @@ pub fn write_checkpoint(
 ) -> Result<(), PoolError> {
     let sb = &layout.sb;
     let mut p = Vec::new();
-    for v in [state.next_volume_id, state.epoch, state.control_seq] {
+    for v in [
+        state.next_volume_id,
+        state.epoch,
+        state.control_seq,
+        state.reactors as u64,
+    ] {
         p.extend_from_slice(&v.to_le_bytes());
     }
     p.extend_from_slice(&(state.region_seq.len() as u32).to_le_bytes());
@@ -211,6 +265,7 @@ pub fn write_checkpoint(
     }
     let mut maps = Vec::new();
     for part in parts {
+        maps.extend_from_slice(&(part.len() as u64).to_le_bytes());
         maps.extend_from_slice(part);
     }
     p.extend_from_slice(&(maps.len() as u64).to_le_bytes());
@@ -291,6 +346,7 @@ fn read_checkpoint(
     st.next_volume_id = r.u64().ok_or_else(bad)?;
     st.epoch = r.u64().ok_or_else(bad)?;
     st.control_seq = r.u64().ok_or_else(bad)?;
+    st.reactors = r.u64().ok_or_else(bad)? as u32;
     let nr = r.u32().ok_or_else(bad)?;
     for _ in 0..nr {
         st.region_seq.push(r.u64().ok_or_else(bad)?);
@@ -365,7 +421,14 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
                 st.next_volume_id = st.next_volume_id.max(v.id + 1);
                 st.volumes.insert(v.id, v);
             }
-            Record::VolumeDelete { id } => {
+            Record::SnapshotCreate(v) => {
+                st.next_volume_id = st.next_volume_id.max(v.id + 1);
+                if let Some(vol) = st.volumes.get_mut(&v.of) {
+                    vol.epoch = vol.epoch.max(v.epoch);
+                }
+                st.volumes.insert(v.id, v);
+            }
+            Record::VolumeDelete { id } | Record::SnapshotDelete { id } => {
                 st.volumes.remove(&id);
             }
             Record::VolumeResize { id, size } => {
@@ -373,8 +436,15 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
                     v.size = size;
                 }
             }
-            Record::Entry { .. } => {
-                return Err(PoolError::Corrupt("map record in the control log".into()))
+            Record::CloneInflated { id } => {
+                if let Some(v) = st.volumes.get_mut(&id) {
+                    v.of = crate::map::NONE;
+                }
+            }
+            other => {
+                return Err(PoolError::Corrupt(format!(
+                    "region record in the control log: {other:?}"
+                )))
             }
         }
     }
@@ -384,20 +454,7 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
         let off = sb.journal_start + r as u64 * sb.journal_region_bytes;
         let (recs, _) = replay_region(m0, off, sb.journal_region_bytes, st.run, from)?;
         for rec in recs {
-            if let Record::Entry {
-                vol,
-                shard,
-                index,
-                entry,
-            } = rec
-            {
-                if (index as usize) < cps {
-                    st.maps
-                        .entry((vol, shard as u64))
-                        .or_insert_with(|| ShardMap::new(cps))
-                        .set(index as usize, entry);
-                }
-            }
+            apply_region_record(&mut st.maps, rec, cps, r as u64, st.reactors.max(1) as u64);
         }
     }
     // Maps of deleted volumes (or beyond a volume's end) are dropped: their clusters are free.
@@ -406,26 +463,106 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
             .get(vol)
             .is_some_and(|v| *shard < layout.shards_for(v.size))
     });
-    let mut seen = vec![0u64; layout.total_clusters.div_ceil(64) as usize];
+    // Every cluster lies inside the pool and is referenced from one position only (clusters
+    // never move between positions; snapshots and clones share them in place).
+    let mut position: HashMap<u64, (u64, usize)> = HashMap::new();
+    let mut max_born = 0;
     for ((vol, shard), map) in &st.maps {
         for (i, e) in map.allocated() {
-            if e.phys >= layout.total_clusters {
-                return Err(PoolError::Corrupt(format!(
-                    "volume {vol} shard {shard} cluster {i} maps to cluster {} beyond the pool's {}",
-                    e.phys, layout.total_clusters
-                )));
+            max_born = max_born.max(e.born);
+            for c in [e.phys, e.parent] {
+                if c == crate::map::NONE {
+                    continue;
+                }
+                if c >= layout.total_clusters {
+                    return Err(PoolError::Corrupt(format!(
+                        "image {vol} shard {shard} cluster {i} refers to cluster {c} beyond the pool's {}",
+                        layout.total_clusters
+                    )));
+                }
+                if let Some(&(s0, i0)) = position.get(&c) {
+                    if (s0, i0) != (*shard, i) {
+                        return Err(PoolError::Corrupt(format!(
+                            "cluster {c} is referenced from shard {s0} cluster {i0} and from shard {shard} cluster {i}"
+                        )));
+                    }
+                }
+                position.insert(c, (*shard, i));
             }
-            let (w, bit) = ((e.phys / 64) as usize, e.phys % 64);
-            if seen[w] & (1 << bit) != 0 {
-                return Err(PoolError::Corrupt(format!(
-                    "cluster {} is referenced twice (volume {vol} shard {shard})",
-                    e.phys
-                )));
-            }
-            seen[w] |= 1 << bit;
         }
     }
+    let max_snap = st
+        .volumes
+        .values()
+        .filter(|v| v.kind == ImageKind::Snapshot)
+        .map(|v| v.epoch)
+        .max()
+        .unwrap_or(0);
+    st.epoch = st.epoch.max(max_born).max(max_snap + 1);
     Ok(st)
+}
+
+/// Apply one journal record of region `region` (which owned shards s with s % n == region)
+/// to the maps being recovered.
+fn apply_region_record(
+    maps: &mut HashMap<(u64, u64), ShardMap>,
+    rec: Record,
+    cps: usize,
+    region: u64,
+    n: u64,
+) {
+    let mine = |img: u64, maps: &HashMap<(u64, u64), ShardMap>| -> Vec<u64> {
+        maps.keys()
+            .filter(|(i, s)| *i == img && s % n == region)
+            .map(|(_, s)| *s)
+            .collect()
+    };
+    match rec {
+        Record::Entry {
+            vol,
+            shard,
+            index,
+            entry,
+        } => {
+            if (index as usize) < cps {
+                maps.entry((vol, shard as u64))
+                    .or_insert_with(|| ShardMap::new(cps))
+                    .set(index as usize, entry);
+            }
+        }
+        Record::Freeze { vol, snap, .. } => {
+            for s in mine(vol, maps) {
+                let m = maps[&(vol, s)].clone();
+                maps.insert((snap, s), m);
+            }
+        }
+        Record::Clone { vol, from } => {
+            for s in mine(from, maps) {
+                let m = maps[&(from, s)].clone();
+                maps.insert((vol, s), m);
+            }
+        }
+        Record::Rollback { vol, snap } => {
+            for s in mine(vol, maps) {
+                maps.remove(&(vol, s));
+            }
+            for s in mine(snap, maps) {
+                let m = maps[&(snap, s)].clone();
+                maps.insert((vol, s), m);
+            }
+        }
+        Record::Drop { id } => {
+            for s in mine(id, maps) {
+                maps.remove(&(id, s));
+            }
+        }
+        Record::VolumeCreate(_)
+        | Record::VolumeDelete { .. }
+        | Record::VolumeResize { .. }
+        | Record::SnapshotCreate(_)
+        | Record::SnapshotDelete { .. }
+        | Record::CloneInflated { .. } => {}
+    }
 }
 
 /// Append one record to the control log (one block, synced) at `seq`.

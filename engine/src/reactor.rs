@@ -186,8 +186,20 @@ pub struct VolState {
     pub shards: HashMap<u64, Shard>,
     /// Cluster operations in flight on this volume here.
     pub inflight: u32,
+    /// Of those, host writes (trims, zeroes) — what a snapshot barrier drains.
+    pub writes_inflight: u32,
     /// Deleted: new pieces fail; clusters are freed once `inflight` drains.
     pub deleting: bool,
+    /// Set by a snapshot barrier (or a rollback): pieces held until it commits or aborts.
+    pub hold: Option<Hold>,
+}
+
+/// Pieces held by a barrier, and what to do once the volume is drained.
+pub struct Hold {
+    /// Hold reads too (rollback), not only writes (snapshot).
+    pub all: bool,
+    pub pieces: Vec<Piece>,
+    pub on_drained: Option<Box<dyn FnOnce(&mut Reactor) + Send>>,
 }
 
 /// A shard owned by this reactor: its map and its cluster range locks.
@@ -212,6 +224,8 @@ pub(crate) struct Commit {
 pub(crate) enum Waiter {
     Op(usize),
     Flush(Arc<Parent>),
+    /// A control operation waiting for its records to be durable.
+    Call(Box<dyn FnOnce(Result<(), crate::error::IoError>) + Send>),
 }
 
 /// One core's poller and everything it owns.
@@ -231,6 +245,11 @@ pub struct Reactor {
     /// Completions of operations on synchronous media (memory, null), reaped like CQEs.
     pub(crate) inline_done: VecDeque<(u64, i32)>,
     pub(crate) space_waiters: VecDeque<usize>,
+    /// Redirected clusters of live volumes waiting for a background fill.
+    pub(crate) fills: VecDeque<(u64, u64, u32)>,
+    /// Clusters of clones being inflated.
+    pub(crate) inflates: VecDeque<(u64, u64, u32)>,
+    pub(crate) jobs_in_flight: usize,
     pub(crate) asking: Option<usize>,
     pub(crate) meta: MetaCache,
     pollers: Vec<Option<Box<dyn Poller>>>,
@@ -272,6 +291,9 @@ impl Reactor {
             outbox: (0..n).map(|_| VecDeque::new()).collect(),
             inline_done: VecDeque::new(),
             space_waiters: VecDeque::new(),
+            fills: VecDeque::new(),
+            inflates: VecDeque::new(),
+            jobs_in_flight: 0,
             asking: None,
             meta,
             pollers: Vec::new(),
@@ -444,6 +466,7 @@ impl Reactor {
             self.run_op(op);
             progress = true;
         }
+        progress |= self.run_jobs();
         progress |= self.deliver_completions();
         progress |= self.run_pollers();
         if self.journal.has_pending() && self.last_commit.elapsed() > Duration::from_millis(50) {

@@ -1,0 +1,457 @@
+//! The coordinator side of snapshots and clones (DESIGN.md section 5): it drives the
+//! per-core barrier, writes the overall records to the control log once every reactor's
+//! part is durable, and tracks background inflates.
+
+use crate::engine::{
+    check_size, info_of, meta_of, now_unix, valid_name, vol_state, ControlState, Engine, VolumeInfo,
+};
+use crate::error::{ControlError, IoError};
+use crate::journal::{ImageKind, Record, VolumeRecord};
+use crate::map::NONE;
+use crate::reactor::Reactor;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// How long every reactor has to drain a volume's writes before a barrier aborts.
+pub const BARRIER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A snapshot as the control plane shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub volume: String,
+    pub name: String,
+    pub id: crate::io::VolumeId,
+    pub created_unix: u64,
+    pub epoch: u64,
+    /// Bytes of clusters it references.
+    pub allocated_bytes: u64,
+    /// Bytes only it references: what deleting it frees.
+    pub exclusive_bytes: u64,
+    /// Bytes it shares with its volume, other snapshots or clones.
+    pub shared_bytes: u64,
+}
+
+/// Progress of a clone inflate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InflateProgress {
+    /// Clusters copied so far.
+    pub done: u64,
+    /// Clusters to copy in all.
+    pub total: u64,
+    /// The clone no longer depends on its snapshot.
+    pub finished: bool,
+}
+
+type Done = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+
+impl Engine {
+    /// Run `f` on every reactor, each given a completion callback; wait until every reactor
+    /// called it (or `deadline`), returning the first error.
+    fn on_all_until(
+        &self,
+        deadline: Duration,
+        f: impl Fn(&mut Reactor, Done) + Send + Sync + 'static,
+    ) -> Result<Result<(), IoError>, ()> {
+        let (tx, rx) = mpsc::channel::<Result<(), IoError>>();
+        let f = Arc::new(f);
+        let n = self.reactors();
+        for r in 0..n {
+            let (f, tx) = (f.clone(), tx.clone());
+            self.inner.shared.send_blocking(
+                r,
+                crate::reactor::Msg::Task(Box::new(move |re: &mut Reactor| {
+                    let done: Done = Box::new(move |res| {
+                        let _ = tx.send(res);
+                    });
+                    f(re, done)
+                })),
+            );
+        }
+        drop(tx);
+        let end = Instant::now() + deadline;
+        let mut result = Ok(());
+        for _ in 0..n {
+            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(Err(e)) if result.is_ok() => result = Err(e),
+                Ok(_) => {}
+                Err(_) => return Err(()),
+            }
+        }
+        Ok(result)
+    }
+
+    /// Take a crash-consistent snapshot of a volume through the per-core barrier.
+    pub fn snapshot_create(&self, volume: &str, name: &str) -> Result<SnapshotInfo, ControlError> {
+        if !valid_name(name) {
+            return Err(ControlError::BadName(name.into()));
+        }
+        let mut c = self.control();
+        let v = c
+            .find_volume(volume)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownVolume(volume.into()))?;
+        if c.snapshots_of(v.id).iter().any(|s| s.name == name) {
+            return Err(ControlError::Exists(format!("{volume}@{name}")));
+        }
+        let snap = c.state.next_volume_id;
+        c.state.next_volume_id += 1;
+        let vol = v.id;
+        let started = Instant::now();
+        // Prepare: every reactor holds new writes to the volume and drains admitted ones.
+        let prepared = self.on_all_until(BARRIER_DEADLINE, move |r, done| {
+            r.hold(vol, false, Box::new(move |_| done(Ok(()))));
+        });
+        if prepared.is_err() {
+            self.on_all(move |r| r.release_hold(vol));
+            tracing::warn!(
+                volume,
+                snapshot = name,
+                "snapshot barrier timed out; released"
+            );
+            return Err(ControlError::BarrierTimeout);
+        }
+        // Commit: entries written so far are born at or before `epoch` and belong to the
+        // snapshot; every write from now on is born after it.
+        let shared = &self.inner.shared;
+        let epoch = shared.epoch.fetch_add(1, Ordering::AcqRel);
+        let frozen = self.on_all_until(Duration::from_secs(60), move |r, done| {
+            r.freeze(vol, snap, epoch, done)
+        });
+        let paused = started.elapsed();
+        match frozen {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ControlError::Io(e)),
+            Err(()) => return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT))),
+        }
+        let rec = VolumeRecord {
+            id: snap,
+            name: name.into(),
+            size: v.size,
+            block_size: v.block_size,
+            created_unix: now_unix(),
+            kind: ImageKind::Snapshot,
+            of: vol,
+            epoch,
+        };
+        self.log_control(&mut c, Record::SnapshotCreate(rec.clone()))?;
+        if let Some(vr) = c.state.volumes.get_mut(&vol) {
+            vr.epoch = epoch;
+        }
+        c.state.volumes.insert(snap, rec.clone());
+        shared.volumes.insert(Arc::new(meta_of(&rec, Some(volume))));
+        tracing::info!(
+            volume,
+            snapshot = name,
+            epoch,
+            barrier_us = paused.as_micros() as u64,
+            "snapshot created"
+        );
+        Ok(SnapshotInfo {
+            volume: volume.into(),
+            name: name.into(),
+            id: crate::io::VolumeId(snap),
+            created_unix: rec.created_unix,
+            epoch,
+            allocated_bytes: 0,
+            exclusive_bytes: 0,
+            shared_bytes: 0,
+        })
+    }
+
+    fn find_snapshot(
+        c: &ControlState,
+        volume: &str,
+        name: &str,
+    ) -> Result<(VolumeRecord, VolumeRecord), ControlError> {
+        let v = c
+            .find_volume(volume)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownVolume(volume.into()))?;
+        let s = c
+            .snapshots_of(v.id)
+            .into_iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownSnapshot {
+                volume: volume.into(),
+                snapshot: name.into(),
+            })?;
+        Ok((v, s))
+    }
+
+    /// Delete a snapshot; clusters nothing else references are freed in the background.
+    pub fn snapshot_delete(&self, volume: &str, name: &str) -> Result<(), ControlError> {
+        let mut c = self.control();
+        let (_, s) = Self::find_snapshot(&c, volume, name)?;
+        let clones: Vec<String> = c.clones_of(s.id).iter().map(|v| v.name.clone()).collect();
+        if !clones.is_empty() {
+            return Err(ControlError::InUse(format!(
+                "clones depend on {volume}@{name}: {} (inflate or delete them first)",
+                clones.join(", ")
+            )));
+        }
+        let id = s.id;
+        self.log_control(&mut c, Record::SnapshotDelete { id })?;
+        c.state.volumes.remove(&id);
+        self.inner.shared.volumes.remove(id);
+        self.on_all(move |r| {
+            if let Some(v) = r.vols.get_mut(&id) {
+                v.deleting = true;
+                if v.inflight == 0 {
+                    r.drop_image(id);
+                }
+            }
+        });
+        tracing::info!(volume, snapshot = name, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Snapshots of one volume (or of all), oldest first, with their space.
+    pub fn snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>, ControlError> {
+        let c = self.control();
+        let vols: Vec<VolumeRecord> = match volume {
+            Some(n) => vec![c
+                .find_volume(n)
+                .cloned()
+                .ok_or_else(|| ControlError::UnknownVolume(n.into()))?],
+            None => c
+                .state
+                .volumes
+                .values()
+                .filter(|v| v.kind == ImageKind::Volume)
+                .cloned()
+                .collect(),
+        };
+        let cs = self.inner.shared.layout.cluster_size;
+        let mut out = Vec::new();
+        for v in vols {
+            for s in c.snapshots_of(v.id) {
+                let id = s.id;
+                let (all, own) = self
+                    .on_all(move |r| r.image_space(id))
+                    .into_iter()
+                    .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                out.push(SnapshotInfo {
+                    volume: v.name.clone(),
+                    name: s.name.clone(),
+                    id: crate::io::VolumeId(id),
+                    created_unix: s.created_unix,
+                    epoch: s.epoch,
+                    allocated_bytes: all * cs,
+                    exclusive_bytes: own * cs,
+                    shared_bytes: (all - own) * cs,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A writable clone of a snapshot, sharing every cluster until written.
+    pub fn clone_create(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        new: &str,
+    ) -> Result<VolumeInfo, ControlError> {
+        if !valid_name(new) {
+            return Err(ControlError::BadName(new.into()));
+        }
+        let mut c = self.control();
+        let (_, s) = Self::find_snapshot(&c, volume, snapshot)?;
+        if c.find_volume(new).is_some() {
+            return Err(ControlError::Exists(new.into()));
+        }
+        check_size(s.size, s.block_size)?;
+        let rec = VolumeRecord {
+            id: c.state.next_volume_id,
+            name: new.into(),
+            size: s.size,
+            block_size: s.block_size,
+            created_unix: now_unix(),
+            kind: ImageKind::Volume,
+            of: s.id,
+            epoch: s.epoch,
+        };
+        c.state.next_volume_id += 1;
+        let (id, from) = (rec.id, s.id);
+        let r2 = rec.clone();
+        // Each region records the clone's maps first; the control record makes it exist.
+        match self.on_all_until(Duration::from_secs(60), move |r, done| {
+            r.clone_image(id, from, vol_state(&r2), done)
+        }) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ControlError::Io(e)),
+            Err(()) => return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT))),
+        }
+        self.log_control(&mut c, Record::VolumeCreate(rec.clone()))?;
+        c.state.volumes.insert(id, rec.clone());
+        self.inner
+            .shared
+            .volumes
+            .insert(Arc::new(meta_of(&rec, None)));
+        tracing::info!(origin = %format!("{volume}@{snapshot}"), clone = new, "clone created");
+        Ok(info_of(&rec))
+    }
+
+    /// The snapshot a clone still depends on, as `volume@snapshot`.
+    pub fn origin_of(&self, volume: &str) -> Option<String> {
+        let c = self.control();
+        let v = c.find_volume(volume)?;
+        let s = c.state.volumes.get(&v.of)?;
+        let parent = c.state.volumes.get(&s.of)?;
+        Some(format!("{}@{}", parent.name, s.name))
+    }
+
+    /// Start copying every cluster a clone shares with its snapshot (background).
+    pub fn clone_inflate(&self, volume: &str) -> Result<InflateProgress, ControlError> {
+        let id = {
+            let mut c = self.control();
+            let v = c
+                .find_volume(volume)
+                .cloned()
+                .ok_or_else(|| ControlError::UnknownVolume(volume.into()))?;
+            if v.of == NONE {
+                return Err(ControlError::InUse(format!(
+                    "volume '{volume}' is not a clone (or is already independent)"
+                )));
+            }
+            if !c.inflating.contains_key(&v.id) {
+                let id = v.id;
+                let total: u64 = self.on_all(move |r| r.queue_inflate(id)).into_iter().sum();
+                c.inflating.insert(v.id, total);
+                tracing::info!(volume, clusters = total, "inflate started");
+            }
+            v.id
+        };
+        Ok(self.inflate_progress_of(id))
+    }
+
+    /// Progress of a clone inflate.
+    pub fn inflate_progress(&self, volume: &str) -> Result<InflateProgress, ControlError> {
+        let id = self
+            .control()
+            .find_volume(volume)
+            .map(|v| v.id)
+            .ok_or_else(|| ControlError::UnknownVolume(volume.into()))?;
+        Ok(self.inflate_progress_of(id))
+    }
+
+    fn inflate_progress_of(&self, id: u64) -> InflateProgress {
+        let mut c = self.control();
+        let Some(v) = c.state.volumes.get(&id).cloned() else {
+            return InflateProgress {
+                done: 0,
+                total: 0,
+                finished: false,
+            };
+        };
+        let Some(&total) = c.inflating.get(&id) else {
+            return InflateProgress {
+                done: 0,
+                total: 0,
+                finished: v.of == NONE,
+            };
+        };
+        let left: u64 = self
+            .on_all(move |r| {
+                let n = r.dependent_clusters(id);
+                if n > 0 && r.inflates.is_empty() && r.jobs_in_flight == 0 {
+                    // Written while inflating (redirected into new clusters): queue those too.
+                    r.queue_inflate(id);
+                }
+                n
+            })
+            .into_iter()
+            .sum();
+        if left > 0 {
+            return InflateProgress {
+                done: total.saturating_sub(left),
+                total: total.max(left),
+                finished: false,
+            };
+        }
+        // Make the copies durable, then record that the clone stands alone.
+        let flushed = self.on_all_until(Duration::from_secs(60), |r, done| {
+            r.commit_wanted(Some(crate::reactor::Waiter::Call(done)));
+        });
+        if !matches!(flushed, Ok(Ok(()))) {
+            return InflateProgress {
+                done: total,
+                total,
+                finished: false,
+            };
+        }
+        if self
+            .log_control(&mut c, Record::CloneInflated { id })
+            .is_ok()
+        {
+            if let Some(r) = c.state.volumes.get_mut(&id) {
+                r.of = NONE;
+            }
+            c.inflating.remove(&id);
+            tracing::info!(volume = %v.name, "inflate finished; the clone no longer depends on its snapshot");
+        }
+        InflateProgress {
+            done: total,
+            total,
+            finished: true,
+        }
+    }
+
+    /// Return a volume to a snapshot's contents. In-flight I/O to the volume drains first;
+    /// the caller makes sure no host is writing (the daemon refuses for exported volumes
+    /// unless forced).
+    pub fn rollback(&self, volume: &str, snapshot: &str) -> Result<(), ControlError> {
+        let c = self.control();
+        let (v, s) = Self::find_snapshot(&c, volume, snapshot)?;
+        let (vol, snap) = (v.id, s.id);
+        if self
+            .on_all_until(BARRIER_DEADLINE, move |r, done| {
+                r.hold(vol, true, Box::new(move |_| done(Ok(()))))
+            })
+            .is_err()
+        {
+            self.on_all(move |r| r.release_hold(vol));
+            return Err(ControlError::BarrierTimeout);
+        }
+        match self.on_all_until(Duration::from_secs(60), move |r, done| {
+            r.rollback(vol, snap, done)
+        }) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ControlError::Io(e)),
+            Err(()) => return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT))),
+        }
+        tracing::info!(volume, snapshot, "volume rolled back");
+        Ok(())
+    }
+
+    /// Background upkeep, run every 100 ms: checkpoints when a journal is half full,
+    /// finishing inflates.
+    pub(crate) fn housekeeping(&self) {
+        if self.checkpoint_wanted() {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!("checkpoint failed: {e}");
+            }
+        }
+        let ids: Vec<u64> = self.control().inflating.keys().copied().collect();
+        for id in ids {
+            self.inflate_progress_of(id);
+        }
+    }
+}
+
+/// Run housekeeping until the engine is dropped or stopped.
+pub(crate) fn spawn_housekeeper(weak: std::sync::Weak<crate::engine::Inner>) {
+    let _ = std::thread::Builder::new()
+        .name("housekeeper".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let Some(inner) = weak.upgrade() else { break };
+            let e = Engine { inner };
+            if e.is_stopped() {
+                break;
+            }
+            e.housekeeping();
+        });
+}

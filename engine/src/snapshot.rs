@@ -1,0 +1,368 @@
+//! Snapshots, clones and their upkeep on the owner reactor (DESIGN.md sections 3 and 5):
+//! the barrier's hold and freeze, clone and rollback of this reactor's shards, dropping an
+//! image, cluster reference checks, and the background jobs (fill, inflate).
+
+use crate::datapath::{Job, Stage};
+use crate::error::IoError;
+use crate::io::Op;
+use crate::journal::Record;
+use crate::map::{MapEntry, ShardMap, Validity, NONE};
+use crate::reactor::{Hold, Reactor, Shard, VolState, Waiter};
+use crate::request::Parent;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Background cluster operations a reactor keeps in flight when it has host work.
+const JOBS_BUSY: usize = 1;
+/// ... and when it is otherwise idle.
+const JOBS_IDLE: usize = 4;
+
+/// Route of completions of background jobs (no poller has it).
+const JOB_ROUTE: u32 = u32::MAX;
+
+fn clone_shards(from: &HashMap<u64, Shard>) -> HashMap<u64, Shard> {
+    from.iter()
+        .map(|(s, sh)| {
+            (
+                *s,
+                Shard {
+                    map: sh.map.clone(),
+                    locks: HashMap::new(),
+                },
+            )
+        })
+        .collect()
+}
+
+impl Reactor {
+    /// Does any image here still point at cluster `c` (as its cluster or its parent) at
+    /// this cluster position? Clusters never move between positions, and every image of a
+    /// family keeps shard `s` on the same reactor, so this is the whole question.
+    pub(crate) fn needed(&self, shard: u64, idx: u32, c: u64, except: Option<u64>) -> bool {
+        self.vols.iter().any(|(id, v)| {
+            Some(*id) != except
+                && v.shards.get(&shard).is_some_and(|s| {
+                    let e = s.map.get(idx as usize);
+                    e.phys == c || e.parent == c
+                })
+        })
+    }
+
+    /// A reference to `c` at this position was dropped: free it if it was the last.
+    pub(crate) fn release_ref(&mut self, shard: u64, idx: u32, c: u64) {
+        if c != NONE && !self.needed(shard, idx, c, None) {
+            self.free_cluster(c);
+        }
+    }
+
+    /// Release every reference a map made, except through pages another image shares.
+    fn release_map(&mut self, shard: u64, map: ShardMap) {
+        for (pi, page) in map.pages().iter().enumerate() {
+            let Some(page) = page else { continue };
+            if Arc::strong_count(page) > 1 {
+                continue;
+            }
+            for (k, e) in page.iter().enumerate() {
+                if e.is_allocated() {
+                    let idx = (pi * crate::map::ENTRIES_PER_PAGE + k) as u32;
+                    self.release_ref(shard, idx, e.phys);
+                    self.release_ref(shard, idx, e.parent);
+                }
+            }
+        }
+    }
+
+    /// Forget a deleted volume or snapshot and free what nothing else references.
+    pub(crate) fn drop_image(&mut self, id: u64) {
+        let Some(v) = self.vols.remove(&id) else {
+            return;
+        };
+        self.journal.append(&Record::Drop { id });
+        for (s, sh) in v.shards {
+            self.release_map(s, sh.map);
+        }
+        self.commit_wanted(None);
+    }
+
+    /// Barrier, prepare: hold new writes (and reads, with `all`) to `vol`; run
+    /// `on_drained` once those admitted before are done.
+    pub(crate) fn hold(
+        &mut self,
+        vol: u64,
+        all: bool,
+        on_drained: Box<dyn FnOnce(&mut Reactor) + Send>,
+    ) {
+        let Some(v) = self.vols.get_mut(&vol) else {
+            return on_drained(self);
+        };
+        v.hold = Some(Hold {
+            all,
+            pieces: Vec::new(),
+            on_drained: None,
+        });
+        let drained = if all {
+            v.inflight == 0
+        } else {
+            v.writes_inflight == 0
+        };
+        if drained {
+            on_drained(self)
+        } else if let Some(h) = &mut v.hold {
+            h.on_drained = Some(on_drained);
+        }
+    }
+
+    /// End a hold: held pieces run in arrival order.
+    pub(crate) fn release_hold(&mut self, vol: u64) {
+        let held = self.vols.get_mut(&vol).and_then(|v| v.hold.take());
+        for p in held.map(|h| h.pieces).unwrap_or_default() {
+            self.start_piece(p);
+        }
+    }
+
+    /// Barrier, commit: freeze this reactor's shards of `vol` into snapshot `snap` (pages
+    /// shared, nothing copied), release the held writes, and call `done` once the record is
+    /// durable.
+    pub(crate) fn freeze(
+        &mut self,
+        vol: u64,
+        snap: u64,
+        epoch: u64,
+        done: Box<dyn FnOnce(Result<(), IoError>) + Send>,
+    ) {
+        let Some(v) = self.vols.get_mut(&vol) else {
+            return done(Err(IoError::UnknownVolume));
+        };
+        let image = VolState {
+            size: v.size,
+            block_size: v.block_size,
+            read_only: true,
+            snap_epoch: epoch,
+            shards: clone_shards(&v.shards),
+            inflight: 0,
+            writes_inflight: 0,
+            deleting: false,
+            hold: None,
+        };
+        v.snap_epoch = epoch;
+        self.vols.insert(snap, image);
+        self.journal.append(&Record::Freeze { vol, snap, epoch });
+        self.release_hold(vol);
+        self.commit_wanted(Some(Waiter::Call(done)));
+    }
+
+    /// A clone `vol` starts with snapshot `from`'s shards here.
+    pub(crate) fn clone_image(
+        &mut self,
+        vol: u64,
+        from: u64,
+        mut state: VolState,
+        done: Box<dyn FnOnce(Result<(), IoError>) + Send>,
+    ) {
+        let Some(src) = self.vols.get(&from) else {
+            return done(Err(IoError::UnknownVolume));
+        };
+        state.shards = clone_shards(&src.shards);
+        self.vols.insert(vol, state);
+        self.journal.append(&Record::Clone { vol, from });
+        self.commit_wanted(Some(Waiter::Call(done)));
+    }
+
+    /// Rollback, once `vol` is drained: its shards here become snapshot `snap`'s.
+    pub(crate) fn rollback(
+        &mut self,
+        vol: u64,
+        snap: u64,
+        done: Box<dyn FnOnce(Result<(), IoError>) + Send>,
+    ) {
+        let Some(src) = self.vols.get(&snap) else {
+            self.release_hold(vol);
+            return done(Err(IoError::UnknownVolume));
+        };
+        let mut fresh = clone_shards(&src.shards);
+        let Some(v) = self.vols.get_mut(&vol) else {
+            return done(Err(IoError::UnknownVolume));
+        };
+        let cps = self.shared.layout.clusters_per_shard() as usize;
+        let mut old = Vec::new();
+        for (s, sh) in v.shards.iter_mut() {
+            let map = fresh
+                .remove(s)
+                .map_or_else(|| ShardMap::new(cps), |f| f.map);
+            old.push((*s, std::mem::replace(&mut sh.map, map)));
+        }
+        for (s, sh) in fresh {
+            v.shards.insert(s, sh);
+        }
+        self.journal.append(&Record::Rollback { vol, snap });
+        for (s, map) in old {
+            self.release_map(s, map);
+        }
+        self.release_hold(vol);
+        self.commit_wanted(Some(Waiter::Call(done)));
+    }
+
+    /// Clusters an image references here, and those no other image references.
+    pub(crate) fn image_space(&self, id: u64) -> (u64, u64) {
+        let Some(v) = self.vols.get(&id) else {
+            return (0, 0);
+        };
+        let mut all = 0;
+        let mut own = 0;
+        for (s, sh) in &v.shards {
+            for (i, e) in sh.map.allocated() {
+                all += 1;
+                if !self.needed(*s, i as u32, e.phys, Some(id)) {
+                    own += 1;
+                }
+            }
+        }
+        (all, own)
+    }
+
+    /// Queue every cluster of clone `vol` that still reads through a snapshot; returns how
+    /// many were queued.
+    pub(crate) fn queue_inflate(&mut self, vol: u64) -> u64 {
+        let Some(v) = self.vols.get(&vol) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (s, sh) in &v.shards {
+            for (i, e) in sh.map.allocated() {
+                if e.born <= v.snap_epoch || e.parent != NONE {
+                    self.inflates.push_back((vol, *s, i as u32));
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Start background jobs while host work leaves room. Returns true on progress.
+    pub(crate) fn run_jobs(&mut self) -> bool {
+        let limit = if self.ops.len() > self.jobs_in_flight || !self.ready.is_empty() {
+            JOBS_BUSY
+        } else {
+            JOBS_IDLE
+        };
+        let mut progress = false;
+        while self.jobs_in_flight < limit {
+            let (job, key) = match self.inflates.pop_front() {
+                Some(k) => (Job::Inflate, k),
+                None => match self.fills.pop_front() {
+                    Some(k) => (Job::Fill, k),
+                    None => break,
+                },
+            };
+            progress = true;
+            self.start_job(job, key);
+        }
+        progress
+    }
+
+    fn start_job(&mut self, job: Job, (vol, shard, idx): (u64, u64, u32)) {
+        let Some(v) = self
+            .vols
+            .get_mut(&vol)
+            .filter(|v| !v.deleting && !v.read_only)
+        else {
+            return;
+        };
+        v.inflight += 1;
+        let cs = self.shared.layout.cluster_size;
+        let sink = self.shared.inboxes[self.id].sink.clone();
+        let parent = Parent::new(0, Op::Write { fua: false }, 0, 0, None, sink, JOB_ROUTE, 1);
+        let op = crate::datapath::ClusterOp::job(
+            parent,
+            job,
+            vol,
+            shard,
+            idx,
+            cs as u32,
+            shard * self.shared.layout.shard_size + idx as u64 * cs,
+        );
+        let k = self.ops.insert(op);
+        self.jobs_in_flight += 1;
+        self.ready.push_back(k);
+    }
+
+    /// Run a job's cluster operation (exclusive on its cluster).
+    pub(crate) fn op_job(&mut self, i: usize, job: Job) {
+        if !self.acquire(i, true) {
+            return;
+        }
+        let Some((e, snap)) = self.entry_of(i) else {
+            return self.finish_op(i, Err(IoError::UnknownVolume));
+        };
+        let owned = e.is_allocated() && e.born > snap;
+        let epoch = self.shared.epoch.load(Ordering::Relaxed);
+        let (target, set, ne, drops, fresh) = match job {
+            Job::Fill => {
+                if !owned || e.parent == NONE {
+                    return self.finish_op(i, Ok(()));
+                }
+                let copy = e.pvalid.minus(e.valid);
+                let ne = MapEntry {
+                    valid: e.valid.or(copy),
+                    parent: NONE,
+                    pvalid: Validity::default(),
+                    ..e
+                };
+                (e.phys, copy, ne, [NONE, e.parent], false)
+            }
+            Job::Inflate => {
+                if !e.is_allocated() || (owned && e.parent == NONE) {
+                    return self.finish_op(i, Ok(()));
+                }
+                let set = if e.parent != NONE {
+                    e.valid.or(e.pvalid)
+                } else {
+                    e.valid
+                };
+                let Some(t) = self.alloc_cluster() else {
+                    return self.wait_space(i);
+                };
+                let ne = MapEntry {
+                    phys: t,
+                    born: epoch,
+                    parent: NONE,
+                    valid: set,
+                    pvalid: Validity::default(),
+                };
+                (t, set, ne, [e.phys, e.parent], true)
+            }
+            Job::None => unreachable!("host operation in op_job"),
+        };
+        {
+            let op = self.ops.get_mut(i).expect("op");
+            op.target = target;
+            op.fresh = fresh;
+            op.new_entry = Some(ne);
+            op.drops = drops;
+            op.write_set = set;
+            op.bounce = Some(crate::buf::AlignedBuf::zeroed(
+                self.shared.layout.cluster_size as usize,
+            ));
+            op.stage = Stage::RmwRead;
+        }
+        self.read_blocks_into_bounce(i, &e, set);
+        self.maybe_advance(i);
+    }
+
+    /// Clusters of clone `vol` that still read through a snapshot here.
+    pub(crate) fn dependent_clusters(&self, vol: u64) -> u64 {
+        let Some(v) = self.vols.get(&vol) else {
+            return 0;
+        };
+        v.shards
+            .values()
+            .map(|sh| {
+                sh.map
+                    .allocated()
+                    .filter(|(_, e)| e.born <= v.snap_epoch || e.parent != NONE)
+                    .count() as u64
+            })
+            .sum()
+    }
+}
