@@ -24,6 +24,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Return from the test, saying so on the terminal, when one of the tools is not installed.
+#[allow(unused_macros)] // not every test binary needs an external tool
 macro_rules! require {
     ($($tool:expr),+ $(,)?) => {
         if let Some(missing) = $crate::common::missing(&[$($tool),+]) {
