@@ -170,6 +170,11 @@ impl Engine {
         for m in maps.values() {
             for (_, e) in m.allocated() {
                 used[e.phys as usize] = true;
+                // A redirected entry still reads blocks from its parent until fill copies
+                // them: the parent stays allocated even when no image maps it as its own.
+                if e.parent != crate::map::NONE {
+                    used[e.parent as usize] = true;
+                }
             }
         }
         let used_count = used.iter().filter(|&&u| u).count() as u64;
@@ -267,6 +272,15 @@ impl Engine {
             }
             for ((v, s), map) in maps {
                 if let Some(vs) = reactor.vols.get_mut(&v) {
+                    // Fills queued before the close (or crash) are lost with the reactor:
+                    // queue again every cluster the image owns that still has a parent.
+                    if !vs.read_only {
+                        for (i, e) in map.allocated() {
+                            if e.parent != crate::map::NONE && e.born > vs.snap_epoch {
+                                reactor.fills.push_back((v, s, i as u32));
+                            }
+                        }
+                    }
                     vs.shards.insert(
                         s,
                         Shard {
