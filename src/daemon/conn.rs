@@ -229,6 +229,10 @@ impl<S: Session> Poller for Connection<S> {
 
 impl<S: Session> Drop for Connection<S> {
     fn drop(&mut self) {
+        // Shut the socket down before its fd is closed: an io_uring poll the reactor armed
+        // on it holds a reference to the socket, so a bare close would neither send the FIN
+        // nor complete that poll, and the reactor, which waits for it, would never stop.
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
         tracing::info!(protocol = S::PROTOCOL, peer = %self.peer, "connection closed");
     }
 }
