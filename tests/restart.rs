@@ -4,7 +4,9 @@
 #[macro_use]
 mod common;
 
+use common::raw_nbd::{self, RawNbd};
 use common::{qemu_io, Daemon, TestDir};
+use std::io::Write;
 use std::time::Duration;
 
 #[test]
@@ -121,4 +123,33 @@ fn flushed_writes_survive_kill_9() {
         ],
     );
     qemu_io(&d.uri("vol0"), &["read -P 0x63 8M 64k"]);
+}
+
+#[test]
+fn sigterm_with_connected_clients_exits_cleanly_and_keeps_acknowledged_writes() {
+    let dir = TestDir::new("restart-busy");
+    let mut d = Daemon::start_in(&dir.path);
+    let mut idle = RawNbd::connect(&d.nbd_addr(), "vol0");
+    let mut writer = RawNbd::connect(&d.nbd_addr(), "vol0");
+    writer.write(0, &[0x71; 65536]).unwrap();
+    writer.flush().unwrap();
+    // A request whose payload never finishes arriving when the signal comes.
+    let req = writer.header(raw_nbd::CMD_WRITE, 1 << 20, 1 << 20);
+    writer.stream.write_all(&req).unwrap();
+    writer.stream.write_all(&[0x72; 100]).unwrap();
+    let status = d.stop();
+    assert!(status.success(), "SIGTERM exit: {status}\n{}", d.stderr());
+    assert!(
+        raw_nbd::closed_by_peer(&mut idle.stream),
+        "idle client not disconnected"
+    );
+    assert!(
+        raw_nbd::closed_by_peer(&mut writer.stream),
+        "writer not disconnected"
+    );
+
+    let d = Daemon::start_in(&dir.path);
+    let mut c = RawNbd::connect(&d.nbd_addr(), "vol0");
+    assert_eq!(c.read(0, 65536).unwrap(), vec![0x71; 65536]);
+    assert_eq!(c.read(1 << 20, 1 << 20).unwrap(), vec![0; 1 << 20]);
 }
