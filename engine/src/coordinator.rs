@@ -294,6 +294,36 @@ impl Engine {
         Ok(info_of(&rec))
     }
 
+    /// The image named `volume` or `volume@snapshot`, and whether it is read-only.
+    pub fn image(&self, name: &str) -> Option<(VolumeInfo, bool)> {
+        let c = self.control();
+        match name.split_once('@') {
+            None => c.find_volume(name).map(|v| (info_of(v), false)),
+            Some((vol, snap)) => {
+                let v = c.find_volume(vol)?;
+                let s = c.snapshots_of(v.id).into_iter().find(|s| s.name == snap)?;
+                Some((
+                    VolumeInfo {
+                        name: name.to_string(),
+                        ..info_of(s)
+                    },
+                    true,
+                ))
+            }
+        }
+    }
+
+    /// Names of a volume's snapshots, oldest first.
+    pub fn snapshot_names(&self, volume: &str) -> Vec<String> {
+        let c = self.control();
+        c.find_volume(volume).map_or_else(Vec::new, |v| {
+            c.snapshots_of(v.id)
+                .iter()
+                .map(|s| s.name.clone())
+                .collect()
+        })
+    }
+
     /// The snapshot a clone still depends on, as `volume@snapshot`.
     pub fn origin_of(&self, volume: &str) -> Option<String> {
         let c = self.control();

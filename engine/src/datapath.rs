@@ -164,11 +164,11 @@ impl Reactor {
         let cps = self.shared.layout.clusters_per_shard() as usize;
         let ss = self.shared.layout.shard_size;
         let Some(vol) = self.vols.get_mut(&p.vol).filter(|v| !v.deleting) else {
-            p.parent.finish(Err(IoError::UnknownVolume));
+            let _ = p.parent.finish(Err(IoError::UnknownVolume));
             return;
         };
         if p.off + p.len > vol.size {
-            p.parent.finish(Err(IoError::OutOfRange {
+            let _ = p.parent.finish(Err(IoError::OutOfRange {
                 offset: p.off,
                 len: p.len,
                 size: vol.size,
@@ -176,7 +176,7 @@ impl Reactor {
             return;
         }
         if p.parent.op.is_write() && vol.read_only {
-            p.parent.finish(Err(IoError::ReadOnly));
+            let _ = p.parent.finish(Err(IoError::ReadOnly));
             return;
         }
         if let Some(hold) = &mut vol.hold {
@@ -876,7 +876,9 @@ impl Reactor {
                 }
             }
         }
-        op.parent.finish(r);
+        if op.parent.finish(r) && op.job == Job::None {
+            self.shared.stats[self.id].record_latency(op.parent.started.elapsed());
+        }
     }
 
     pub(crate) fn alloc_cluster(&mut self) -> Option<u64> {
@@ -1068,7 +1070,11 @@ impl Reactor {
     fn finish_waiter(&mut self, w: Waiter, r: Result<(), IoError>) {
         match w {
             Waiter::Op(i) => self.finish_op(i, r),
-            Waiter::Flush(p) => p.finish(r),
+            Waiter::Flush(p) => {
+                if p.finish(r) {
+                    self.shared.stats[self.id].record_latency(p.started.elapsed());
+                }
+            }
             Waiter::Call(f) => f(r),
         }
     }

@@ -76,6 +76,27 @@ pub struct CoreCounters {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub flushes: u64,
+    /// Cluster operations in flight now.
+    pub in_flight: u64,
+    /// Completed requests per latency bucket since start (`percentile_us` reads it).
+    pub latency: Vec<u64>,
+}
+
+/// The latency (µs) below which a fraction `q` of the requests in `hist` completed.
+pub fn percentile_us(hist: &[u64], q: f64) -> f64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    let mut seen = 0;
+    for (b, n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return crate::reactor::bucket_us(b) as f64;
+        }
+    }
+    0.0
 }
 
 pub(crate) struct ControlState {
@@ -560,6 +581,12 @@ impl Engine {
                 read_bytes: s.read_bytes.load(Ordering::Relaxed),
                 write_bytes: s.write_bytes.load(Ordering::Relaxed),
                 flushes: s.flushes.load(Ordering::Relaxed),
+                in_flight: s.in_flight.load(Ordering::Relaxed),
+                latency: s
+                    .latency
+                    .iter()
+                    .map(|b| b.load(Ordering::Relaxed))
+                    .collect(),
             })
             .collect()
     }

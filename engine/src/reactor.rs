@@ -26,16 +26,59 @@ pub enum PollMode {
     Adaptive,
 }
 
+/// Latency histogram buckets: exact below 16 µs, then 8 per power of two up to ~2^40 µs.
+pub const LAT_BUCKETS: usize = 16 + 37 * 8;
+
+/// The histogram bucket of a latency in microseconds.
+pub fn lat_bucket(us: u64) -> usize {
+    if us < 16 {
+        return us as usize;
+    }
+    let exp = 63 - us.leading_zeros() as usize;
+    (16 + (exp - 4) * 8 + ((us >> (exp - 3)) & 7) as usize).min(LAT_BUCKETS - 1)
+}
+
+/// A representative latency (µs) of a bucket: its lower bound.
+pub fn bucket_us(b: usize) -> u64 {
+    if b < 16 {
+        return b as u64;
+    }
+    let exp = (b - 16) / 8 + 4;
+    (8 + ((b - 16) % 8) as u64) << (exp - 3)
+}
+
 /// Counters a reactor publishes (read by `stats`).
-#[derive(Default)]
 pub struct CoreStats {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub read_bytes: AtomicU64,
     pub write_bytes: AtomicU64,
     pub flushes: AtomicU64,
+    /// Cluster operations in flight, sampled every loop pass.
     pub in_flight: AtomicU64,
-    _pad: [u64; 2],
+    /// Completed requests by latency bucket (see `lat_bucket`).
+    pub latency: Vec<AtomicU64>,
+}
+
+impl Default for CoreStats {
+    fn default() -> Self {
+        CoreStats {
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            latency: (0..LAT_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl CoreStats {
+    /// Count one completed request.
+    pub fn record_latency(&self, d: Duration) {
+        self.latency[lat_bucket(d.as_micros() as u64)].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// What every reactor and client shares (read-only or atomic).
@@ -474,6 +517,9 @@ impl Reactor {
         }
         self.maybe_commit();
         progress |= self.flush_outboxes();
+        self.shared.stats[self.id]
+            .in_flight
+            .store(self.ops.len() as u64, Ordering::Relaxed);
         let _ = self.ring.submit();
         progress
     }

@@ -6,7 +6,7 @@ use crate::error::IoError;
 use crate::io::{Completion, Extent, Op};
 use crossbeam_queue::SegQueue;
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 
@@ -122,8 +122,8 @@ pub struct Parent {
     extents: Mutex<Vec<Extent>>,
     sink: Arc<Sink>,
     route: u32,
-    /// Submission time in nanoseconds of the engine clock (latency statistics).
-    pub started: AtomicU64,
+    /// When the request was submitted (latency statistics).
+    pub started: std::time::Instant,
 }
 
 // SAFETY: the buffer is only reached through `data` by pieces that write disjoint byte
@@ -159,7 +159,7 @@ impl Parent {
             extents: Mutex::new(Vec::new()),
             sink,
             route,
-            started: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -192,8 +192,8 @@ impl Parent {
             .extend_from_slice(e);
     }
 
-    /// One part is done (with its result); the last one answers the caller.
-    pub fn finish(&self, result: Result<(), IoError>) {
+    /// One part is done (with its result); the last one answers the caller and returns true.
+    pub fn finish(&self, result: Result<(), IoError>) -> bool {
         if let Err(e) = result {
             let _ = self.error.set(e);
         }
@@ -218,7 +218,9 @@ impl Parent {
                     extents: merged,
                 },
             );
+            return true;
         }
+        false
     }
 }
 

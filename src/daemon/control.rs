@@ -1,18 +1,26 @@
 //! The control server: JSON lines over a unix socket (docs/control.md), one thread per
 //! client; each request runs against the engine and gets one response line.
 
+use super::exports::EngineExports;
+use super::schedule::Schedules;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-use tessel_engine::{ControlError, CoreCounters, Engine, IoError};
+use std::time::{Duration, Instant};
+use tessel_engine::{percentile_us, ControlError, CoreCounters, Engine, IoError, SnapshotInfo};
 use tessel_targets::control::proto::{self, ControlRequest, ControlResponse, ErrorCode};
+use tessel_targets::export::Exports;
 
 /// What the control server needs.
 pub struct ControlServer {
     pub engine: Engine,
+    pub exports: Arc<EngineExports>,
+    pub schedules: Arc<Schedules>,
+    /// Open host connections (NBD and iSCSI).
+    pub connections: Arc<AtomicU32>,
     pub shutdown: Sender<&'static str>,
     last: Mutex<(Instant, Vec<CoreCounters>)>,
 }
@@ -32,19 +40,33 @@ fn code_of(e: &ControlError) -> ErrorCode {
     }
 }
 
-fn not_yet(what: &str) -> ControlResponse {
-    ControlResponse::error(
-        ErrorCode::BadRequest,
-        format!("{what} is not available in this build yet (snapshots and clones: issue 3)"),
-    )
+fn snapshot_info(s: SnapshotInfo) -> proto::SnapshotInfo {
+    proto::SnapshotInfo {
+        volume: s.volume,
+        name: s.name,
+        created_unix: s.created_unix,
+        epoch: s.epoch,
+        allocated_bytes: s.allocated_bytes,
+        exclusive_bytes: s.exclusive_bytes,
+        shared_bytes: s.shared_bytes,
+    }
 }
 
 impl ControlServer {
     /// A server for `engine`.
-    pub fn new(engine: Engine, shutdown: Sender<&'static str>) -> ControlServer {
+    pub fn new(
+        engine: Engine,
+        exports: Arc<EngineExports>,
+        schedules: Arc<Schedules>,
+        connections: Arc<AtomicU32>,
+        shutdown: Sender<&'static str>,
+    ) -> ControlServer {
         let now = engine.counters();
         ControlServer {
             engine,
+            exports,
+            schedules,
+            connections,
             shutdown,
             last: Mutex::new((Instant::now(), now)),
         }
@@ -57,11 +79,11 @@ impl ControlServer {
             .ok_or_else(|| ControlError::UnknownVolume(name.into()))?;
         Ok(proto::VolumeInfo {
             allocated_bytes: self.engine.allocated_bytes(v.id),
+            origin: self.engine.origin_of(name),
+            snapshots: self.engine.snapshot_names(name),
             name: v.name,
             size: v.size,
             block_size: v.block_size,
-            origin: None,
-            snapshots: Vec::new(),
         })
     }
 
@@ -72,19 +94,43 @@ impl ControlServer {
         let cores = now
             .iter()
             .zip(last.1.iter())
-            .map(|(n, p)| proto::CoreStats {
+            .map(|(n, p)| {
+                let window: Vec<u64> = n
+                    .latency
+                    .iter()
+                    .zip(&p.latency)
+                    .map(|(a, b)| a - b)
+                    .collect();
+                (n, p, window)
+            })
+            .map(|(n, p, window)| proto::CoreStats {
                 core: n.core as u32,
                 read_iops: (n.reads - p.reads) as f64 / secs,
                 write_iops: (n.writes - p.writes) as f64 / secs,
                 read_mib_s: (n.read_bytes - p.read_bytes) as f64 / secs / 1048576.0,
                 write_mib_s: (n.write_bytes - p.write_bytes) as f64 / secs / 1048576.0,
-                lat_us_p50: 0.0,
-                lat_us_p99: 0.0,
-                queue_depth: 0,
+                lat_us_p50: percentile_us(&window, 0.50),
+                lat_us_p99: percentile_us(&window, 0.99),
+                queue_depth: n.in_flight as u32,
             })
             .collect();
         *last = (Instant::now(), now);
         let p = self.engine.pool_info();
+        let jobs = self
+            .engine
+            .volumes()
+            .iter()
+            .filter_map(|v| {
+                let pr = self.engine.inflate_progress(&v.name).ok()?;
+                (pr.total > 0).then(|| proto::JobProgress {
+                    kind: proto::JobKind::Inflate,
+                    volume: v.name.clone(),
+                    done_bytes: pr.done * p.cluster_size,
+                    total_bytes: pr.total * p.cluster_size,
+                    finished: pr.finished,
+                })
+            })
+            .collect();
         proto::Stats {
             cores,
             pool: proto::PoolSpace {
@@ -92,76 +138,191 @@ impl ControlServer {
                 used_bytes: p.used_bytes,
                 free_bytes: p.total_bytes - p.used_bytes,
             },
-            jobs: Vec::new(),
+            jobs,
+        }
+    }
+
+    fn inflate(&self, volume: &str, wait: bool) -> Result<ControlResponse, ControlError> {
+        let mut pr = self.engine.clone_inflate(volume)?;
+        while wait && !pr.finished {
+            std::thread::sleep(Duration::from_millis(200));
+            pr = self.engine.inflate_progress(volume)?;
+        }
+        let cs = self.engine.pool_info().cluster_size;
+        Ok(ControlResponse::ok(&proto::JobProgress {
+            kind: proto::JobKind::Inflate,
+            volume: volume.to_string(),
+            done_bytes: pr.done * cs,
+            total_bytes: pr.total * cs,
+            finished: pr.finished,
+        }))
+    }
+
+    fn export_list(&self) -> proto::ExportList {
+        proto::ExportList {
+            exports: self
+                .exports
+                .list()
+                .into_iter()
+                .map(|e| proto::ExportInfo {
+                    name: e.name,
+                    size: e.size,
+                    block_size: e.block_size,
+                    read_only: e.read_only,
+                    connections: 0,
+                })
+                .collect(),
         }
     }
 
     /// Run one request.
     pub fn handle(&self, req: ControlRequest) -> ControlResponse {
-        let r: Result<ControlResponse, ControlError> = (|| {
-            Ok(match req {
-                ControlRequest::VolumeCreate {
-                    name,
-                    size,
-                    block_size,
-                } => {
-                    self.engine.create_volume(&name, size, block_size)?;
-                    ControlResponse::ok(&self.volume_info(&name)?)
+        self.run(req)
+            .unwrap_or_else(|e| ControlResponse::error(code_of(&e), e.to_string()))
+    }
+
+    fn run(&self, req: ControlRequest) -> Result<ControlResponse, ControlError> {
+        Ok(match req {
+            ControlRequest::VolumeCreate {
+                name,
+                size,
+                block_size,
+            } => {
+                self.engine.create_volume(&name, size, block_size)?;
+                ControlResponse::ok(&self.volume_info(&name)?)
+            }
+            ControlRequest::VolumeDelete { name } => {
+                self.engine.delete_volume(&name)?;
+                let _ = self.schedules.set(&name, 0, 0);
+                ControlResponse::done()
+            }
+            ControlRequest::VolumeResize { name, size } => {
+                self.engine.resize_volume(&name, size)?;
+                ControlResponse::ok(&self.volume_info(&name)?)
+            }
+            ControlRequest::VolumeList => {
+                let mut volumes = Vec::new();
+                for v in self.engine.volumes() {
+                    volumes.push(self.volume_info(&v.name)?);
                 }
-                ControlRequest::VolumeDelete { name } => {
-                    self.engine.delete_volume(&name)?;
-                    ControlResponse::done()
+                ControlResponse::ok(&proto::VolumeList { volumes })
+            }
+            ControlRequest::VolumeInfo { name } => ControlResponse::ok(&self.volume_info(&name)?),
+            ControlRequest::VolumeRollback {
+                volume,
+                snapshot,
+                force,
+            } => {
+                let open = self.connections.load(Ordering::Relaxed);
+                if open > 0 && !force {
+                    return Err(ControlError::InUse(format!(
+                        "{open} host connection(s) are open and may be using '{volume}'; disconnect them or use --force"
+                    )));
                 }
-                ControlRequest::VolumeResize { name, size } => {
-                    self.engine.resize_volume(&name, size)?;
-                    ControlResponse::ok(&self.volume_info(&name)?)
-                }
-                ControlRequest::VolumeList => {
-                    let mut volumes = Vec::new();
-                    for v in self.engine.volumes() {
-                        volumes.push(self.volume_info(&v.name)?);
-                    }
-                    ControlResponse::ok(&proto::VolumeList { volumes })
-                }
-                ControlRequest::VolumeInfo { name } => {
-                    ControlResponse::ok(&self.volume_info(&name)?)
-                }
-                ControlRequest::ExportList => {
-                    let exports = self
-                        .engine
-                        .volumes()
-                        .into_iter()
-                        .map(|v| proto::ExportInfo {
-                            name: v.name,
-                            size: v.size,
-                            block_size: v.block_size,
-                            read_only: false,
-                            connections: 0,
+                self.engine.rollback(&volume, &snapshot)?;
+                ControlResponse::ok(&self.volume_info(&volume)?)
+            }
+            ControlRequest::SnapshotCreate { volume, name } => {
+                self.engine.snapshot_create(&volume, &name)?;
+                let info = self
+                    .engine
+                    .snapshots(Some(&volume))?
+                    .into_iter()
+                    .find(|s| s.name == name);
+                match info {
+                    Some(s) => ControlResponse::ok(&snapshot_info(s)),
+                    None => {
+                        return Err(ControlError::UnknownSnapshot {
+                            volume,
+                            snapshot: name,
                         })
-                        .collect();
-                    ControlResponse::ok(&proto::ExportList { exports })
+                    }
                 }
-                ControlRequest::Stats => ControlResponse::ok(&self.stats()),
-                ControlRequest::Shutdown => {
-                    let _ = self.shutdown.send("control request");
-                    ControlResponse::done()
+            }
+            ControlRequest::SnapshotDelete { volume, name } => {
+                self.engine.snapshot_delete(&volume, &name)?;
+                self.exports.remove(&format!("{volume}@{name}"));
+                ControlResponse::done()
+            }
+            ControlRequest::SnapshotList { volume } => {
+                let snapshots = self
+                    .engine
+                    .snapshots(volume.as_deref())?
+                    .into_iter()
+                    .map(snapshot_info)
+                    .collect();
+                ControlResponse::ok(&proto::SnapshotList { snapshots })
+            }
+            ControlRequest::CloneCreate {
+                volume,
+                snapshot,
+                new_volume,
+            } => {
+                self.engine.clone_create(&volume, &snapshot, &new_volume)?;
+                ControlResponse::ok(&self.volume_info(&new_volume)?)
+            }
+            ControlRequest::CloneInflate { volume, wait } => self.inflate(&volume, wait)?,
+            ControlRequest::ExportAdd { name } => {
+                if name.contains('@') && !self.exports.add(&name) {
+                    return Ok(ControlResponse::error(
+                        ErrorCode::UnknownExport,
+                        format!("no snapshot '{name}'"),
+                    ));
                 }
-                ControlRequest::SnapshotCreate { .. }
-                | ControlRequest::SnapshotDelete { .. }
-                | ControlRequest::SnapshotList { .. } => not_yet("snapshot"),
-                ControlRequest::CloneCreate { .. } | ControlRequest::CloneInflate { .. } => {
-                    not_yet("clone")
+                match self
+                    .export_list()
+                    .exports
+                    .into_iter()
+                    .find(|e| e.name == name)
+                {
+                    Some(e) => ControlResponse::ok(&e),
+                    None => return Err(ControlError::UnknownVolume(name)),
                 }
-                ControlRequest::VolumeRollback { .. } => not_yet("rollback"),
-                ControlRequest::ExportAdd { .. } | ControlRequest::ExportRemove { .. } => {
-                    not_yet("exporting snapshots (every volume is exported under its name)")
+            }
+            ControlRequest::ExportRemove { name } => {
+                if !self.exports.remove(&name) {
+                    return Ok(ControlResponse::error(
+                        ErrorCode::UnknownExport,
+                        format!(
+                            "'{name}' is not an exported snapshot (volumes are always exported)"
+                        ),
+                    ));
                 }
-                ControlRequest::ScheduleSet { .. } | ControlRequest::ScheduleList => {
-                    not_yet("snapshot schedules")
+                ControlResponse::done()
+            }
+            ControlRequest::ExportList => ControlResponse::ok(&self.export_list()),
+            ControlRequest::Stats => ControlResponse::ok(&self.stats()),
+            ControlRequest::ScheduleSet {
+                volume,
+                every_secs,
+                keep,
+            } => {
+                let (every, keep) = if keep == 0 {
+                    (0, 0)
+                } else {
+                    (every_secs, keep)
+                };
+                if let Err(m) = self.schedules.set(&volume, every, keep) {
+                    return Ok(ControlResponse::error(ErrorCode::InvalidArgument, m));
                 }
-            })
-        })();
-        r.unwrap_or_else(|e| ControlResponse::error(code_of(&e), e.to_string()))
+                match self
+                    .schedules
+                    .list()
+                    .into_iter()
+                    .find(|s| s.volume == volume)
+                {
+                    Some(s) => ControlResponse::ok(&s),
+                    None => ControlResponse::done(),
+                }
+            }
+            ControlRequest::ScheduleList => ControlResponse::ok(&proto::ScheduleList {
+                schedules: self.schedules.list(),
+            }),
+            ControlRequest::Shutdown => {
+                let _ = self.shutdown.send("control request");
+                ControlResponse::done()
+            }
+        })
     }
 
     fn serve_client(&self, stream: UnixStream) {

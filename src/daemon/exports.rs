@@ -1,33 +1,81 @@
-//! The exports target sessions see: every volume read-write under its own name.
+//! The exports target sessions see: every volume read-write under its own name, and the
+//! snapshots an operator exported (`[[export]]` or `tessel export add vol@snap`) read-only
+//! as `vol@snap`.
 
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use tessel_engine::Engine;
 use tessel_targets::export::{ExportInfo, Exports};
 
 /// Exports backed by the engine's volume table.
 pub struct EngineExports {
     pub engine: Engine,
+    snapshots: Mutex<BTreeSet<String>>,
+}
+
+impl EngineExports {
+    /// Volumes only, until snapshots are added.
+    pub fn new(engine: Engine) -> EngineExports {
+        EngineExports {
+            engine,
+            snapshots: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.snapshots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Export a snapshot (`vol@snap`) read-only. False when no such snapshot exists.
+    pub fn add(&self, name: &str) -> bool {
+        let ok = name.contains('@') && self.engine.image(name).is_some();
+        if ok {
+            self.set().insert(name.to_string());
+        }
+        ok
+    }
+
+    /// Stop exporting a snapshot. False when it was not exported.
+    pub fn remove(&self, name: &str) -> bool {
+        self.set().remove(name)
+    }
+
+    fn info(&self, name: &str) -> Option<ExportInfo> {
+        let (v, read_only) = self.engine.image(name)?;
+        Some(ExportInfo {
+            description: format!(
+                "tessel {} {} ({} bytes, {}-byte blocks)",
+                if read_only { "snapshot" } else { "volume" },
+                v.name,
+                v.size,
+                v.block_size
+            ),
+            name: v.name,
+            volume: v.id,
+            size: v.size,
+            block_size: v.block_size,
+            read_only,
+        })
+    }
 }
 
 impl Exports for EngineExports {
     fn list(&self) -> Vec<ExportInfo> {
-        self.engine
+        let mut out: Vec<ExportInfo> = self
+            .engine
             .volumes()
-            .into_iter()
-            .map(|v| ExportInfo {
-                description: format!(
-                    "tessel volume {} ({} bytes, {}-byte blocks)",
-                    v.name, v.size, v.block_size
-                ),
-                name: v.name,
-                volume: v.id,
-                size: v.size,
-                block_size: v.block_size,
-                read_only: false,
-            })
-            .collect()
+            .iter()
+            .filter_map(|v| self.info(&v.name))
+            .collect();
+        let snaps: Vec<String> = self.set().iter().cloned().collect();
+        out.extend(snaps.iter().filter_map(|n| self.info(n)));
+        out
     }
 
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.list().into_iter().find(|e| e.name == name)
+        if name.contains('@') && !self.set().contains(name) {
+            return None;
+        }
+        self.info(name)
     }
 }

@@ -4,16 +4,69 @@
 pub mod conn;
 pub mod control;
 pub mod exports;
+pub mod schedule;
 
 use crate::config::{Config, Cores, FormatPolicy, PollMode};
 use conn::Session;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tessel_engine::{Completion, DeviceSpec, Engine, EngineConfig, FormatOptions, PoolError};
 use tessel_targets::export::{Actions, Exports};
+use tessel_targets::iscsi::{ChapCredentials, IscsiConfig, IscsiSession, TargetAccess};
 use tessel_targets::nbd::{NbdConfig, NbdSession};
+
+impl Session for IscsiSession {
+    const PROTOCOL: &'static str = "iscsi";
+    fn receive(
+        &mut self,
+        input: &[u8],
+        exports: &dyn Exports,
+        actions: &mut Actions,
+    ) -> Result<usize, String> {
+        IscsiSession::receive(self, input, exports, actions).map_err(|e| e.to_string())
+    }
+    fn complete(&mut self, c: Completion, actions: &mut Actions) {
+        IscsiSession::complete(self, c, actions)
+    }
+    fn tick(&mut self, now: std::time::Instant, actions: &mut Actions) -> Result<(), String> {
+        IscsiSession::tick(self, now, actions).map_err(|e| e.to_string())
+    }
+    fn shut_down(&mut self, actions: &mut Actions) {
+        IscsiSession::shut_down(self, actions)
+    }
+    fn in_flight(&self) -> usize {
+        IscsiSession::in_flight(self)
+    }
+}
+
+/// The iSCSI target's settings from `[iscsi]`.
+fn iscsi_config(c: &Config, portal: std::net::SocketAddr) -> IscsiConfig {
+    let creds = |u: &Option<String>, s: &Option<String>| match (u, s) {
+        (Some(user), Some(secret)) => Some(ChapCredentials {
+            user: user.clone(),
+            secret: secret.clone(),
+        }),
+        _ => None,
+    };
+    IscsiConfig {
+        iqn_prefix: c.iscsi.iqn_prefix.clone(),
+        portal: portal.to_string(),
+        targets: c
+            .iscsi
+            .targets
+            .iter()
+            .map(|t| TargetAccess {
+                volume: Some(t.volume.clone()),
+                allowed_initiators: t.allowed_initiators.clone(),
+                chap: creds(&t.chap_user, &t.chap_secret),
+                mutual_chap: creds(&t.mutual_user, &t.mutual_secret),
+            })
+            .collect(),
+        ..IscsiConfig::default()
+    }
+}
 
 impl Session for NbdSession {
     const PROTOCOL: &'static str = "nbd";
@@ -149,23 +202,65 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let (tx, rx) = mpsc::channel::<&'static str>();
     let stop = Arc::new(AtomicBool::new(false));
-    let exports: Arc<dyn Exports + Send + Sync> = Arc::new(exports::EngineExports {
-        engine: engine.clone(),
-    });
+    let engine_exports = Arc::new(exports::EngineExports::new(engine.clone()));
+    for x in &config.exports {
+        let name = x.name();
+        if x.snapshot.is_some() && !engine_exports.add(&name) {
+            tracing::warn!(export = %name, "configured export names no existing snapshot; skipped");
+        }
+    }
+    let exports: Arc<dyn Exports + Send + Sync> = engine_exports.clone();
+    let connections = Arc::new(AtomicU32::new(0));
+    let schedules = schedule::Schedules::new(engine.clone());
+    for s in &config.schedules {
+        if let Err(e) = schedules.set(&s.volume, s.every.as_secs(), s.keep) {
+            tracing::warn!(volume = %s.volume, "schedule not set: {e}");
+        }
+    }
+    {
+        let (s, stop) = (schedules.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("schedules".into())
+            .spawn(move || s.run(stop))?;
+    }
 
     let mut listeners = Vec::new();
     if let Some(addr) = config.nbd.listen {
         let l = TcpListener::bind(addr).map_err(|e| format!("NBD listen on {addr}: {e}"))?;
         tracing::info!(%addr, "NBD target listening");
         listeners.push(addr);
-        let (engine, exports, stop) = (engine.clone(), exports.clone(), stop.clone());
+        let (engine, exports, stop, count) = (
+            engine.clone(),
+            exports.clone(),
+            stop.clone(),
+            connections.clone(),
+        );
         std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || {
-                conn::accept_loop(l, engine, exports, stop, || {
+                conn::accept_loop(l, engine, exports, stop, count, || {
                     let mut a = Actions::default();
                     let s = NbdSession::new(NbdConfig::default(), &mut a);
                     (s, a)
+                })
+            })?;
+    }
+    if let Some(addr) = config.iscsi.listen {
+        let l = TcpListener::bind(addr).map_err(|e| format!("iSCSI listen on {addr}: {e}"))?;
+        tracing::info!(%addr, prefix = %config.iscsi.iqn_prefix, "iSCSI portal listening");
+        listeners.push(addr);
+        let icfg = Arc::new(iscsi_config(&config, addr));
+        let (engine, exports, stop, count) = (
+            engine.clone(),
+            exports.clone(),
+            stop.clone(),
+            connections.clone(),
+        );
+        std::thread::Builder::new()
+            .name("iscsi-accept".into())
+            .spawn(move || {
+                conn::accept_loop(l, engine, exports, stop, count, move || {
+                    (IscsiSession::new(icfg.clone()), Actions::default())
                 })
             })?;
     }
@@ -173,7 +268,13 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let sock = config.control_socket_path();
     let ul = control::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
     tracing::info!(socket = %sock.display(), "control socket listening");
-    let server = Arc::new(control::ControlServer::new(engine.clone(), tx.clone()));
+    let server = Arc::new(control::ControlServer::new(
+        engine.clone(),
+        engine_exports.clone(),
+        schedules.clone(),
+        connections.clone(),
+        tx.clone(),
+    ));
     let sock2 = sock.clone();
     std::thread::Builder::new()
         .name("control".into())
