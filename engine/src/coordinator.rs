@@ -46,6 +46,17 @@ pub struct InflateProgress {
 type Done = Box<dyn FnOnce(Result<(), IoError>) + Send>;
 
 impl Engine {
+    /// Checkpoint now if a journal asked for one. Operations that wait for a reactor's
+    /// commit while holding the control lock call this first: a commit that finds its
+    /// ring full waits for a checkpoint, and the housekeeper cannot take the lock to write
+    /// it, so the operation would stall until its 60 s timeout.
+    fn journal_room(&self, c: &mut ControlState) -> Result<(), ControlError> {
+        if self.checkpoint_wanted() {
+            self.checkpoint_locked(c)?;
+        }
+        Ok(())
+    }
+
     /// Run `f` on every reactor, each given a completion callback; wait until every reactor
     /// called it (or `deadline`), returning the first error.
     fn on_all_until(
@@ -94,6 +105,7 @@ impl Engine {
         if c.snapshots_of(v.id).iter().any(|s| s.name == name) {
             return Err(ControlError::Exists(format!("{volume}@{name}")));
         }
+        self.journal_room(&mut c)?;
         let snap = c.state.next_volume_id;
         c.state.next_volume_id += 1;
         let vol = v.id;
@@ -273,6 +285,7 @@ impl Engine {
             of: s.id,
             epoch: s.epoch,
         };
+        self.journal_room(&mut c)?;
         c.state.next_volume_id += 1;
         let (id, from) = (rec.id, s.id);
         let r2 = rec.clone();
@@ -402,6 +415,13 @@ impl Engine {
             };
         }
         // Make the copies durable, then record that the clone stands alone.
+        if self.journal_room(&mut c).is_err() {
+            return InflateProgress {
+                done: total,
+                total,
+                finished: false,
+            };
+        }
         let flushed = self.on_all_until(Duration::from_secs(60), |r, done| {
             r.commit_wanted(Some(crate::reactor::Waiter::Call(done)));
         });
@@ -433,9 +453,10 @@ impl Engine {
     /// the caller makes sure no host is writing (the daemon refuses for exported volumes
     /// unless forced).
     pub fn rollback(&self, volume: &str, snapshot: &str) -> Result<(), ControlError> {
-        let c = self.control();
+        let mut c = self.control();
         let (v, s) = Self::find_snapshot(&c, volume, snapshot)?;
         let (vol, snap) = (v.id, s.id);
+        self.journal_room(&mut c)?;
         if self
             .on_all_until(BARRIER_DEADLINE, move |r, done| {
                 r.hold(vol, true, Box::new(move |_| done(Ok(()))))

@@ -627,7 +627,7 @@ impl Engine {
         self.checkpoint_locked(&mut c)
     }
 
-    fn checkpoint_locked(&self, c: &mut ControlState) -> Result<(), ControlError> {
+    pub(crate) fn checkpoint_locked(&self, c: &mut ControlState) -> Result<(), ControlError> {
         self.inner
             .shared
             .want_checkpoint
