@@ -297,7 +297,7 @@ impl Engine {
                     // queue again every cluster the image owns that still has a parent.
                     if !vs.read_only {
                         for (i, e) in map.allocated() {
-                            if e.parent != crate::map::NONE && e.born > vs.snap_epoch {
+                            if e.parent != crate::map::NONE {
                                 reactor.fills.push_back((v, s, i as u32));
                             }
                         }

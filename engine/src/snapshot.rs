@@ -299,7 +299,11 @@ impl Reactor {
         let epoch = self.shared.epoch.load(Ordering::Relaxed);
         let (target, set, ne, drops, fresh) = match job {
             Job::Fill => {
-                if !owned || e.parent == NONE {
+                // Also when a snapshot taken since the redirect shares the entry: filling
+                // writes only blocks the cluster does not hold, which no image reads from
+                // it, with the parent's immutable bytes. Skipping left the parent pinned by
+                // the live entry after every snapshot was deleted (space never reclaimed).
+                if !e.is_allocated() || e.parent == NONE {
                     return self.finish_op(i, Ok(()));
                 }
                 let copy = e.pvalid.minus(e.valid);

@@ -204,7 +204,9 @@ fn a_parent_only_cluster_survives_snapshot_delete_and_reopen() {
     let mut c = e.client();
     let cs = e.pool_info().cluster_size;
     let clusters = (4 << 20) / cs;
-    let old: Vec<u8> = (0..4u64 << 20).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+    let old: Vec<u8> = (0..4u64 << 20)
+        .map(|i| (i / 4096 % 251) as u8 + 1)
+        .collect();
     write(&mut c, v.id, 0, &old);
     e.snapshot_create("vol", "s").unwrap();
     // Rewrite one block of every cluster (redirect: the rest reads from the parent), all
@@ -254,4 +256,338 @@ fn a_parent_only_cluster_survives_snapshot_delete_and_reopen() {
     let mut c = e.client();
     assert!(read(&mut c, v.id, 0, 4 << 20) == want);
     e.shutdown().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Point-in-time correctness under load
+// ---------------------------------------------------------------------------------------
+
+const WRITERS: usize = 3;
+const QD: usize = 8;
+
+/// One writer's sequence: write g (1-based) goes to `blocks[(g - 1) % n]`, so a block's
+/// generations are those congruent to its slot; no two writes in flight share a block.
+struct Writer {
+    blocks: Vec<u64>,
+    /// Highest g submitted (set before the submit).
+    started: AtomicU64,
+    /// Highest g such that every write <= g completed.
+    completed: AtomicU64,
+    /// For each g: every writer's `completed` just before g was submitted.
+    seen: Mutex<Vec<[u64; WRITERS]>>,
+}
+
+impl Writer {
+    /// The newest generation written to slot `k` among writes 1..=upto (0: none).
+    fn last_in_slot(&self, k: u64, upto: u64) -> u64 {
+        let n = self.blocks.len() as u64;
+        if upto < k + 1 {
+            0
+        } else {
+            k + 1 + (upto - (k + 1)) / n * n
+        }
+    }
+}
+
+fn writer_loop(w: usize, ws: &[Writer], vol: VolumeId, mut c: Client, stop: &AtomicBool) {
+    let me = &ws[w];
+    let mut g = 0u64;
+    let mut done = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    loop {
+        while c.in_flight() < QD && !stop.load(Ordering::Relaxed) {
+            g += 1;
+            let seen: [u64; WRITERS] =
+                std::array::from_fn(|k| ws[k].completed.load(Ordering::Acquire));
+            me.seen.lock().unwrap().push(seen);
+            me.started.store(g, Ordering::Release);
+            let lba = me.blocks[((g - 1) % me.blocks.len() as u64) as usize];
+            c.submit(Request {
+                tag: g,
+                volume: vol,
+                op: Op::Write { fua: false },
+                offset: lba * B4K,
+                len: B4K,
+                buf: Some(AlignedBuf::from_slice(&tagged(w as u64, lba, g))),
+            });
+        }
+        if c.in_flight() == 0 {
+            return;
+        }
+        c.wait(Duration::from_millis(1));
+        out.clear();
+        c.poll(&mut out);
+        for r in &out {
+            r.result.clone().expect("write under load");
+            done.insert(r.tag);
+        }
+        let mut p = me.completed.load(Ordering::Relaxed);
+        while done.remove(&(p + 1)) {
+            p += 1;
+        }
+        me.completed.store(p, Ordering::Release);
+    }
+}
+
+/// Several threads write generation-tagged blocks (QD 8 each) to their own blocks spread
+/// over every shard and reactor while ~20 snapshots are taken. Each snapshot must be one
+/// consistent cut:
+/// - every block shows a write to that very block (or zeros if it was never written)
+///   that was started before `snapshot_create` returned;
+/// - it shows the newest write to it among those completed before the call began;
+/// - the cut: if a snapshot holds write g of writer A, it holds every write (of any
+///   writer) that had completed before A submitted g — g was admitted before the barrier,
+///   so those were too. This fails if reactors froze their shards at different moments.
+#[test]
+fn snapshot_is_one_consistent_cut_under_load() {
+    let (_d, e) = mem_pool(256 << 20, 3);
+    const SIZE: u64 = 6 << 20;
+    let vol = e.create_volume("load", SIZE, 4096).unwrap().id;
+    let nblocks = SIZE / B4K;
+    // Shuffle the blocks, then deal them to the writers.
+    let mut rng = Rng(0xC0FFEE);
+    let mut all: Vec<u64> = (0..nblocks).collect();
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let ws: Vec<Writer> = (0..WRITERS)
+        .map(|w| Writer {
+            blocks: all.iter().copied().skip(w).step_by(WRITERS).collect(),
+            started: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            seen: Mutex::new(vec![[0; WRITERS]]),
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let mut c = e.client();
+    let start = Instant::now();
+    let mut checked = 0;
+    let mut max_create = Duration::ZERO;
+    std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            let (ws, stop, cl) = (&ws, &stop, e.client());
+            s.spawn(move || writer_loop(w, ws, vol, cl, stop));
+        }
+        for si in 0..20u64 {
+            std::thread::sleep(Duration::from_millis(5 + si % 4 * 10));
+            let before: Vec<u64> = ws
+                .iter()
+                .map(|w| w.completed.load(Ordering::Acquire))
+                .collect();
+            let t = Instant::now();
+            let snap = e.snapshot_create("load", &format!("s{si}")).unwrap();
+            max_create = max_create.max(t.elapsed());
+            let after: Vec<u64> = ws
+                .iter()
+                .map(|w| w.started.load(Ordering::Acquire))
+                .collect();
+            let img = read(&mut c, snap.id, 0, SIZE);
+            // Per writer: the slot and generation each of its blocks shows.
+            let mut shown: Vec<Vec<(u64, u64)>> = vec![Vec::new(); WRITERS];
+            let slot_of: std::collections::HashMap<u64, (usize, u64)> = ws
+                .iter()
+                .enumerate()
+                .flat_map(|(w, wr)| {
+                    wr.blocks
+                        .iter()
+                        .enumerate()
+                        .map(move |(k, &b)| (b, (w, k as u64)))
+                })
+                .collect();
+            for b in 0..nblocks {
+                let (w, k) = slot_of[&b];
+                let blk = &img[(b * B4K) as usize..((b + 1) * B4K) as usize];
+                let g = match untag(blk, &format!("snapshot s{si} block {b}")) {
+                    None => 0,
+                    Some((tw, tl, tg)) => {
+                        assert_eq!((tw, tl), (w as u64, b), "s{si} block {b}: foreign data");
+                        tg
+                    }
+                };
+                let n = ws[w].blocks.len() as u64;
+                assert!(
+                    g == 0 || (g - 1) % n == k,
+                    "s{si} block {b}: generation {g} was not written to it"
+                );
+                assert!(
+                    g <= after[w],
+                    "s{si} block {b}: writer {w} gen {g} started after create returned ({})",
+                    after[w]
+                );
+                shown[w].push((k, g));
+            }
+            // Lower bound per writer: completed before the call, and completed before any
+            // write the snapshot holds was submitted.
+            let mut lower = before.clone();
+            {
+                let seen: Vec<Vec<[u64; WRITERS]>> =
+                    ws.iter().map(|w| w.seen.lock().unwrap().clone()).collect();
+                for (w, sh) in shown.iter().enumerate() {
+                    let gmax = sh.iter().map(|&(_, g)| g).max().unwrap_or(0);
+                    for (x, l) in lower.iter_mut().enumerate() {
+                        *l = (*l).max(seen[w][gmax as usize][x]);
+                    }
+                }
+            }
+            for (w, sh) in shown.iter().enumerate() {
+                for &(k, g) in sh {
+                    let want = ws[w].last_in_slot(k, lower[w]);
+                    assert!(
+                        g >= want,
+                        "snapshot s{si} is not a cut: writer {w} slot {k} shows gen {g} but gen \
+                         {want} had completed before the call ({}) or before a write the \
+                         snapshot holds was submitted (lower bound {})",
+                        before[w],
+                        lower[w]
+                    );
+                }
+            }
+            checked += 1;
+            // Keep space bounded: drop older snapshots, under load too.
+            if si >= 2 {
+                e.snapshot_delete("load", &format!("s{}", si - 2)).unwrap();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let writes: u64 = ws.iter().map(|w| w.completed.load(Ordering::Relaxed)).sum();
+    println!(
+        "{checked} snapshots checked under load; {writes} writes in {:.1?}; slowest create {:.1?}",
+        start.elapsed(),
+        max_create
+    );
+    assert!(writes > 1000, "too little load: {writes} writes");
+    // The live volume holds every writer's last write to each block.
+    let img = read(&mut c, vol, 0, SIZE);
+    for (w, wr) in ws.iter().enumerate() {
+        let last = wr.completed.load(Ordering::Relaxed);
+        for (k, &b) in wr.blocks.iter().enumerate() {
+            let blk = &img[(b * B4K) as usize..((b + 1) * B4K) as usize];
+            let g = untag(blk, "live volume").map_or(0, |t| t.2);
+            assert_eq!(
+                g,
+                wr.last_in_slot(k as u64, last),
+                "live block {b} writer {w}"
+            );
+        }
+    }
+    for s in e.snapshots(Some("load")).unwrap() {
+        e.snapshot_delete("load", &s.name).unwrap();
+    }
+    let (used, alloc) = settle(&e, &mut c, &[vol]);
+    assert_eq!(used, alloc, "space after deleting every snapshot");
+    e.shutdown().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// 1,000 snapshots
+// ---------------------------------------------------------------------------------------
+
+/// Contents of a volume of `nblocks` 4 KiB blocks after the first `upto` writes.
+fn image_after(writes: &[(u64, u64)], upto: usize, nblocks: u64) -> Vec<u8> {
+    let mut last = vec![0u64; nblocks as usize];
+    for &(b, g) in &writes[..upto] {
+        last[b as usize] = g;
+    }
+    let mut img = vec![0u8; (nblocks * B4K) as usize];
+    for (b, &g) in last.iter().enumerate() {
+        if g > 0 {
+            img[b * B4K as usize..(b + 1) * B4K as usize].copy_from_slice(&tagged(0, b as u64, g));
+        }
+    }
+    img
+}
+
+#[test]
+fn thousand_snapshots_then_random_deletes_leave_exactly_the_live_data() {
+    const SIZE: u64 = 3 << 20;
+    const SNAPS: usize = 1000;
+    let nblocks = SIZE / B4K;
+    let start = Instant::now();
+    let (disk, mut e) = mem_pool(192 << 20, 2);
+    let vol = e.create_volume("v", SIZE, 4096).unwrap().id;
+    let mut c = e.client();
+    let mut rng = Rng(1000);
+    let mut writes: Vec<(u64, u64)> = Vec::new();
+    // snaps[i] = (name, id, writes before it)
+    let mut snaps = Vec::with_capacity(SNAPS);
+    for i in 0..SNAPS {
+        for _ in 0..1 + rng.below(4) {
+            let b = rng.below(nblocks);
+            let g = writes.len() as u64 + 1;
+            write(&mut c, vol, b * B4K, &tagged(0, b, g));
+            writes.push((b, g));
+        }
+        let name = format!("s{i:04}");
+        let info = e.snapshot_create("v", &name).unwrap();
+        snaps.push((name, info.id, writes.len()));
+    }
+    let created = start.elapsed();
+    let listed = e.snapshots(Some("v")).unwrap();
+    assert_eq!(listed.len(), SNAPS);
+    assert!(
+        listed.windows(2).all(|w| w[0].epoch < w[1].epoch),
+        "listed oldest first with growing epochs"
+    );
+    // A few snapshots (first, last and random ones) read back exactly.
+    let mut pick = vec![0, SNAPS - 1];
+    pick.extend((0..6).map(|_| rng.below(SNAPS as u64) as usize));
+    for &i in &pick {
+        let (name, id, upto) = &snaps[i];
+        assert!(
+            read(&mut c, *id, 0, SIZE) == image_after(&writes, *upto, nblocks),
+            "snapshot {name} differs from the volume as it was"
+        );
+    }
+    let live = image_after(&writes, writes.len(), nblocks);
+    // Reopen with all of them present: the checkpoint holds 1,000 maps sharing pages.
+    drop(c);
+    e = reopen(&disk, e, 2);
+    let mut c = e.client();
+    let (name, id, upto) = &snaps[pick[2]];
+    assert!(
+        read(&mut c, *id, 0, SIZE) == image_after(&writes, *upto, nblocks),
+        "snapshot {name} after reopen"
+    );
+    // Delete in a seeded random order, reading a survivor now and then.
+    let mut order: Vec<usize> = (0..SNAPS).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for (k, &i) in order.iter().enumerate() {
+        e.snapshot_delete("v", &snaps[i].0).unwrap();
+        if k % 250 == 0 && k + 1 < SNAPS {
+            let j = order[k + 1 + rng.below((SNAPS - k - 1) as u64) as usize];
+            let (name, id, upto) = &snaps[j];
+            assert!(
+                read(&mut c, *id, 0, SIZE) == image_after(&writes, *upto, nblocks),
+                "snapshot {name} after {k} deletes"
+            );
+        }
+    }
+    assert!(e.snapshots(Some("v")).unwrap().is_empty());
+    let (used, alloc) = settle(&e, &mut c, &[vol]);
+    assert_eq!(
+        used, alloc,
+        "pool space vs the live volume after deleting every snapshot"
+    );
+    assert!(
+        read(&mut c, vol, 0, SIZE) == live,
+        "live volume after the deletes"
+    );
+    drop(c);
+    e = reopen(&disk, e, 1);
+    let mut c = e.client();
+    assert!(
+        read(&mut c, vol, 0, SIZE) == live,
+        "live volume after reopen"
+    );
+    let (used, alloc) = settle(&e, &mut c, &[vol]);
+    assert_eq!(used, alloc, "pool space after reopen");
+    e.shutdown().unwrap();
+    println!(
+        "{SNAPS} snapshots of {} writes: created in {created:.1?}, all in {:.1?}",
+        writes.len(),
+        start.elapsed()
+    );
 }
