@@ -313,34 +313,145 @@ fn clone_create_without_at_is_refused() {
     }
 }
 
-/// Snapshots, clones, rollback, snapshot exports and schedules wait for the snapshot engine
-/// (issue 3). Until then the daemon answers each with a clean error. When snapshots land,
-/// replace this test with ones that check what these commands do.
 #[test]
-fn snapshot_commands_fail_cleanly_until_snapshots_land() {
+fn snapshot_create_list_delete_in_human_and_json_output() {
     let d = Daemon::start("cli-snap");
-    for args in [
-        &["snapshot", "create", "vol0", "s1"][..],
-        &["snapshot", "delete", "vol0", "s1"],
-        &["snapshot", "list"],
-        &["snapshot", "list", "vol0"],
-        &["clone", "create", "vol0@s1", "c1"],
-        &["clone", "inflate", "c1"],
-        &["volume", "rollback", "vol0", "s1"],
-        &["export", "add", "vol0@s1"],
-        &["export", "remove", "vol0@s1"],
-        &["schedule", "set", "vol0", "--every", "1h", "--keep", "3"],
-        &["schedule", "list"],
+    let mut c = common::raw_nbd::RawNbd::connect(&d.nbd_addr(), "vol0");
+    c.write(0, &[1; 65536]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let line = d.cli_ok(&["snapshot", "create", "vol0", "s1"]);
+    assert!(
+        line.starts_with("created snapshot 'vol0@s1' (epoch "),
+        "{line}"
+    );
+    let s2 = d.cli_json(&["snapshot", "create", "vol0", "s2"]);
+    assert_eq!(
+        (&s2["volume"], &s2["name"]),
+        (&"vol0".into(), &"s2".into()),
+        "{s2}"
+    );
+    for key in [
+        "created_unix",
+        "epoch",
+        "allocated_bytes",
+        "exclusive_bytes",
+        "shared_bytes",
     ] {
-        let line = fails(&d.cli(args));
-        assert!(
-            line.contains("not available in this build yet"),
-            "{args:?}: {line}"
-        );
-        let mut json = vec!["--json"];
-        json.extend_from_slice(args);
-        fails_json(&d.cli(&json));
+        assert!(s2[key].is_u64(), "{key}: {s2}");
     }
-    let list = d.cli_json(&["volume", "list"]);
-    assert!(volume(&list, "c1").is_none(), "{list}");
+    let table = d.cli_ok(&["snapshot", "list"]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0][..3], ["VOLUME", "NAME", "CREATED"], "{table}");
+    assert_eq!((rows[1][0], rows[1][1]), ("vol0", "s1"), "{table}");
+    assert_eq!((rows[2][0], rows[2][1]), ("vol0", "s2"), "{table}");
+    let list = d.cli_json(&["snapshot", "list", "vol0"]);
+    let names: Vec<&str> = list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["s1", "s2"], "{list}");
+    assert_eq!(
+        d.cli_json(&["volume", "info", "vol0"])["snapshots"],
+        serde_json::json!(["s1", "s2"])
+    );
+    assert_eq!(
+        fails_json(&d.cli(&["--json", "snapshot", "create", "vol0", "s1"])),
+        "already_exists"
+    );
+    assert_eq!(
+        fails_json(&d.cli(&["--json", "snapshot", "delete", "vol0", "nope"])),
+        "unknown_snapshot"
+    );
+    assert_eq!(
+        fails_json(&d.cli(&["--json", "snapshot", "create", "nope", "s"])),
+        "unknown_volume"
+    );
+    assert_eq!(
+        d.cli_ok(&["snapshot", "delete", "vol0", "s1"]),
+        "deleted snapshot 'vol0@s1'\n"
+    );
+    assert_eq!(
+        d.cli_json(&["snapshot", "delete", "vol0", "s2"]),
+        serde_json::json!({})
+    );
+    let list = d.cli_json(&["snapshot", "list"]);
+    assert_eq!(list["snapshots"], serde_json::json!([]), "{list}");
+}
+
+#[test]
+fn clone_rollback_export_and_schedule_commands_work() {
+    let d = Daemon::start("cli-clone");
+    d.cli_ok(&["snapshot", "create", "vol0", "base"]);
+    assert_eq!(
+        d.cli_ok(&["clone", "create", "vol0@base", "work"]),
+        "created clone 'work' of 'vol0@base'\n"
+    );
+    assert_eq!(
+        d.cli_json(&["volume", "info", "work"])["origin"],
+        "vol0@base"
+    );
+    assert_eq!(
+        fails_json(&d.cli(&["--json", "clone", "create", "vol0@nope", "w2"])),
+        "unknown_snapshot"
+    );
+    let job = d.cli_json(&["clone", "inflate", "work", "--wait"]);
+    assert_eq!(job["finished"], true, "{job}");
+    assert_eq!(
+        d.cli_json(&["volume", "info", "work"])["origin"],
+        Value::Null
+    );
+
+    assert_eq!(
+        d.cli_ok(&["volume", "rollback", "vol0", "base"]),
+        "rolled back volume 'vol0' to snapshot 'base'\n"
+    );
+
+    assert_eq!(
+        d.cli_ok(&["export", "add", "vol0@base"]),
+        "exporting 'vol0@base' (read-only, 4.0 GiB)\n"
+    );
+    let list = d.cli_json(&["export", "list"]);
+    let snap = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "vol0@base")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(snap["read_only"], true);
+    assert_eq!(
+        d.cli_ok(&["export", "remove", "vol0@base"]),
+        "stopped exporting 'vol0@base'\n"
+    );
+    let code = fails_json(&d.cli(&["--json", "export", "add", "vol0@nope"]));
+    assert!(
+        code == "unknown_export" || code == "unknown_snapshot",
+        "{code}"
+    );
+
+    assert_eq!(
+        d.cli_ok(&["schedule", "set", "vol0", "--every", "1h", "--keep", "3"]),
+        "snapshotting 'vol0' every 1h, keeping 3\n"
+    );
+    let list = d.cli_json(&["schedule", "list"]);
+    let s = &list["schedules"][0];
+    assert_eq!(
+        (&s["volume"], &s["every_secs"], &s["keep"]),
+        (&"vol0".into(), &3600.into(), &3.into()),
+        "{list}"
+    );
+    assert!(d.cli_ok(&["schedule", "list"]).contains("(in 1h)"));
+    assert_eq!(
+        d.cli_ok(&["schedule", "set", "vol0", "--every", "1h", "--keep", "0"]),
+        "removed the schedule of 'vol0'\n"
+    );
+    assert_eq!(
+        d.cli_json(&["schedule", "list"])["schedules"],
+        serde_json::json!([])
+    );
 }

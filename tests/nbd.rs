@@ -242,10 +242,50 @@ fn nbdcopy_out_matches_what_was_copied_in() {
 }
 
 #[test]
+fn nbdcopy_of_a_snapshot_matches_the_volume_when_it_was_taken() {
+    require!("nbdcopy", "qemu-io");
+    let d = Daemon::start("nbdcopy-snap");
+    d.cli_ok(&["volume", "create", "img", "16M"]);
+    let dir = TestDir::new("nbdcopy-snap-files");
+    let image = common::pseudo_random(16 << 20, 0x5a95);
+    let src = dir.join("in.img");
+    std::fs::write(&src, &image).unwrap();
+    let uri = d.uri("img");
+    check(Command::new("nbdcopy").arg(&src).arg(&uri));
+    d.cli_ok(&["snapshot", "create", "img", "before"]);
+    d.cli_ok(&["export", "add", "img@before"]);
+    // Change the live volume after the snapshot.
+    qemu_io(&uri, &["write -P 0xee 0 1M", "write -z 8M 4M"]);
+    let snap = dir.join("snap.img");
+    check(Command::new("nbdcopy").arg(d.uri("img@before")).arg(&snap));
+    let copied = std::fs::read(&snap).unwrap();
+    assert_eq!(common::checksum(&copied), common::checksum(&image));
+    let live = dir.join("live.img");
+    check(Command::new("nbdcopy").arg(&uri).arg(&live));
+    let mut expected = image;
+    expected[..1 << 20].fill(0xee);
+    expected[8 << 20..12 << 20].fill(0);
+    assert_eq!(
+        common::checksum(&std::fs::read(&live).unwrap()),
+        common::checksum(&expected)
+    );
+    // The snapshot export is read-only.
+    let out =
+        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write 0 4k", &d.uri("img@before")]));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed"),
+        "write to a snapshot: {text}"
+    );
+}
+
+#[test]
 fn fio_crc32c_verify_passes() {
     require!("fio");
     let d = Daemon::start("fio");
-    let out = check(Command::new("fio").args([
+    let dir = TestDir::new("fio-cwd");
+    let out = check(Command::new("fio").current_dir(&dir.path).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", d.uri("vol0")),
@@ -260,6 +300,7 @@ fn fio_crc32c_verify_passes() {
         "--verify_backlog=512",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     let start = out

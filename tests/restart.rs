@@ -22,6 +22,8 @@ fn data_and_volumes_survive_a_graceful_restart() {
         &["write -P 0x42 0 1M", "write -P 0x43 3G 64k"],
     );
     qemu_io(&d.uri("extra"), &["write -P 0x44 4k 8k"]);
+    d.cli_ok(&["snapshot", "create", "extra", "snap"]);
+    qemu_io(&d.uri("extra"), &["write -P 0x45 4k 8k"]);
     let status = d.stop();
     assert!(status.success(), "SIGTERM exit: {status}\n{}", d.stderr());
     assert!(
@@ -60,8 +62,12 @@ fn data_and_volumes_survive_a_graceful_restart() {
     );
     qemu_io(
         &d.uri("extra"),
-        &["read -P 0 0 4k", "read -P 0x44 4k 8k", "read -P 0 12k 52k"],
+        &["read -P 0 0 4k", "read -P 0x45 4k 8k", "read -P 0 12k 52k"],
     );
+    let snaps = d.cli_json(&["snapshot", "list", "extra"]);
+    assert_eq!(snaps["snapshots"][0]["name"], "snap", "{snaps}");
+    d.cli_ok(&["export", "add", "extra@snap"]);
+    common::qemu_io_read_only(&d.uri("extra@snap"), &["read -P 0x44 4k 8k"]);
 }
 
 #[test]

@@ -385,8 +385,17 @@ pub fn check(cmd: &mut Command) -> String {
 /// `qemu-io -f raw` on `uri` with one `-c` per command; every command must succeed (a read
 /// whose `-P` pattern does not match fails).
 pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    qemu_io_with(&[], uri, commands)
+}
+
+/// `qemu_io` opening the export read-only (`-r`), as a snapshot export needs.
+pub fn qemu_io_read_only(uri: &str, commands: &[&str]) -> String {
+    qemu_io_with(&["-r"], uri, commands)
+}
+
+fn qemu_io_with(flags: &[&str], uri: &str, commands: &[&str]) -> String {
     let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
+    c.args(["-f", "raw"]).args(flags);
     for cmd in commands {
         c.args(["-c", cmd]);
     }
