@@ -9,6 +9,7 @@ pub mod raw_nbd;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -281,6 +282,18 @@ pub fn serve_command(data_dir: &Path, port: u16, socket: &Path, extra: &[&str]) 
         .args(extra)
         .env_remove("TESSEL_SOCKET")
         .stdin(Stdio::null());
+    // A test binary killed by a timeout must not leave daemons behind: the kernel sends
+    // SIGKILL to the daemon when the thread that started it exits (a Daemon never outlives
+    // the test thread that owns it).
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     c
 }
 
