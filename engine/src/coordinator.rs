@@ -326,6 +326,25 @@ impl Engine {
         }
     }
 
+    /// Like `image`, but read from the table the submit path uses, without the control
+    /// lock: safe on a reactor thread (target sessions resolving export names), where
+    /// `image` can deadlock with a control operation that holds the lock and waits for
+    /// every reactor (a checkpoint, a snapshot barrier).
+    pub fn image_nowait(&self, name: &str) -> Option<(VolumeInfo, bool)> {
+        let m = self.inner.shared.volumes.by_name(name)?;
+        Some((meta_info(&m), m.read_only))
+    }
+
+    /// Like `volumes` (read-write volumes, by name), without the control lock; see
+    /// `image_nowait`.
+    pub fn volumes_nowait(&self) -> Vec<VolumeInfo> {
+        let all = self.inner.shared.volumes.all();
+        all.iter()
+            .filter(|m| !m.read_only)
+            .map(|m| meta_info(m))
+            .collect()
+    }
+
     /// Names of a volume's snapshots, oldest first.
     pub fn snapshot_names(&self, volume: &str) -> Vec<String> {
         let c = self.control();
@@ -505,4 +524,14 @@ pub(crate) fn spawn_housekeeper(weak: std::sync::Weak<crate::engine::Inner>) {
             }
             e.housekeeping();
         });
+}
+
+fn meta_info(m: &crate::volume::VolumeMeta) -> VolumeInfo {
+    VolumeInfo {
+        id: crate::io::VolumeId(m.id),
+        name: m.name.clone(),
+        size: m.size.load(Ordering::Acquire),
+        block_size: m.block_size,
+        created_unix: m.created_unix,
+    }
 }

@@ -40,8 +40,11 @@ impl EngineExports {
         self.set().remove(name)
     }
 
+    /// Called on reactor threads (session handshakes): only the engine's lock-free
+    /// lookups, never its control lock (a checkpoint holds it while it waits for every
+    /// reactor, so a session blocking on it deadlocks the daemon).
     fn info(&self, name: &str) -> Option<ExportInfo> {
-        let (v, read_only) = self.engine.image(name)?;
+        let (v, read_only) = self.engine.image_nowait(name)?;
         Some(ExportInfo {
             description: format!(
                 "tessel {} {} ({} bytes, {}-byte blocks)",
@@ -63,7 +66,7 @@ impl Exports for EngineExports {
     fn list(&self) -> Vec<ExportInfo> {
         let mut out: Vec<ExportInfo> = self
             .engine
-            .volumes()
+            .volumes_nowait()
             .iter()
             .filter_map(|v| self.info(&v.name))
             .collect();
