@@ -171,7 +171,7 @@ fn open_engine(args: &Args) -> Result<Engine, String> {
     opts.journal_regions = opts.journal_regions.max(args.cores);
     let size = device_bytes(args.size);
     let (spec, fresh) = match args.device() {
-        Device::Null => (DeviceSpec::Null { size }, true),
+        Device::Null => (DeviceSpec::null(size), true),
         Device::Mem => (DeviceSpec::Mem(MemDisk::new(size, false)), true),
         Device::Path(path) => (
             DeviceSpec::Path {

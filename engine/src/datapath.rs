@@ -10,7 +10,8 @@ use crate::map::{MapEntry, ShardMap, Validity, NONE};
 use crate::reactor::{Cont, Msg, Piece, Reactor, Shard, Waiter};
 use crate::request::Parent;
 use io_uring::{opcode, types};
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -127,7 +128,7 @@ impl Shard {
     pub fn new(clusters: usize) -> Shard {
         Shard {
             map: ShardMap::new(clusters),
-            locks: HashMap::new(),
+            locks: FxHashMap::default(),
         }
     }
 }
@@ -754,10 +755,7 @@ impl Reactor {
                 .write_at(pos, slice)
                 .and_then(|()| if dsync { member.sync() } else { Ok(()) })
         } else {
-            let mut tmp = AlignedBuf::zeroed(len as usize);
-            member
-                .read_at(pos, &mut tmp)
-                .map(|()| slice.copy_from_slice(tmp.as_slice()))
+            member.read_slice(pos, slice)
         };
         let key = self.conts.insert(Cont::Data { op: i, len });
         self.inline_done
@@ -977,9 +975,8 @@ impl Reactor {
         let members = self.shared.members.len();
         let steps = members as u32 + if jw.is_some() { 2 } else { 0 };
         self.commit.steps = steps;
-        if let Some((off, _, data)) = &jw {
+        if let Some((_, _, data)) = &jw {
             self.commit.buf = Some(AlignedBuf::from_slice(data));
-            let _ = off;
         }
         if self.uring_files {
             for m in 0..members {

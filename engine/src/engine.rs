@@ -306,7 +306,7 @@ impl Engine {
                         s,
                         Shard {
                             map,
-                            locks: HashMap::new(),
+                            locks: Default::default(),
                         },
                     );
                 }
@@ -752,7 +752,7 @@ pub(crate) fn vol_state(v: &VolumeRecord) -> VolState {
         block_size: v.block_size,
         read_only: v.kind != ImageKind::Volume,
         snap_epoch: v.epoch,
-        shards: HashMap::new(),
+        shards: Default::default(),
         inflight: 0,
         writes_inflight: 0,
         deleting: false,
@@ -801,10 +801,7 @@ impl Client {
 
     /// Block until at least one completion is ready (or `timeout`).
     pub fn wait(&self, timeout: Duration) {
-        self.sink.register_thread();
-        if self.sink.is_empty() {
-            std::thread::park_timeout(timeout);
-        }
+        self.sink.park(timeout);
     }
 
     /// Submit one request and wait for its completion.

@@ -19,8 +19,9 @@ pub enum DeviceSpec {
     },
     /// An in-memory disk (tests; with crash simulation if built so).
     Mem(Arc<MemDisk>),
-    /// Reads return zeros, writes are dropped: measures the engine alone.
-    Null { size: u64 },
+    /// Data reads return zeros and data writes are dropped (metadata is kept in memory so
+    /// the pool opens): measures the engine alone.
+    Null(Arc<NullDisk>),
 }
 
 impl DeviceSpec {
@@ -37,8 +38,13 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Path { path, .. } => path.clone(),
             DeviceSpec::Mem(_) => PathBuf::from("mem"),
-            DeviceSpec::Null { .. } => PathBuf::from("null"),
+            DeviceSpec::Null(_) => PathBuf::from("null"),
         }
+    }
+
+    /// A null device of `size` bytes.
+    pub fn null(size: u64) -> DeviceSpec {
+        DeviceSpec::Null(NullDisk::new(size))
     }
 }
 
@@ -48,11 +54,11 @@ pub enum Member {
         path: PathBuf,
         file: File,
         size: u64,
+        /// Holds the exclusive advisory lock for as long as the member is open.
+        _lock: File,
     },
     Mem(Arc<MemDisk>),
-    Null {
-        size: u64,
-    },
+    Null(Arc<NullDisk>),
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> PoolError {
@@ -69,7 +75,7 @@ impl Member {
     pub fn open(spec: &DeviceSpec) -> Result<Member, PoolError> {
         match spec {
             DeviceSpec::Mem(m) => Ok(Member::Mem(m.clone())),
-            DeviceSpec::Null { size } => Ok(Member::Null { size: *size }),
+            DeviceSpec::Null(n) => Ok(Member::Null(n.clone())),
             DeviceSpec::Path { path, create_size } => {
                 if !path.exists() {
                     let Some(size) = create_size else {
@@ -90,8 +96,12 @@ impl Member {
                     .custom_flags(libc::O_DIRECT)
                     .open(path)
                     .map_err(|e| io_err(path, e))?;
-                // SAFETY: flock on a valid fd owned by `file`.
-                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                // The lock lives on a second handle that io_uring never holds: the kernel
+                // drops a ring's registered files lazily, and a lock on one of them would
+                // outlive the process for a while.
+                let lock = File::open(path).map_err(|e| io_err(path, e))?;
+                // SAFETY: flock on a valid fd owned by `lock`.
+                if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                     return Err(PoolError::Locked {
                         device: path.clone(),
                     });
@@ -118,6 +128,7 @@ impl Member {
                     path: path.clone(),
                     file,
                     size,
+                    _lock: lock,
                 })
             }
         }
@@ -126,7 +137,8 @@ impl Member {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         match self {
-            Member::File { size, .. } | Member::Null { size } => *size,
+            Member::File { size, .. } => *size,
+            Member::Null(n) => n.size,
             Member::Mem(m) => m.size(),
         }
     }
@@ -136,7 +148,7 @@ impl Member {
         match self {
             Member::File { path, .. } => path.clone(),
             Member::Mem(_) => PathBuf::from("mem"),
-            Member::Null { .. } => PathBuf::from("null"),
+            Member::Null(_) => PathBuf::from("null"),
         }
     }
 
@@ -150,16 +162,22 @@ impl Member {
 
     /// Synchronous read (open, recovery, checkpoint): fills `buf` from `off`.
     pub fn read_at(&self, off: u64, buf: &mut AlignedBuf) -> Result<(), PoolError> {
+        self.read_slice(off, buf.as_mut_slice())
+    }
+
+    /// Synchronous read into any slice (memory and null devices need no alignment; files
+    /// opened O_DIRECT need a 512-byte aligned slice).
+    pub fn read_slice(&self, off: u64, out: &mut [u8]) -> Result<(), PoolError> {
         match self {
-            Member::File { path, file, .. } => file
-                .read_exact_at(buf.as_mut_slice(), off)
-                .map_err(|e| io_err(path, e)),
+            Member::File { path, file, .. } => {
+                file.read_exact_at(out, off).map_err(|e| io_err(path, e))
+            }
             Member::Mem(m) => {
-                m.read(off, buf.as_mut_slice());
+                m.read(off, out);
                 Ok(())
             }
-            Member::Null { .. } => {
-                buf.as_mut_slice().fill(0);
+            Member::Null(n) => {
+                n.read(off, out);
                 Ok(())
             }
         }
@@ -180,7 +198,10 @@ impl Member {
                 m.write(off, buf);
                 Ok(())
             }
-            Member::Null { .. } => Ok(()),
+            Member::Null(n) => {
+                n.write(off, buf);
+                Ok(())
+            }
         }
     }
 
@@ -192,7 +213,69 @@ impl Member {
                 m.flush();
                 Ok(())
             }
-            Member::Null { .. } => Ok(()),
+            Member::Null(_) => Ok(()),
+        }
+    }
+}
+
+/// The null device: keeps what is written below the data region (superblocks, journals,
+/// checkpoints: the first write at offset 0 that is a superblock says where data starts),
+/// drops data writes and leaves data read buffers untouched.
+pub struct NullDisk {
+    size: u64,
+    data_start: std::sync::atomic::AtomicU64,
+    meta: Mutex<std::collections::HashMap<u64, Box<[u8; 4096]>>>,
+}
+
+impl std::fmt::Debug for NullDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NullDisk({} bytes)", self.size)
+    }
+}
+
+impl NullDisk {
+    /// A null device of `size` bytes.
+    pub fn new(size: u64) -> Arc<NullDisk> {
+        Arc::new(NullDisk {
+            size,
+            data_start: std::sync::atomic::AtomicU64::new(u64::MAX),
+            meta: Mutex::new(Default::default()),
+        })
+    }
+
+    fn data(&self, off: u64) -> bool {
+        off >= self.data_start.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn read(&self, off: u64, out: &mut [u8]) {
+        if self.data(off) {
+            // Like SPDK's null bdev: data reads leave the buffer as it is.
+            return;
+        }
+        let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, chunk) in out.chunks_mut(4096).enumerate() {
+            match meta.get(&(off / 4096 + i as u64)) {
+                Some(b) => chunk.copy_from_slice(&b[..chunk.len()]),
+                None => chunk.fill(0),
+            }
+        }
+    }
+
+    fn write(&self, off: u64, data: &[u8]) {
+        if self.data(off) {
+            return;
+        }
+        if off == 0 {
+            if let Ok(sb) = crate::format::Superblock::decode(data) {
+                self.data_start
+                    .store(sb.data_start, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, chunk) in data.chunks(4096).enumerate() {
+            let mut b = Box::new([0u8; 4096]);
+            b[..chunk.len()].copy_from_slice(chunk);
+            meta.insert(off / 4096 + i as u64, b);
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::slab::Slab;
 use crate::volume::{MetaCache, VolumeTable};
 use crossbeam_queue::ArrayQueue;
 use io_uring::{opcode, squeue, types, IoUring};
+use rustc_hash::FxHashMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -215,8 +216,10 @@ pub(crate) enum Cont {
     Commit,
     /// The doorbell's eventfd became readable.
     Bell,
-    /// A poller's fd became ready.
-    PollFd,
+    /// Poller `poller`'s fd became ready (or its poll was cancelled).
+    PollFd { poller: usize },
+    /// An io_uring cancellation finished.
+    Cancel,
 }
 
 /// One volume's shards on this reactor.
@@ -226,7 +229,7 @@ pub struct VolState {
     pub read_only: bool,
     /// Epoch of the volume's newest snapshot: entries born after it belong to it alone.
     pub snap_epoch: u64,
-    pub shards: HashMap<u64, Shard>,
+    pub shards: FxHashMap<u64, Shard>,
     /// Cluster operations in flight on this volume here.
     pub inflight: u32,
     /// Of those, host writes (trims, zeroes) — what a snapshot barrier drains.
@@ -248,7 +251,7 @@ pub struct Hold {
 /// A shard owned by this reactor: its map and its cluster range locks.
 pub struct Shard {
     pub map: ShardMap,
-    pub locks: HashMap<u32, crate::datapath::ClusterLock>,
+    pub locks: FxHashMap<u32, crate::datapath::ClusterLock>,
 }
 
 /// State of the journal commit pipeline (group commit: one in flight, the next gathers).
@@ -277,7 +280,7 @@ pub struct Reactor {
     pub shared: Arc<Shared>,
     pub(crate) ring: IoUring,
     pub(crate) conts: Slab<Cont>,
-    pub vols: HashMap<u64, VolState>,
+    pub vols: FxHashMap<u64, VolState>,
     pub alloc: Allocator,
     pub journal: Journal,
     pub(crate) commit: Commit,
@@ -296,7 +299,8 @@ pub struct Reactor {
     pub(crate) asking: Option<usize>,
     pub(crate) meta: MetaCache,
     pollers: Vec<Option<Box<dyn Poller>>>,
-    poll_armed: HashMap<usize, i32>,
+    /// Pollers with a POLL_ADD in flight: (fd, events, user_data).
+    poll_armed: HashMap<usize, (i32, u32, u64)>,
     bell_armed: bool,
     bell_buf: Box<u64>,
     last_commit: Instant,
@@ -324,7 +328,7 @@ impl Reactor {
             shared,
             ring,
             conts: Slab::default(),
-            vols: HashMap::new(),
+            vols: FxHashMap::default(),
             alloc,
             journal,
             commit: Commit::default(),
@@ -387,15 +391,15 @@ impl Reactor {
     }
 
     /// Queue an io_uring entry with a continuation, submitting if the queue is full.
-    pub(crate) fn push_sqe(&mut self, e: squeue::Entry, c: Cont) {
-        let key = self.conts.insert(c);
-        let e = e.user_data(key as u64);
+    pub(crate) fn push_sqe(&mut self, e: squeue::Entry, c: Cont) -> u64 {
+        let key = self.conts.insert(c) as u64;
+        let e = e.user_data(key);
         loop {
             // SAFETY: every buffer an entry points to is owned by state that lives until
             // its completion is reaped (the caller's request, a cluster op's bounce buffer,
             // the commit's buffer or the reactor's bell buffer).
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
-                return;
+                return key;
             }
             let _ = self.ring.submit();
         }
@@ -426,7 +430,7 @@ impl Reactor {
             };
             progress |= p.poll(&mut ctx);
             if p.finished() {
-                self.poll_armed.remove(&k);
+                self.disarm(k);
                 progress = true;
             } else {
                 self.pollers[k] = Some(p);
@@ -538,7 +542,12 @@ impl Reactor {
                 Cont::Data { op, len } => self.on_data(op, res, len),
                 Cont::Commit => self.on_commit_step(res),
                 Cont::Bell => self.bell_armed = false,
-                Cont::PollFd => {}
+                Cont::PollFd { poller } => {
+                    if self.poll_armed.get(&poller).is_some_and(|a| a.2 == ud) {
+                        self.poll_armed.remove(&poller);
+                    }
+                }
+                Cont::Cancel => {}
             }
         }
         progress
@@ -556,22 +565,24 @@ impl Reactor {
             self.push_sqe(e, Cont::Bell);
             self.bell_armed = true;
         }
+        // One readiness poll per poller, re-armed only when it fired or its fd or events
+        // changed (a connection with output waiting also needs POLLOUT).
         let mut arm = Vec::new();
         for k in 0..self.pollers.len() {
-            if let Some(p) = &self.pollers[k] {
-                if let Some((fd, ev)) = p.wait_fd() {
-                    if self.poll_armed.get(&k) != Some(&fd) {
-                        arm.push((k, fd, ev));
-                    }
+            if let Some((fd, ev)) = self.pollers[k].as_ref().and_then(|p| p.wait_fd()) {
+                match self.poll_armed.get(&k) {
+                    Some(&(f, e, _)) if f == fd && e == ev => {}
+                    _ => arm.push((k, fd, ev)),
                 }
             }
         }
         for (k, fd, ev) in arm {
-            self.poll_armed.insert(k, fd);
-            self.push_sqe(
+            self.disarm(k);
+            let key = self.push_sqe(
                 opcode::PollAdd::new(types::Fd(fd), ev).build(),
-                Cont::PollFd,
+                Cont::PollFd { poller: k },
             );
+            self.poll_armed.insert(k, (fd, ev, key));
         }
         let bell = self.shared.inboxes[self.id].bell.clone();
         bell.sleeping.store(true, Ordering::SeqCst);
@@ -590,17 +601,24 @@ impl Reactor {
             let _ = self.ring.submitter().submit_with_args(1, &args);
         }
         bell.sleeping.store(false, Ordering::SeqCst);
-        // A poller's readiness fired or timed out: re-arm next time it idles.
-        self.poll_armed.clear();
+    }
+
+    /// Cancel a poller's readiness poll, if one is in flight.
+    fn disarm(&mut self, k: usize) {
+        if let Some((_, _, key)) = self.poll_armed.remove(&k) {
+            self.push_sqe(opcode::AsyncCancel::new(key).build(), Cont::Cancel);
+        }
     }
 
     /// The loop: runs until the engine stops and nothing is in flight.
     pub fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
+        let mut idle_passes = 0u32;
         loop {
             let progress = self.pass();
             if progress {
                 idle_since = None;
+                idle_passes = 0;
                 continue;
             }
             if self.shared.stopping.load(Ordering::Acquire)
@@ -611,13 +629,14 @@ impl Reactor {
             {
                 break;
             }
-            if self.shared.poll == PollMode::Adaptive {
+            idle_passes += 1;
+            if self.shared.poll == PollMode::Adaptive && idle_passes % 32 == 0 {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= self.shared.spin {
                     self.sleep();
                     idle_since = None;
                 }
-            } else {
+            } else if self.shared.poll == PollMode::Busy {
                 std::hint::spin_loop();
             }
         }

@@ -18,8 +18,12 @@ pub struct Sink {
 
 /// How to wake a sink's reader.
 pub enum Waker {
-    /// A thread blocked in `Client::wait`.
-    Thread(Mutex<Option<Thread>>),
+    /// A thread that parks in `Client::wait`; `parked` is set only while it may sleep, so
+    /// a busy client costs completions no syscall.
+    Thread {
+        thread: std::sync::OnceLock<Thread>,
+        parked: AtomicBool,
+    },
     /// A reactor (its eventfd).
     Reactor(Arc<Doorbell>),
 }
@@ -29,7 +33,10 @@ impl Sink {
     pub fn for_thread() -> Arc<Sink> {
         Arc::new(Sink {
             queue: SegQueue::new(),
-            waker: Waker::Thread(Mutex::new(None)),
+            waker: Waker::Thread {
+                thread: std::sync::OnceLock::new(),
+                parked: AtomicBool::new(false),
+            },
         })
     }
 
@@ -45,9 +52,11 @@ impl Sink {
     pub fn push(&self, route: u32, c: Completion) {
         self.queue.push((route, c));
         match &self.waker {
-            Waker::Thread(t) => {
-                if let Some(t) = t.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    t.unpark();
+            Waker::Thread { thread, parked } => {
+                if parked.swap(false, Ordering::SeqCst) {
+                    if let Some(t) = thread.get() {
+                        t.unpark();
+                    }
                 }
             }
             Waker::Reactor(bell) => bell.ring(),
@@ -64,11 +73,17 @@ impl Sink {
         self.queue.is_empty()
     }
 
-    /// Register the calling thread as the one to unpark.
-    pub fn register_thread(&self) {
-        if let Waker::Thread(t) = &self.waker {
-            *t.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::thread::current());
+    /// Block the calling thread until a completion arrives (or `timeout`).
+    pub fn park(&self, timeout: std::time::Duration) {
+        let Waker::Thread { thread, parked } = &self.waker else {
+            return;
+        };
+        let _ = thread.set(std::thread::current());
+        parked.store(true, Ordering::SeqCst);
+        if self.queue.is_empty() {
+            std::thread::park_timeout(timeout);
         }
+        parked.store(false, Ordering::SeqCst);
     }
 }
 
@@ -168,6 +183,7 @@ impl Parent {
     /// # Safety
     /// Each byte range must be handed to one piece at a time, and only before that piece
     /// calls `finish`.
+    #[allow(clippy::mut_from_ref)] // disjoint ranges handed to one piece each (see Safety)
     pub unsafe fn slice(&self, off: usize, len: usize) -> &mut [u8] {
         debug_assert!(!self.data.is_null() && (off + len) as u64 <= self.len);
         std::slice::from_raw_parts_mut(self.data.add(off), len)
@@ -184,7 +200,7 @@ impl Parent {
         self.remaining.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Record extents found by a BlockStatus part.
+    /// Record extents found by a BlockStatus part (the only parts that touch the lock).
     pub fn add_extents(&self, e: &[Extent]) {
         self.extents
             .lock()
@@ -201,10 +217,14 @@ impl Parent {
             // SAFETY: every other part has finished (the counter reached zero), so nobody
             // else reaches the buffer any more.
             let buf = unsafe { (*self.buf.get()).take() };
-            let mut extents =
-                std::mem::take(&mut *self.extents.lock().unwrap_or_else(|p| p.into_inner()));
-            extents.sort_by_key(|e| e.offset);
-            let merged = merge_extents(extents);
+            let merged = if self.op == crate::io::Op::BlockStatus {
+                let mut extents =
+                    std::mem::take(&mut *self.extents.lock().unwrap_or_else(|p| p.into_inner()));
+                extents.sort_by_key(|e| e.offset);
+                merge_extents(extents)
+            } else {
+                Vec::new()
+            };
             let result = match self.error.get() {
                 Some(e) => Err(e.clone()),
                 None => Ok(()),

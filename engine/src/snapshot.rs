@@ -9,7 +9,7 @@ use crate::journal::Record;
 use crate::map::{MapEntry, ShardMap, Validity, NONE};
 use crate::reactor::{Hold, Reactor, Shard, VolState, Waiter};
 use crate::request::Parent;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -21,14 +21,14 @@ const JOBS_IDLE: usize = 4;
 /// Route of completions of background jobs (no poller has it).
 const JOB_ROUTE: u32 = u32::MAX;
 
-fn clone_shards(from: &HashMap<u64, Shard>) -> HashMap<u64, Shard> {
+fn clone_shards(from: &FxHashMap<u64, Shard>) -> FxHashMap<u64, Shard> {
     from.iter()
         .map(|(s, sh)| {
             (
                 *s,
                 Shard {
                     map: sh.map.clone(),
-                    locks: HashMap::new(),
+                    locks: FxHashMap::default(),
                 },
             )
         })

@@ -76,7 +76,7 @@ impl VolumeTable {
 /// A per-thread cache of the table, so the submit path takes no lock once warm.
 #[derive(Default)]
 pub struct MetaCache {
-    map: HashMap<u64, Arc<VolumeMeta>>,
+    map: rustc_hash::FxHashMap<u64, Arc<VolumeMeta>>,
 }
 
 impl MetaCache {
