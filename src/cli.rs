@@ -184,7 +184,8 @@ pub enum VolumeCommand {
         volume: String,
         /// Snapshot of that volume to return to.
         snapshot: String,
-        /// Roll back even with connected clients or snapshots newer than SNAPSHOT.
+        /// Roll back even while hosts are connected (they would see the data change under them).
+        /// Snapshots newer than SNAPSHOT are kept either way.
         #[arg(long)]
         force: bool,
     },

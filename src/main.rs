@@ -11,7 +11,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match &cli.command {
         Command::Serve(args) => serve::run(args),
-        command => admin::run(command, &cli.socket, cli.json).map_err(Into::into),
+        command => {
+            // Admin output piped into `head` and the like: end quietly when the reader goes.
+            // SAFETY: restores the default disposition before any other thread exists.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            admin::run(command, &cli.socket, cli.json).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

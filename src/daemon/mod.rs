@@ -139,7 +139,7 @@ fn open_pool(config: &Config) -> Result<Engine, Box<dyn std::error::Error>> {
         })
         .collect();
     let ecfg = engine_config(config);
-    match open_when_unlocked(&devices, &ecfg) {
+    match Engine::open(&devices, ecfg.clone()) {
         Ok(e) => Ok(e),
         Err(PoolError::NotAPool { device }) if pool.format == FormatPolicy::IfEmpty => {
             tracing::info!(device = %device.display(), pool = %pool.name, "no pool found; formatting");
@@ -152,31 +152,6 @@ fn open_pool(config: &Config) -> Result<Engine, Box<dyn std::error::Error>> {
             Ok(Engine::open(&devices, ecfg)?)
         }
         Err(e) => Err(e.into()),
-    }
-}
-
-/// How long a start waits for the pool lock of a process that just died.
-const LOCK_GRACE: Duration = Duration::from_secs(5);
-
-/// Open the pool; while its lock is held, retry for `LOCK_GRACE`. The lock is a flock on
-/// the device file, which the engine also registers with io_uring: when the previous owner
-/// is killed, the kernel releases it only after the ring's deferred teardown, some
-/// milliseconds after the process is gone, so a restart right after a crash would
-/// otherwise be refused. A daemon that really runs keeps it and is refused after the grace.
-fn open_when_unlocked(devices: &[DeviceSpec], ecfg: &EngineConfig) -> Result<Engine, PoolError> {
-    let deadline = std::time::Instant::now() + LOCK_GRACE;
-    let mut said = false;
-    loop {
-        match Engine::open(devices, ecfg.clone()) {
-            Err(PoolError::Locked { device }) if std::time::Instant::now() < deadline => {
-                if !said {
-                    tracing::info!(device = %device.display(), "pool is locked; waiting for its previous owner to release it");
-                    said = true;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            r => return r,
-        }
     }
 }
 
