@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod raw_iscsi;
 pub mod raw_nbd;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -105,6 +106,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// The NBD target's port on 127.0.0.1.
     pub nbd_port: u16,
+    /// The iSCSI portal's port on 127.0.0.1; 0 when iSCSI is off (the default).
+    pub iscsi_port: u16,
     log: PathBuf,
     // Declared last: dropped after the process is gone.
     _dir: Option<TestDir>,
@@ -134,15 +137,48 @@ impl Daemon {
         panic!("tessel serve found no free NBD port:\n{last}")
     }
 
+    /// A daemon on a fresh data directory with the iSCSI portal on too (`iscsi_port`),
+    /// and `extra` arguments (a `--config`, say).
+    pub fn start_iscsi(label: &str, extra: &[&str]) -> Daemon {
+        let dir = TestDir::new(label);
+        let mut d = Daemon::start_iscsi_in(&dir.path, extra);
+        d._dir = Some(dir);
+        d
+    }
+
+    /// `start_iscsi` on `dir`; the caller keeps `dir`.
+    pub fn start_iscsi_in(dir: &Path, extra: &[&str]) -> Daemon {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Daemon::try_start_with(dir, extra, true) {
+                Ok(d) => return d,
+                Err(log) if log.contains("listen on") => last = log,
+                Err(log) => panic!("tessel serve did not start:\n{log}"),
+            }
+        }
+        panic!("tessel serve found no free NBD/iSCSI port:\n{last}")
+    }
+
     /// Start `tessel serve` on `dir` with `extra` arguments and wait until its control socket
     /// answers; Err carries its stderr when it exits first.
     pub fn try_start(dir: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        Daemon::try_start_with(dir, extra, false)
+    }
+
+    /// `try_start`, with the iSCSI portal on a free port when `iscsi` is set.
+    pub fn try_start_with(dir: &Path, extra: &[&str], iscsi: bool) -> Result<Daemon, String> {
         let n = LOGS.fetch_add(1, Ordering::Relaxed);
         std::fs::create_dir_all(dir).expect("create data dir");
         let log = dir.join(format!("serve-{n}.log"));
         let socket = dir.join("tessel.sock");
         let nbd_port = free_port();
-        let child = serve_command(dir, nbd_port, &socket, extra)
+        let iscsi_port = if iscsi { free_port() } else { 0 };
+        let listen = format!("127.0.0.1:{iscsi_port}");
+        let mut args: Vec<&str> = extra.to_vec();
+        if iscsi {
+            args.extend_from_slice(&["--iscsi-listen", &listen]);
+        }
+        let child = serve_command(dir, nbd_port, &socket, &args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("create daemon log"))
             .spawn()
@@ -152,6 +188,7 @@ impl Daemon {
             data_dir: dir.to_path_buf(),
             socket,
             nbd_port,
+            iscsi_port,
             log,
             _dir: None,
         };
@@ -190,6 +227,20 @@ impl Daemon {
     /// `127.0.0.1:PORT`
     pub fn nbd_addr(&self) -> String {
         format!("127.0.0.1:{}", self.nbd_port)
+    }
+
+    /// The iSCSI portal, `127.0.0.1:PORT` (the daemon must run with iSCSI on).
+    pub fn iscsi_addr(&self) -> String {
+        assert!(self.iscsi_port != 0, "this daemon runs without iSCSI");
+        format!("127.0.0.1:{}", self.iscsi_port)
+    }
+
+    /// `iscsi://127.0.0.1:PORT/iqn.2026-11.dev.tessel:VOLUME/LUN`
+    pub fn iscsi_url(&self, volume: &str, lun: u32) -> String {
+        format!(
+            "iscsi://{}/iqn.2026-11.dev.tessel:{volume}/{lun}",
+            self.iscsi_addr()
+        )
     }
 
     /// True while the process runs and its control socket answers.
@@ -267,17 +318,19 @@ impl Drop for Daemon {
 
 static LOGS: AtomicUsize = AtomicUsize::new(0);
 
-/// The `tessel serve` command line the tests use: NBD on `port`, no iSCSI.
+/// The `tessel serve` command line the tests use: NBD on `port`, no iSCSI unless `extra`
+/// has an `--iscsi-listen`.
 pub fn serve_command(data_dir: &Path, port: u16, socket: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(TESSEL);
     c.arg("serve")
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--nbd-listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--iscsi-listen")
-        .arg("")
-        .arg("--control-socket")
+        .arg(format!("127.0.0.1:{port}"));
+    if !extra.contains(&"--iscsi-listen") {
+        c.arg("--iscsi-listen").arg("");
+    }
+    c.arg("--control-socket")
         .arg(socket)
         .args(extra)
         .env_remove("TESSEL_SOCKET")
