@@ -5,7 +5,7 @@
 use crate::buf::AlignedBuf;
 use crate::error::PoolError;
 use crate::format::{self, FormatOptions, Reader, Superblock, BLOCK, SB_SIZE};
-use crate::journal::{self, open_block, seal_block, ImageKind, Record, VolumeRecord};
+use crate::journal::{self, open_block, seal_block, Record, VolumeRecord};
 use crate::layout::Layout;
 use crate::map::{MapEntry, MapPage, ShardMap};
 use crate::media::{DeviceSpec, Member};
@@ -145,35 +145,38 @@ pub fn format(specs: &[DeviceSpec], opts: &FormatOptions) -> Result<Superblock, 
 }
 
 /// Serialize shard maps (one reactor's part of a checkpoint). Pages shared between maps (a
-/// volume and its snapshots) are written once and referenced by number.
+/// volume and its snapshots) are written once and referenced by number; a page that is a
+/// copy of the previous page written for the same position (a snapshot's page after one
+/// write) is written as the entries that differ from it.
 pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> Vec<u8> {
+    let mut maps: Vec<(u64, u64, &ShardMap)> = maps.collect();
+    maps.sort_by_key(|(img, shard, _)| (*shard, *img));
     let mut ids: HashMap<*const MapPage, u32> = HashMap::new();
+    // Last page written for each (shard, page slot): the base of the next one's diff.
+    let mut last: HashMap<(u64, usize), (u32, &MapPage)> = HashMap::new();
     let mut pages = Vec::new();
     let mut npages = 0u32;
     let mut index = Vec::new();
-    let mut nmaps = 0u32;
-    for (img, shard, map) in maps {
-        nmaps += 1;
+    for (img, shard, map) in &maps {
         index.extend_from_slice(&img.to_le_bytes());
         index.extend_from_slice(&shard.to_le_bytes());
         index.extend_from_slice(&(map.pages().len() as u32).to_le_bytes());
-        for p in map.pages() {
+        for (slot, p) in map.pages().iter().enumerate() {
             let id = match p {
                 None => u32::MAX,
-                Some(p) => *ids.entry(Arc::as_ptr(p)).or_insert_with(|| {
-                    let live: Vec<(usize, &MapEntry)> = p
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, e)| e.is_allocated())
-                        .collect();
-                    pages.extend_from_slice(&(live.len() as u16).to_le_bytes());
-                    for (k, e) in live {
-                        pages.push(k as u8);
-                        journal::put_entry(&mut pages, e);
+                Some(p) => {
+                    if let Some(&id) = ids.get(&Arc::as_ptr(p)) {
+                        id
+                    } else {
+                        let id = npages;
+                        npages += 1;
+                        ids.insert(Arc::as_ptr(p), id);
+                        let base = last.get(&(*shard, slot)).copied();
+                        encode_page(&mut pages, p, base);
+                        last.insert((*shard, slot), (id, p));
+                        id
                     }
-                    npages += 1;
-                    npages - 1
-                }),
+                }
             };
             index.extend_from_slice(&id.to_le_bytes());
         }
@@ -181,9 +184,31 @@ pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> 
     let mut out = Vec::with_capacity(8 + pages.len() + index.len());
     out.extend_from_slice(&npages.to_le_bytes());
     out.extend_from_slice(&pages);
-    out.extend_from_slice(&nmaps.to_le_bytes());
+    out.extend_from_slice(&(maps.len() as u32).to_le_bytes());
     out.extend_from_slice(&index);
     out
+}
+
+/// A page: kind 0 (count u16, (slot u8, entry) × count: the allocated entries), or kind 1
+/// (base page id u32, count u16, (slot u8, entry) × count: the entries that differ).
+fn encode_page(out: &mut Vec<u8>, p: &MapPage, base: Option<(u32, &MapPage)>) {
+    let diff: Option<(u32, Vec<usize>)> = base.and_then(|(id, b)| {
+        let d: Vec<usize> = (0..p.len()).filter(|&k| p[k] != b[k]).collect();
+        (d.len() * 2 < p.iter().filter(|e| e.is_allocated()).count()).then_some((id, d))
+    });
+    let (slots, kind): (Vec<usize>, u8) = match &diff {
+        Some((_, d)) => (d.clone(), 1),
+        None => ((0..p.len()).filter(|&k| p[k].is_allocated()).collect(), 0),
+    };
+    out.push(kind);
+    if let Some((id, _)) = diff {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out.extend_from_slice(&(slots.len() as u16).to_le_bytes());
+    for k in slots {
+        out.push(k as u8);
+        journal::put_entry(out, &p[k]);
+    }
 }
 
 fn decode_part(
@@ -192,10 +217,14 @@ fn decode_part(
     maps: &mut HashMap<(u64, u64), ShardMap>,
 ) -> Option<()> {
     let npages = r.u32()?;
-    let mut pages = Vec::with_capacity(npages as usize);
+    let mut pages: Vec<Arc<MapPage>> = Vec::with_capacity(npages as usize);
     for _ in 0..npages {
+        let mut page = match r.u8()? {
+            0 => [MapEntry::UNALLOCATED; crate::map::ENTRIES_PER_PAGE],
+            1 => *pages.get(r.u32()? as usize)?.as_ref(),
+            _ => return None,
+        };
         let n = r.u16()?;
-        let mut page = [MapEntry::UNALLOCATED; crate::map::ENTRIES_PER_PAGE];
         for _ in 0..n {
             let k = r.u8()? as usize;
             *page.get_mut(k)? = journal::get_entry(r)?;
@@ -491,14 +520,11 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
             }
         }
     }
-    let max_snap = st
-        .volumes
-        .values()
-        .filter(|v| v.kind == ImageKind::Snapshot)
-        .map(|v| v.epoch)
-        .max()
-        .unwrap_or(0);
-    st.epoch = st.epoch.max(max_born).max(max_snap + 1);
+    // Every image's epoch, not only live snapshots': a volume keeps the epoch of its newest
+    // snapshot after that snapshot is deleted, and the next epoch must lie above it, or its
+    // new entries are born "shared" (every write redirects, an inflate never finishes).
+    let max_epoch = st.volumes.values().map(|v| v.epoch).max().unwrap_or(0);
+    st.epoch = st.epoch.max(max_born).max(max_epoch + 1);
     Ok(st)
 }
 
