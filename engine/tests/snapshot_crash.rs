@@ -1,7 +1,7 @@
 //! Crashes (simulated power loss on a `MemDisk` with a volatile cache) during snapshot
 //! create/delete and clone create, checked after recovery (DESIGN.md sections 5 and 6):
-//! - the pool opens (recovery's reference check passes) and used == allocated of the
-//!   live volumes once background fills settle... or at least used >= allocated;
+//! - the pool opens (recovery's reference check passes) and its used space covers the
+//!   live volume's clusters; at the end, with only the volume left, they are equal;
 //! - a snapshot whose create returned before the crash exists and reads exactly the cut
 //!   (the volume as it was when create was called); one in flight is complete or absent;
 //! - a snapshot whose delete returned stays deleted; one in flight is present (intact) or
