@@ -2,6 +2,7 @@
 
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The in-process workload runner for tessel (bdevperf for tessel): opens a pool, creates a
 /// test volume and drives it through the engine's request API, without any target.
@@ -71,6 +72,12 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
+    /// Size of the pool device when the bench creates it (a missing file, null, mem);
+    /// default: the volume plus 1/8 plus 512 MiB. Snapshots under a write load keep the old
+    /// clusters, so give them room (a sparse file costs only what is written).
+    #[arg(long, value_parser = parse_size)]
+    pub pool_size: Option<u64>,
+
     /// Cluster size used when formatting (4K to 1M, a power of two).
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub cluster_size: u64,
@@ -78,6 +85,47 @@ pub struct Args {
     /// Seed of the random offsets (xorshift), for reproducible runs.
     #[arg(long, default_value_t = 0x7e55e1)]
     pub seed: u64,
+
+    /// With the prefill: write only the first SIZE bytes of the volume (a thin volume with
+    /// that much written), not all of it.
+    #[arg(long, value_parser = parse_size)]
+    pub prefill_size: Option<u64>,
+
+    /// While measuring, a separate thread snapshots the test volume every DURATION (500ms,
+    /// 1s, ...; names bench-0, bench-1, ...). The report then holds `snapshot_stall_us_max`:
+    /// the longest latency, submit to completion as the submitter sees it, of a write that was
+    /// in flight while a create call ran (submitted before the call returned and completed
+    /// after it started), and `snapshot_create_us_max`, the longest create call.
+    #[arg(long, value_parser = crate::snap::parse_duration)]
+    pub snapshot_every: Option<Duration>,
+
+    /// Before measuring (after any prefill), take N snapshots (pre-0, pre-1, ...) with
+    /// --writes-between random writes of --bs spread over the volume before each.
+    #[arg(long, default_value_t = 0)]
+    pub snapshots_before: u32,
+
+    /// Random writes before each of the --snapshots-before snapshots.
+    #[arg(long, default_value_t = 16)]
+    pub writes_between: u32,
+
+    /// While measuring, run a background operation in a thread: `inflate` inflates a clone of
+    /// a snapshot of the (prefilled) volume; `delete` deletes a snapshot whose every cluster
+    /// the volume has overwritten since (all of them exclusively its own). The state is set
+    /// up before measuring; `background_seconds` is how long the operation ran.
+    #[arg(long, value_enum)]
+    pub background: Option<Background>,
+
+    /// With --background: set up the same state but do not start the operation (the idle
+    /// baseline of the same volume).
+    #[arg(long, requires = "background")]
+    pub background_idle: bool,
+}
+
+/// Background operations run while measuring.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Background {
+    Inflate,
+    Delete,
 }
 
 /// The workloads.
@@ -135,9 +183,10 @@ impl Args {
         }
     }
 
-    /// Whether to prefill: explicit flags win, else on for workloads that read prior data.
+    /// Whether to prefill: explicit flags win (--prefill-size asks for one), else on for
+    /// workloads that read prior data.
     pub fn prefill(&self) -> bool {
-        if self.prefill {
+        if self.prefill || (self.prefill_size.is_some() && !self.no_prefill) {
             true
         } else if self.no_prefill {
             false
@@ -169,6 +218,14 @@ impl Args {
                 "--size {} must be a multiple of --bs {} and hold at least one request per core",
                 self.size, self.bs
             ));
+        }
+        if let Some(p) = self.prefill_size {
+            if p == 0 || p > self.size || p % self.bs != 0 {
+                return Err(format!(
+                    "--prefill-size {p} must be a non-zero multiple of --bs {} up to --size",
+                    self.bs
+                ));
+            }
         }
         if !(self.time > 0.0 && self.time.is_finite()) {
             return Err(format!("--time {} must be a positive number", self.time));

@@ -9,14 +9,17 @@
 
 mod args;
 mod report;
+mod snap;
 mod workload;
 
-use args::{Args, Device, Poll, Workload};
+use args::{Args, Background, Device, Poll, Workload};
 use clap::Parser;
 use report::{Progress, ProgressLine, Report, Stats};
+use snap::{StallTracker, Windows};
+use std::collections::HashSet;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 use tessel_engine::{
     AlignedBuf, Completion, DeviceSpec, Engine, EngineConfig, FormatOptions, MemDisk, Op, PollMode,
@@ -60,21 +63,27 @@ fn run(args: &Args) -> Result<bool, String> {
     let vol = test_volume(&engine, args)?;
     let threads = args.cores as usize;
     if args.prefill() {
-        let bs = PREFILL_BS.max(args.bs);
-        let pass = Pass {
-            label: "prefill",
-            qd: args.qd.min(8),
-            deadline: None,
-            data: Data::Filler,
-        };
-        let out = drive(&engine, vol, threads, &pass, |t| {
-            Generator::once(Kind::Write, args.size, bs, t, threads)
-        });
-        if out.stats.errors > 0 {
-            return Err(format!("prefill: {} writes failed", out.stats.errors));
-        }
-        tracing::info!(seconds = out.seconds, "prefill done");
+        let seconds = fill(
+            &engine,
+            vol,
+            args,
+            args.prefill_size.unwrap_or(args.size),
+            "prefill",
+        )?;
+        tracing::info!(seconds, "prefill done");
     }
+    let before = if args.snapshots_before > 0 {
+        snapshots_before(&engine, vol, args)?
+    } else {
+        0
+    };
+    let bg_plan = match args.background {
+        Some(kind) => Some(background_setup(&engine, vol, args, kind)?),
+        None => None,
+    };
+    let windows = Windows::new(Instant::now());
+    let snaps = SnapLoad::default();
+    let bg = BgResult::default();
     let out = match args.workload {
         Workload::Verify => verify(&engine, vol, args),
         w => {
@@ -83,12 +92,29 @@ fn run(args: &Args) -> Result<bool, String> {
                 qd: args.qd,
                 deadline: Some(Duration::from_secs_f64(args.time)),
                 data: Data::Filler,
+                windows: args.snapshot_every.map(|_| &windows),
             };
-            drive(&engine, vol, threads, &pass, |t| {
+            let snapshotter = |ctx: &SideCtx| {
+                if let Some(every) = args.snapshot_every {
+                    snapshot_every(&engine, every, &windows, &snaps, ctx);
+                }
+            };
+            let background = |ctx: &SideCtx| {
+                if let (Some(plan), false) = (&bg_plan, args.background_idle) {
+                    background_run(&engine, plan, args, &bg, ctx);
+                }
+            };
+            let sides: [&(dyn Fn(&SideCtx) + Sync); 2] = [&snapshotter, &background];
+            drive(&engine, vol, threads, &pass, &sides, |t| {
                 Generator::timed(w, args.size, args.bs, args.rwmix, args.seed, t, threads)
             })
         }
     };
+    let snaps = snaps.0.into_inner().unwrap_or_else(|e| e.into_inner());
+    let bg = bg.0.into_inner().unwrap_or_else(|e| e.into_inner());
+    if snaps.errors > 0 {
+        eprintln!("tessel-bench: {} snapshot creates failed", snaps.errors);
+    }
     let (page_bytes, clusters) = engine.map_memory();
     engine
         .shutdown()
@@ -113,8 +139,20 @@ fn run(args: &Args) -> Result<bool, String> {
             p999: 0.0,
             max: 0.0,
         },
-        snapshots: 0,
-        snapshot_stall_us_max: 0,
+        snapshots: before + snaps.taken,
+        snapshot_stall_us_max: out.stall_ns.div_ceil(1000),
+        snapshot_create_us_max: snaps.create_ns_max.div_ceil(1000),
+        background: args.background.map(|b| {
+            let name = format!("{b:?}").to_lowercase();
+            if args.background_idle {
+                format!("{name} (idle: set up, not started)")
+            } else {
+                name
+            }
+        }),
+        background_seconds: (bg.seconds * 1000.0).round() / 1000.0,
+        background_finished: bg.finished,
+        background_iops: bg.iops.round(),
         metadata_bytes_per_cluster: if clusters == 0 {
             0.0
         } else {
@@ -141,7 +179,266 @@ fn run(args: &Args) -> Result<bool, String> {
     } else {
         print!("{}", report.text());
     }
-    Ok(report.errors == 0)
+    Ok(report.errors == 0 && snaps.errors == 0 && bg.error.is_none())
+}
+
+/// Write the first `bytes` of the volume once, in large requests.
+fn fill(
+    engine: &Engine,
+    vol: VolumeId,
+    args: &Args,
+    bytes: u64,
+    label: &'static str,
+) -> Result<f64, String> {
+    let threads = args.cores as usize;
+    let bs = PREFILL_BS.max(args.bs);
+    let pass = Pass {
+        label,
+        qd: args.qd.min(8),
+        deadline: None,
+        data: Data::Filler,
+        windows: None,
+    };
+    let out = drive(engine, vol, threads, &pass, &[], |t| {
+        Generator::once(Kind::Write, bytes, bs, t, threads)
+    });
+    if out.stats.errors > 0 {
+        return Err(format!("{label}: {} writes failed", out.stats.errors));
+    }
+    Ok(out.seconds)
+}
+
+/// `prefix-N` for the first N from `from` that the volume has no snapshot of that name.
+fn free_name(taken: &HashSet<String>, prefix: &str, from: &mut u64) -> String {
+    loop {
+        let n = format!("{prefix}-{from}");
+        *from += 1;
+        if !taken.contains(&n) {
+            return n;
+        }
+    }
+}
+
+/// --snapshots-before: N snapshots, each after a few random writes spread over the volume.
+fn snapshots_before(engine: &Engine, vol: VolumeId, args: &Args) -> Result<u64, String> {
+    let taken: HashSet<String> = engine.snapshot_names(VOLUME).into_iter().collect();
+    let mut client = engine.client();
+    let mut rng = XorShift::new(args.seed ^ 0x5a4e);
+    let mut buf = Some(AlignedBuf::zeroed(args.bs as usize));
+    let units = args.size / args.bs;
+    let began = Instant::now();
+    let (mut longest, mut next) = (Duration::ZERO, 0);
+    for i in 0..args.snapshots_before {
+        for _ in 0..args.writes_between {
+            let off = rng.below(units) * args.bs;
+            let b = buf.take().expect("buffer back");
+            let op = Op::Write { fua: false };
+            let c = client.run(request(0, vol, op, off, args.bs, Some(b)));
+            c.result
+                .map_err(|e| format!("write before snapshot {i}: {e}"))?;
+            buf = Some(
+                c.buf
+                    .unwrap_or_else(|| AlignedBuf::zeroed(args.bs as usize)),
+            );
+        }
+        let name = free_name(&taken, "pre", &mut next);
+        let t = Instant::now();
+        engine
+            .snapshot_create(VOLUME, &name)
+            .map_err(|e| format!("snapshot {name}: {e}"))?;
+        longest = longest.max(t.elapsed());
+    }
+    eprintln!(
+        "snapshots-before: {} taken in {:.2}s, longest create {} us",
+        args.snapshots_before,
+        began.elapsed().as_secs_f64(),
+        longest.as_micros()
+    );
+    Ok(args.snapshots_before as u64)
+}
+
+/// Snapshots taken while measuring.
+#[derive(Default)]
+struct SnapLoad(Mutex<SnapCounts>);
+
+#[derive(Default)]
+struct SnapCounts {
+    taken: u64,
+    errors: u64,
+    create_ns_max: u64,
+}
+
+/// What a side thread of a pass sees.
+#[derive(Clone, Copy)]
+struct SideCtx<'a> {
+    began: Instant,
+    /// When the submitters stop issuing.
+    end: Option<Instant>,
+    /// Set once every submitter is done.
+    stop: &'a AtomicBool,
+    progress: &'a Progress,
+}
+
+impl SideCtx<'_> {
+    /// Sleep until `t`; false when the pass ended first.
+    fn sleep_until(&self, t: Instant) -> bool {
+        loop {
+            if self.stop.load(Ordering::Acquire) || self.end.is_some_and(|e| Instant::now() >= e) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= t {
+                return true;
+            }
+            std::thread::sleep((t - now).min(Duration::from_millis(1)));
+        }
+    }
+}
+
+/// --snapshot-every: snapshot the volume every `every` until the pass ends; each create call
+/// is a window for the stall computation.
+fn snapshot_every(
+    engine: &Engine,
+    every: Duration,
+    windows: &Windows,
+    load: &SnapLoad,
+    ctx: &SideCtx,
+) {
+    let taken: HashSet<String> = engine.snapshot_names(VOLUME).into_iter().collect();
+    let mut n = 0;
+    let mut next = ctx.began + every;
+    while ctx.sleep_until(next) {
+        let name = free_name(&taken, "bench", &mut n);
+        let a = windows.open();
+        let t = Instant::now();
+        let r = engine.snapshot_create(VOLUME, &name);
+        let took = t.elapsed();
+        windows.close(a);
+        let mut l = load.0.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Ok(_) => {
+                l.taken += 1;
+                l.create_ns_max = l.create_ns_max.max(took.as_nanos() as u64);
+            }
+            Err(e) => {
+                l.errors += 1;
+                tracing::error!("snapshot {name}: {e}");
+            }
+        }
+        next += every;
+    }
+}
+
+/// The state a background operation works on, made before measuring.
+enum BgPlan {
+    /// Inflate this clone (of a snapshot of the prefilled volume).
+    Inflate { clone: String },
+    /// Delete this snapshot, all of whose clusters the volume has overwritten since.
+    Delete { snapshot: String },
+}
+
+/// What the background operation did.
+#[derive(Default)]
+struct BgResult(Mutex<BgCounts>);
+
+#[derive(Default)]
+struct BgCounts {
+    seconds: f64,
+    finished: bool,
+    iops: f64,
+    error: Option<String>,
+}
+
+/// Build the state --background works on (needs a prefilled volume).
+fn background_setup(
+    engine: &Engine,
+    vol: VolumeId,
+    args: &Args,
+    kind: Background,
+) -> Result<BgPlan, String> {
+    if !args.prefill() {
+        return Err("--background needs a prefilled volume (add --prefill)".into());
+    }
+    let taken: HashSet<String> = engine.snapshot_names(VOLUME).into_iter().collect();
+    let mut n = 0;
+    let snapshot = free_name(&taken, "bg", &mut n);
+    engine
+        .snapshot_create(VOLUME, &snapshot)
+        .map_err(|e| format!("snapshot {snapshot}: {e}"))?;
+    match kind {
+        Background::Inflate => {
+            let mut n = 0;
+            let clone = loop {
+                let c = format!("bench-clone-{n}");
+                n += 1;
+                if engine.volume(&c).is_none() {
+                    break c;
+                }
+            };
+            engine
+                .clone_create(VOLUME, &snapshot, &clone)
+                .map_err(|e| format!("clone {clone}: {e}"))?;
+            Ok(BgPlan::Inflate { clone })
+        }
+        Background::Delete => {
+            // Overwrite what the prefill wrote: every cluster moves to a new one and the
+            // snapshot ends up owning all the old ones alone.
+            let bytes = args.prefill_size.unwrap_or(args.size);
+            let seconds = fill(engine, vol, args, bytes, "overwrite")?;
+            tracing::info!(seconds, "overwrite after the snapshot done");
+            Ok(BgPlan::Delete { snapshot })
+        }
+    }
+}
+
+/// Run the background operation, starting 1 s into the pass (or a fifth of --time if that
+/// is shorter), and record how long it ran and the foreground IOPS meanwhile.
+fn background_run(engine: &Engine, plan: &BgPlan, args: &Args, out: &BgResult, ctx: &SideCtx) {
+    let delay = Duration::from_secs_f64((args.time / 5.0).min(1.0));
+    if !ctx.sleep_until(ctx.began + delay) {
+        return;
+    }
+    let t = Instant::now();
+    let ops0 = ctx.progress.ops.load(Ordering::Relaxed);
+    let (finished, error) = match plan {
+        BgPlan::Delete { snapshot } => match engine.snapshot_delete(VOLUME, snapshot) {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(format!("delete {snapshot}: {e}"))),
+        },
+        BgPlan::Inflate { clone } => match engine.clone_inflate(clone) {
+            Err(e) => (false, Some(format!("inflate {clone}: {e}"))),
+            Ok(mut p) => loop {
+                if p.finished {
+                    break (true, None);
+                }
+                if !ctx.sleep_until(Instant::now() + Duration::from_millis(10)) {
+                    break (false, None);
+                }
+                match engine.inflate_progress(clone) {
+                    Ok(q) => p = q,
+                    Err(e) => break (false, Some(format!("inflate {clone}: {e}"))),
+                }
+            },
+        },
+    };
+    // Count the foreground over the operation's time within the pass only.
+    let end = ctx.end.map_or(Instant::now(), |e| e.min(Instant::now()));
+    let ops = ctx.progress.ops.load(Ordering::Relaxed) - ops0;
+    let seconds = t.elapsed().as_secs_f64();
+    let inside = end.saturating_duration_since(t).as_secs_f64();
+    if let Some(e) = &error {
+        tracing::error!("background: {e}");
+    }
+    *out.0.lock().unwrap_or_else(|e| e.into_inner()) = BgCounts {
+        seconds,
+        finished,
+        iops: if inside > 0.0 {
+            ops as f64 / inside
+        } else {
+            0.0
+        },
+        error,
+    };
 }
 
 /// Bytes a file or null device needs for a volume of `size` plus pool metadata.
@@ -169,7 +466,7 @@ fn open_engine(args: &Args) -> Result<Engine, String> {
         ..FormatOptions::default()
     };
     opts.journal_regions = opts.journal_regions.max(args.cores);
-    let size = device_bytes(args.size);
+    let size = args.pool_size.unwrap_or(device_bytes(args.size));
     let (spec, fresh) = match args.device() {
         Device::Null => (DeviceSpec::null(size), true),
         Device::Mem => (DeviceSpec::Mem(MemDisk::new(size, false)), true),
@@ -238,12 +535,14 @@ enum Data {
 }
 
 /// One phase of a run.
-struct Pass {
+struct Pass<'a> {
     label: &'static str,
     qd: u32,
     /// Stop issuing after this long; None: run the generators to their end.
     deadline: Option<Duration>,
     data: Data,
+    /// Snapshot create windows to measure write stalls against.
+    windows: Option<&'a Windows>,
 }
 
 /// What a phase measured.
@@ -251,6 +550,8 @@ struct Outcome {
     stats: Stats,
     seconds: f64,
     mismatches: Vec<Mismatch>,
+    /// Longest write stall during a snapshot create window (ns).
+    stall_ns: u64,
 }
 
 /// `verify`: write the pattern over the whole range, flush, read it all back.
@@ -268,6 +569,7 @@ fn verify(engine: &Engine, vol: VolumeId, args: &Args) -> Outcome {
         stats: Stats::new(),
         seconds: 0.0,
         mismatches: Vec::new(),
+        stall_ns: 0,
     };
     for (label, kind) in [("verify-write", Kind::Write), ("verify-read", Kind::Read)] {
         let pass = Pass {
@@ -275,8 +577,9 @@ fn verify(engine: &Engine, vol: VolumeId, args: &Args) -> Outcome {
             qd: args.qd,
             deadline: None,
             data: Data::Pattern(pattern),
+            windows: None,
         };
-        let out = drive(engine, vol, threads, &pass, |t| {
+        let out = drive(engine, vol, threads, &pass, &[], |t| {
             Generator::once(kind, args.size, args.bs, t, threads)
         });
         total.stats.merge(&out.stats);
@@ -312,15 +615,18 @@ fn request(
     }
 }
 
-/// Run one pass on `threads` submitter threads, drawing a progress line once a second.
+/// Run one pass on `threads` submitter threads, drawing a progress line once a second, with
+/// each of `sides` running on a thread of its own meanwhile.
 fn drive(
     engine: &Engine,
     vol: VolumeId,
     threads: usize,
     pass: &Pass,
+    sides: &[&(dyn Fn(&SideCtx) + Sync)],
     generator: impl Fn(usize) -> Generator + Sync,
 ) -> Outcome {
     let progress = Progress::default();
+    let stop = AtomicBool::new(false);
     let finished = AtomicUsize::new(0);
     let start = Barrier::new(threads + 1);
     let total_bytes = pass
@@ -348,6 +654,13 @@ fn drive(
             .collect();
         start.wait();
         let began = Instant::now();
+        let ctx = SideCtx {
+            began,
+            end: pass.deadline.map(|d| began + d),
+            stop: &stop,
+            progress: &progress,
+        };
+        let side_handles: Vec<_> = sides.iter().map(|f| s.spawn(move || f(&ctx))).collect();
         let show = pass.deadline.is_none_or(|d| d > Duration::from_secs(2));
         let mut line = ProgressLine::new(pass.label);
         let mut next = began + Duration::from_secs(1);
@@ -363,6 +676,10 @@ fn drive(
             None => began.elapsed().as_secs_f64(),
         };
         line.finish();
+        stop.store(true, Ordering::Release);
+        for h in side_handles {
+            h.join().expect("side thread panicked");
+        }
         let outs: Vec<Outcome> = handles
             .into_iter()
             .map(|h| h.join().expect("submitter thread panicked"))
@@ -373,9 +690,11 @@ fn drive(
         stats: Stats::new(),
         seconds,
         mismatches: Vec::new(),
+        stall_ns: 0,
     };
     for o in outs {
         total.stats.merge(&o.stats);
+        total.stall_ns = total.stall_ns.max(o.stall_ns);
         total.mismatches.extend(o.mismatches);
     }
     total
@@ -426,7 +745,9 @@ fn submitter(
         stats: Stats::new(),
         seconds: 0.0,
         mismatches: Vec::new(),
+        stall_ns: 0,
     };
+    let mut stalls = StallTracker::default();
     let began = Instant::now();
     let deadline = pass.deadline.map(|d| began + d);
     let mut exhausted = false;
@@ -499,6 +820,9 @@ fn submitter(
             if let (true, Kind::Read, Data::Pattern(p)) = (ok, slot.kind, pass.data) {
                 out.mismatches.extend(p.check(slot.offset, buf.as_slice()));
             }
+            if let (Some(w), Kind::Write, true) = (pass.windows, slot.kind, counted) {
+                stalls.observe(w, w.ns(slot.submitted), w.ns(now));
+            }
             if counted {
                 out.stats
                     .record(now.duration_since(slot.submitted), buf.len() as u64, ok);
@@ -514,5 +838,6 @@ fn submitter(
         progress.errors.fetch_add(errors, Ordering::Relaxed);
     }
     out.seconds = began.elapsed().as_secs_f64();
+    out.stall_ns = stalls.max_ns;
     out
 }

@@ -76,10 +76,21 @@ pub struct Report {
     pub mib_s: f64,
     pub errors: u64,
     pub lat_us: Latency,
-    /// Snapshots taken during the run (issue 3 fills it).
+    /// Snapshots taken: during the run (--snapshot-every) plus before it (--snapshots-before).
     pub snapshots: u64,
-    /// Longest write stall during a snapshot barrier (issue 3 fills it).
+    /// Longest latency (submit to completion, seen by the submitter) of a write that was in
+    /// flight while a snapshot create call ran during the run; 0 without --snapshot-every.
     pub snapshot_stall_us_max: u64,
+    /// Longest snapshot create call during the run.
+    pub snapshot_create_us_max: u64,
+    /// The background operation (--background), if any.
+    pub background: Option<String>,
+    /// How long it ran (to its end, or to the end of the run if unfinished).
+    pub background_seconds: f64,
+    /// Whether it finished during the run.
+    pub background_finished: bool,
+    /// Foreground IOPS while it ran.
+    pub background_iops: f64,
     /// Bytes of in-memory map pages per allocated cluster, after the run.
     pub metadata_bytes_per_cluster: f64,
     /// Polling mode of the reactors.
@@ -132,7 +143,26 @@ impl Report {
     /// The human-readable report.
     pub fn text(&self) -> String {
         let l = &self.lat_us;
-        format!(
+        let mut extra = String::new();
+        if self.snapshots > 0 {
+            extra += &format!(
+                "snapshots: {} taken, longest write stall {} us, longest create {} us\n",
+                self.snapshots, self.snapshot_stall_us_max, self.snapshot_create_us_max
+            );
+        }
+        if let Some(b) = &self.background {
+            extra += &format!(
+                "background {b}: {:.3}s{}, foreground {:.0} IOPS meanwhile\n",
+                self.background_seconds,
+                if self.background_finished {
+                    ""
+                } else {
+                    " (unfinished)"
+                },
+                self.background_iops
+            );
+        }
+        let base = format!(
             "{} bs={} qd={} cores={} poll={} device={}\n\
              {:>12.0} IOPS {:>10.1} MiB/s {:>10} ops in {:.2}s, {} errors\n\
              latency (us): min {:.1} avg {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}\n\
@@ -155,7 +185,8 @@ impl Report {
             l.p999,
             l.max,
             self.metadata_bytes_per_cluster,
-        )
+        );
+        base + &extra
     }
 }
 
@@ -256,6 +287,11 @@ mod tests {
             },
             snapshots: 0,
             snapshot_stall_us_max: 0,
+            snapshot_create_us_max: 0,
+            background: None,
+            background_seconds: 0.0,
+            background_finished: false,
+            background_iops: 0.0,
             metadata_bytes_per_cluster: 0.0,
             poll: "adaptive".into(),
             device: "null".into(),
@@ -296,6 +332,8 @@ mod tests {
             "errors",
             "snapshots",
             "snapshot_stall_us_max",
+            "snapshot_create_us_max",
+            "background_seconds",
             "metadata_bytes_per_cluster",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
