@@ -244,10 +244,11 @@ pub fn plan(
     }
     let raw_total: u64 = sizes.iter().sum();
     // Upper bound on clusters, to size the checkpoint slots (a checkpoint entry is at most
-    // 96 bytes; map pages and the volume table add a little).
+    // 96 bytes; copies of pages kept by snapshots are written as differences, and the
+    // volume table adds a little).
     let max_clusters = raw_total / cs;
     let control_bytes = 4 * MIB;
-    let ckpt_slot_bytes = align_up(max_clusters * 96 + 8 * MIB, MIB);
+    let ckpt_slot_bytes = align_up(max_clusters * 128 + 8 * MIB, MIB);
     let journal_region_bytes = align_up((raw_total / 1024).clamp(MIB, 64 * MIB), MIB);
     let control_start = MIB;
     let ckpt_start = control_start + control_bytes;
