@@ -86,26 +86,39 @@ pub(crate) enum Job {
     Inflate,
 }
 
+/// Where a cluster operation works: image, shard, cluster, byte range inside the cluster,
+/// and where those bytes sit in the caller's buffer and in the volume.
+pub(crate) struct Span {
+    pub vol: u64,
+    pub shard: u64,
+    pub idx: u32,
+    pub coff: u32,
+    pub clen: u32,
+    pub buf_off: usize,
+    pub vol_off: u64,
+}
+
 impl ClusterOp {
-    /// A background job's operation on one whole cluster.
-    pub(crate) fn job(
-        parent: Arc<Parent>,
-        job: Job,
-        vol: u64,
-        shard: u64,
-        idx: u32,
-        cluster_size: u32,
-        vol_off: u64,
-    ) -> ClusterOp {
-        ClusterOp {
-            parent,
-            kind: Op::Write { fua: false },
+    /// An operation of `kind` (a host request, or a background `job`) on `span`.
+    pub(crate) fn new(parent: Arc<Parent>, kind: Op, job: Job, span: Span) -> ClusterOp {
+        let Span {
             vol,
             shard,
             idx,
-            coff: 0,
-            clen: cluster_size,
-            buf_off: 0,
+            coff,
+            clen,
+            buf_off,
+            vol_off,
+        } = span;
+        ClusterOp {
+            parent,
+            kind,
+            vol,
+            shard,
+            idx,
+            coff,
+            clen,
+            buf_off,
             vol_off,
             held: Held::None,
             stage: Stage::Start,
@@ -196,9 +209,7 @@ impl Reactor {
             let idx = (in_shard / cs) as u32;
             let coff = (in_shard % cs) as u32;
             let clen = (cs - coff as u64).min(end - pos) as u32;
-            let op = ClusterOp {
-                parent: p.parent.clone(),
-                kind: p.parent.op,
+            let span = Span {
                 vol: p.vol,
                 shard: p.shard,
                 idx,
@@ -206,19 +217,8 @@ impl Reactor {
                 clen,
                 buf_off: p.buf_off + (pos - p.off) as usize,
                 vol_off: pos,
-                held: Held::None,
-                stage: Stage::Start,
-                pending: 0,
-                err: None,
-                target: NONE,
-                fresh: false,
-                new_entry: None,
-                bounce: None,
-                write_set: Validity::default(),
-                drops: [NONE; 2],
-                zeros: false,
-                job: Job::None,
             };
+            let op = ClusterOp::new(p.parent.clone(), p.parent.op, Job::None, span);
             let k = self.ops.insert(op);
             self.ready.push_back(k);
             pos += clen as u64;

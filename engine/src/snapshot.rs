@@ -273,15 +273,16 @@ impl Reactor {
         let cs = self.shared.layout.cluster_size;
         let sink = self.shared.inboxes[self.id].sink.clone();
         let parent = Parent::new(0, Op::Write { fua: false }, 0, 0, None, sink, JOB_ROUTE, 1);
-        let op = crate::datapath::ClusterOp::job(
-            parent,
-            job,
+        let span = crate::datapath::Span {
             vol,
             shard,
             idx,
-            cs as u32,
-            shard * self.shared.layout.shard_size + idx as u64 * cs,
-        );
+            coff: 0,
+            clen: cs as u32,
+            buf_off: 0,
+            vol_off: shard * self.shared.layout.shard_size + idx as u64 * cs,
+        };
+        let op = crate::datapath::ClusterOp::new(parent, Op::Write { fua: false }, job, span);
         let k = self.ops.insert(op);
         self.jobs_in_flight += 1;
         self.ready.push_back(k);
