@@ -73,6 +73,8 @@ pub(crate) struct ClusterOp {
     zeros: bool,
     /// A background job rather than a host request.
     pub(crate) job: Job,
+    /// For jobs: the entry the job's copy was computed from.
+    pub(crate) base: Option<MapEntry>,
 }
 
 /// Background work on one cluster of a live volume.
@@ -132,6 +134,7 @@ impl ClusterOp {
             drops: [NONE; 2],
             zeros: false,
             job,
+            base: None,
         }
     }
 }
@@ -817,10 +820,16 @@ impl Reactor {
                 );
                 // Only the in-place path (no new entry) wrote with RWF_DSYNC.
                 let synced = op.new_entry.is_none();
+                let base = op.base;
                 if let Some(ne) = op.new_entry {
                     let Some((old, _)) = self.entry_of(i) else {
                         return self.finish_op(i, Err(IoError::UnknownVolume));
                     };
+                    if base.is_some_and(|b| b != old) {
+                        // A job computed from an entry that changed under it (a rollback
+                        // swapped the map): its copy is stale, drop it.
+                        return self.fail_write(i, IoError::Device(libc::ESTALE));
+                    }
                     if ne != old {
                         self.apply_entry(i, ne);
                     }

@@ -247,7 +247,10 @@ impl Reactor {
             JOBS_IDLE
         };
         let mut progress = false;
-        while self.jobs_in_flight < limit {
+        // Each queued job is looked at once per pass at most (a held volume's go back).
+        let mut budget = self.inflates.len() + self.fills.len();
+        while self.jobs_in_flight < limit && budget > 0 {
+            budget -= 1;
             let (job, key) = match self.inflates.pop_front() {
                 Some(k) => (Job::Inflate, k),
                 None => match self.fills.pop_front() {
@@ -255,19 +258,27 @@ impl Reactor {
                     None => break,
                 },
             };
-            progress = true;
-            self.start_job(job, key);
+            progress |= self.start_job(job, key);
         }
         progress
     }
 
-    fn start_job(&mut self, job: Job, (vol, shard, idx): (u64, u64, u32)) {
+    /// Start a job's operation; false when it was dropped or put back for later.
+    fn start_job(&mut self, job: Job, (vol, shard, idx): (u64, u64, u32)) -> bool {
         let Some(v) = self
             .vols
             .get_mut(&vol)
-            .filter(|v| !v.deleting && !v.read_only)
+            .filter(|v| !v.deleting && !v.read_only && v.hold.is_none())
         else {
-            return;
+            // A held volume (snapshot barrier, rollback) gets its fills when it is released.
+            if self.vols.get(&vol).is_some_and(|v| v.hold.is_some()) {
+                match job {
+                    Job::Fill => self.fills.push_back((vol, shard, idx)),
+                    Job::Inflate => self.inflates.push_back((vol, shard, idx)),
+                    Job::None => {}
+                }
+            }
+            return false;
         };
         v.inflight += 1;
         let cs = self.shared.layout.cluster_size;
@@ -286,6 +297,7 @@ impl Reactor {
         let k = self.ops.insert(op);
         self.jobs_in_flight += 1;
         self.ready.push_back(k);
+        true
     }
 
     /// Run a job's cluster operation (exclusive on its cluster).
@@ -341,6 +353,7 @@ impl Reactor {
         };
         {
             let op = self.ops.get_mut(i).expect("op");
+            op.base = Some(e);
             op.target = target;
             op.fresh = fresh;
             op.new_entry = Some(ne);
