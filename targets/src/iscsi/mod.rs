@@ -17,6 +17,7 @@ mod tests;
 pub mod text;
 
 use std::fmt;
+use std::sync::Arc;
 
 pub use chap::ChapCredentials;
 pub use session::{IscsiSession, State};
@@ -36,6 +37,8 @@ pub struct IscsiConfig {
     pub nop_interval_secs: u32,
     /// Seconds a ping may stay unanswered before the session is dropped.
     pub nop_timeout_secs: u32,
+    /// Reservations of every LUN, shared by all sessions of the portal.
+    pub reservations: Arc<scsi::Reservations>,
 }
 
 impl Default for IscsiConfig {
@@ -47,6 +50,7 @@ impl Default for IscsiConfig {
             default_access: TargetAccess::default(),
             nop_interval_secs: 5,
             nop_timeout_secs: 30,
+            reservations: Arc::default(),
         }
     }
 }

@@ -13,7 +13,7 @@ use super::discovery;
 use super::login::{Login, LoginReply, LoginStatus, SessionKind};
 use super::negotiate::Params;
 use super::pdu::{self, reject_reason, Bhs, Digests, Frame, RESERVED_TAG};
-use super::scsi::Lun;
+use super::scsi::{Lun, Nexus};
 use super::task::Task;
 use super::text::TextPairs;
 use super::{IscsiConfig, IscsiError};
@@ -63,6 +63,8 @@ pub struct IscsiSession {
     pub(super) params: Params,
     pub(super) digests: Digests,
     pub(super) isid: [u8; 6],
+    /// The I_T nexus of a logged-in session (reservations are held per nexus).
+    pub(super) nexus: Nexus,
     pub(super) tsih: u16,
     pub(super) stat_sn: u32,
     pub(super) exp_cmd_sn: u32,
@@ -96,6 +98,10 @@ impl IscsiSession {
             params: Params::default(),
             digests: Digests::default(),
             isid: [0; 6],
+            nexus: Nexus {
+                initiator: String::new(),
+                isid: [0; 6],
+            },
             tsih: 0,
             stat_sn: 1,
             exp_cmd_sn: 0,
@@ -363,6 +369,10 @@ impl IscsiSession {
                 data: params.data_digest,
             };
             self.params = params;
+            self.nexus = Nexus {
+                initiator: initiator.clone(),
+                isid: self.isid,
+            };
             self.initiator = initiator;
             if let Some(SessionKind::Normal { volume, .. }) = &kind {
                 self.refresh_luns(volume, exports);
@@ -478,19 +488,20 @@ impl IscsiSession {
             2 | 4 | 5 => {
                 self.abort_where(|task| pdu::lun_number(task.lun) == lun);
                 if t.function == 5 {
-                    self.luns
-                        .iter_mut()
-                        .filter(|l| Some(l.number) == lun)
-                        .for_each(|l| l.descriptor_sense = false);
+                    for l in self.luns.iter_mut().filter(|l| Some(l.number) == lun) {
+                        l.descriptor_sense = false;
+                        self.config.reservations.reset(l.id);
+                    }
                 }
                 COMPLETE
             }
             // TARGET WARM RESET, TARGET COLD RESET
             6 | 7 => {
                 self.abort_where(|_| true);
-                self.luns
-                    .iter_mut()
-                    .for_each(|l| l.descriptor_sense = false);
+                for l in self.luns.iter_mut() {
+                    l.descriptor_sense = false;
+                    self.config.reservations.reset(l.id);
+                }
                 COMPLETE
             }
             8 => NO_REASSIGN,
@@ -541,6 +552,7 @@ impl IscsiSession {
             self.logout_response(l.itt, 2, actions);
             return;
         }
+        self.config.reservations.nexus_lost(&self.nexus);
         self.state = State::LoggingOut { itt: l.itt };
         self.finish_logout(actions);
     }
@@ -629,5 +641,14 @@ impl IscsiSession {
         self.abort_where(|_| true);
         self.state = State::Closed;
         actions.close = true;
+    }
+}
+
+impl Drop for IscsiSession {
+    /// The connection is gone, and with it the I_T nexus: its RESERVE(6)s end.
+    fn drop(&mut self) {
+        if !self.nexus.initiator.is_empty() {
+            self.config.reservations.nexus_lost(&self.nexus);
+        }
     }
 }

@@ -310,8 +310,12 @@ impl IscsiSession {
             .expect("refused commands never reach execute");
         let data = task.buf.take();
         let numbers: Vec<u16> = self.luns.iter().map(|l| l.number).collect();
+        let issuer = scsi::Issuer {
+            nexus: &self.nexus,
+            reservations: &self.config.reservations,
+        };
         let step = match pdu::lun_number(task.lun).and_then(|n| self.luns.get_mut(usize::from(n))) {
-            Some(lun) => scsi::execute(lun, &numbers, &cdb, data),
+            Some(lun) => scsi::execute(lun, &numbers, &cdb, data, issuer),
             None => Step::Reply(scsi::execute_without_lun(&numbers, &cdb)),
         };
         self.run_step(id, step, actions);
@@ -415,7 +419,7 @@ impl IscsiSession {
         let descriptor = pdu::lun_number(task.lun)
             .and_then(|n| self.luns.get(usize::from(n)))
             .is_some_and(|l| l.descriptor_sense);
-        let collapse = reply.sense.is_none();
+        let collapse = reply.status() == scsi::sense::status::GOOD;
         let max_seg = (self.params.peer_max_recv_data_segment_length as usize).max(512);
         let max_burst = (self.params.max_burst_length as usize).max(max_seg);
         let mut offset = 0;
@@ -455,15 +459,12 @@ impl IscsiSession {
             return;
         }
         let mut sense_data = Vec::new();
-        let status = match reply.sense {
-            Some(s) => {
-                let bytes = s.encode(descriptor);
-                sense_data.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
-                sense_data.extend_from_slice(&bytes);
-                scsi::sense::status::CHECK_CONDITION
-            }
-            None => scsi::sense::status::GOOD,
-        };
+        if let Some(s) = reply.sense {
+            let bytes = s.encode(descriptor);
+            sense_data.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            sense_data.extend_from_slice(&bytes);
+        }
+        let status = reply.status();
         let resp = pdu::ScsiResponse {
             response: 0,
             status,

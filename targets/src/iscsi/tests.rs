@@ -28,14 +28,21 @@ struct Initiator {
     session: IscsiSession,
     cmd_sn: u32,
     digests: Digests,
+    name: String,
 }
 
 impl Initiator {
     fn new() -> Initiator {
+        Initiator::named(&Arc::new(IscsiConfig::default()), "iqn.2026-11.test:host")
+    }
+
+    /// An initiator called `name` on the portal of `config` (shared with other initiators).
+    fn named(config: &Arc<IscsiConfig>, name: &str) -> Initiator {
         Initiator {
-            session: IscsiSession::new(Arc::new(IscsiConfig::default())),
+            session: IscsiSession::new(config.clone()),
             cmd_sn: 1,
             digests: Digests::default(),
+            name: name.to_string(),
         }
     }
 
@@ -63,7 +70,7 @@ impl Initiator {
 
     fn login(&mut self, keys: &[(&str, &str)]) -> TextPairs {
         let mut text = TextPairs::default();
-        text.push("InitiatorName", "iqn.2026-11.test:host");
+        text.push("InitiatorName", self.name.clone());
         for (k, v) in keys {
             text.push(*k, *v);
         }
@@ -340,6 +347,97 @@ fn errors_carry_sense_and_snapshots_are_write_protected() {
     assert_eq!((sense[2], sense[12]), (0x05, 0x20));
     let (out, _) = ini.command(4, 5, &[0x00], 0, false, &[]);
     assert_eq!(out[0].1[2 + 12], 0x25);
+}
+
+/// The SCSI status of a command answered without engine I/O (None when it went to the
+/// engine).
+fn status(out: &[(Bhs, Vec<u8>)], actions: &Actions) -> Option<u8> {
+    if !actions.submit.is_empty() {
+        return None;
+    }
+    match &out[0].0 {
+        Bhs::ScsiResponse(r) => Some(r.status),
+        Bhs::DataIn(d) => d.status,
+        other => panic!("expected a SCSI response, got {other:?}"),
+    }
+}
+
+/// PERSISTENT RESERVE OUT `action` of type `kind` with reservation and service action keys.
+fn prout(ini: &mut Initiator, itt: u32, action: u8, kind: u8, key: u64, sark: u64) -> u8 {
+    let mut list = key.to_be_bytes().to_vec();
+    list.extend_from_slice(&sark.to_be_bytes());
+    list.extend_from_slice(&[0; 8]);
+    let cdb = [0x5f, action, kind, 0, 0, 0, 0, 0, 24, 0];
+    let (out, actions) = ini.command(itt, 0, &cdb, 24, true, &list);
+    status(&out, &actions).expect("PERSISTENT RESERVE OUT needs no engine I/O")
+}
+
+#[test]
+fn a_persistent_reservation_refuses_other_sessions_with_reservation_conflict() {
+    let config = Arc::new(IscsiConfig::default());
+    let mut a = Initiator::named(&config, "iqn.2026-11.test:a");
+    let mut b = Initiator::named(&config, "iqn.2026-11.test:b");
+    a.normal_login(&[("ImmediateData", "Yes"), ("InitialR2T", "No")]);
+    b.normal_login(&[("ImmediateData", "Yes"), ("InitialR2T", "No")]);
+    assert_eq!(prout(&mut a, 1, 6, 0, 0, 0xa), 0);
+    assert_eq!(prout(&mut b, 1, 6, 0, 0, 0xb), 0);
+    // EXCLUSIVE ACCESS held by a: b may neither read nor write, a may.
+    assert_eq!(prout(&mut a, 2, 1, 3, 0xa, 0), 0);
+    let (out, actions) = b.command(2, 0, &READ10_2, 1024, false, &[]);
+    assert_eq!(status(&out, &actions), Some(0x18));
+    assert!(out[0].1.is_empty(), "RESERVATION CONFLICT carries no sense");
+    let (out, actions) = b.command(3, 0, &WRITE10_2, 1024, true, &[0; 1024]);
+    assert_eq!(status(&out, &actions), Some(0x18));
+    let (out, actions) = a.command(3, 0, &READ10_2, 1024, false, &[]);
+    assert_eq!(status(&out, &actions), None);
+    a.complete(actions, 0);
+    // b sees the reservation, then preempts it.
+    let (out, _) = b.command(4, 0, &[0x5e, 1, 0, 0, 0, 0, 0, 0, 64, 0], 64, false, &[]);
+    assert_eq!(&out[0].1[8..16], &0xau64.to_be_bytes());
+    assert_eq!(prout(&mut b, 5, 4, 1, 0xb, 0xa), 0);
+    let (out, actions) = a.command(4, 0, &WRITE10_2, 1024, true, &[0; 1024]);
+    assert_eq!(status(&out, &actions), Some(0x18));
+    let (out, actions) = a.command(5, 0, &READ10_2, 1024, false, &[]);
+    assert_eq!(
+        status(&out, &actions),
+        None,
+        "WRITE EXCLUSIVE lets others read"
+    );
+}
+
+#[test]
+fn a_reserve6_ends_with_the_session_that_took_it() {
+    let config = Arc::new(IscsiConfig::default());
+    let mut a = Initiator::named(&config, "iqn.2026-11.test:a");
+    let mut b = Initiator::named(&config, "iqn.2026-11.test:b");
+    a.normal_login(&[]);
+    b.normal_login(&[]);
+    let (out, actions) = a.command(1, 0, &[0x16, 0, 0, 0, 0, 0], 0, false, &[]);
+    assert_eq!(status(&out, &actions), Some(0));
+    let (out, actions) = b.command(1, 0, &[0x16, 0, 0, 0, 0, 0], 0, false, &[]);
+    assert_eq!(status(&out, &actions), Some(0x18));
+    let (out, actions) = b.command(2, 0, &[0x00, 0, 0, 0, 0, 0], 0, false, &[]);
+    assert_eq!(status(&out, &actions), Some(0x18));
+    drop(a);
+    let (out, actions) = b.command(3, 0, &[0x16, 0, 0, 0, 0, 0], 0, false, &[]);
+    assert_eq!(status(&out, &actions), Some(0));
+    // A LUN reset ends it too.
+    let tmf = pdu::TaskMgmtRequest {
+        immediate: true,
+        function: 5,
+        lun: pdu::lun_field(0),
+        itt: 9,
+        rtt: RESERVED_TAG,
+        cmd_sn: b.cmd_sn,
+        exp_stat_sn: 0,
+        ref_cmd_sn: 0,
+        exp_data_sn: 0,
+    };
+    b.send(Bhs::TaskMgmtRequest(tmf), &[]);
+    let mut c = Initiator::named(&config, "iqn.2026-11.test:c");
+    c.normal_login(&[]);
+    let (out, actions) = c.command(1, 0, &[0x16, 0, 0, 0, 0, 0], 0, false, &[]);
+    assert_eq!(status(&out, &actions), Some(0));
 }
 
 #[test]

@@ -96,6 +96,20 @@ pub enum Cdb {
         service_action: u16,
         alloc: u32,
     },
+    Reserve6,
+    Release6,
+    PersistentReserveIn {
+        action: u8,
+        alloc: u32,
+    },
+    /// PERSISTENT RESERVE OUT; `kind` is the reservation type code, `len` the parameter
+    /// list length.
+    PersistentReserveOut {
+        action: u8,
+        scope: u8,
+        kind: u8,
+        len: u32,
+    },
 }
 
 /// Operation codes this target implements.
@@ -107,6 +121,8 @@ pub mod opcode {
     pub const INQUIRY: u8 = 0x12;
     pub const MODE_SELECT_6: u8 = 0x15;
     pub const MODE_SENSE_6: u8 = 0x1a;
+    pub const RESERVE_6: u8 = 0x16;
+    pub const RELEASE_6: u8 = 0x17;
     pub const START_STOP_UNIT: u8 = 0x1b;
     pub const PREVENT_ALLOW: u8 = 0x1e;
     pub const READ_CAPACITY_10: u8 = 0x25;
@@ -120,6 +136,8 @@ pub mod opcode {
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5a;
+    pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
@@ -150,6 +168,8 @@ pub const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (opcode::WRITE_6, None, 6),
     (opcode::INQUIRY, None, 6),
     (opcode::MODE_SELECT_6, None, 6),
+    (opcode::RESERVE_6, None, 6),
+    (opcode::RELEASE_6, None, 6),
     (opcode::MODE_SENSE_6, None, 6),
     (opcode::START_STOP_UNIT, None, 6),
     (opcode::PREVENT_ALLOW, None, 6),
@@ -164,6 +184,8 @@ pub const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (opcode::UNMAP, None, 10),
     (opcode::MODE_SELECT_10, None, 10),
     (opcode::MODE_SENSE_10, None, 10),
+    (opcode::PERSISTENT_RESERVE_IN, None, 10),
+    (opcode::PERSISTENT_RESERVE_OUT, None, 10),
     (opcode::READ_16, None, 16),
     (opcode::COMPARE_AND_WRITE, None, 16),
     (opcode::WRITE_16, None, 16),
@@ -270,6 +292,27 @@ impl Cdb {
                 }
             }
             START_STOP_UNIT => Cdb::StartStopUnit,
+            RESERVE_6 | RELEASE_6 => {
+                if c[1] & 0x01 != 0 {
+                    // Extent reservations are obsolete (SPC-2).
+                    return Err(Sense::invalid_cdb(1));
+                }
+                if c[0] == RESERVE_6 {
+                    Cdb::Reserve6
+                } else {
+                    Cdb::Release6
+                }
+            }
+            PERSISTENT_RESERVE_IN => Cdb::PersistentReserveIn {
+                action: c[1] & 0x1f,
+                alloc: be16(c, 7),
+            },
+            PERSISTENT_RESERVE_OUT => Cdb::PersistentReserveOut {
+                action: c[1] & 0x1f,
+                scope: c[2] >> 4,
+                kind: c[2] & 0x0f,
+                len: be32(c, 5),
+            },
             PREVENT_ALLOW => Cdb::PreventAllow,
             READ_CAPACITY_10 => {
                 let pmi = c[8] & 1 != 0;
@@ -423,7 +466,9 @@ impl Cdb {
             } if blocks > 0 => bs,
             Cdb::WriteSame { ndob: false, .. } => bs,
             Cdb::CompareAndWrite { blocks, .. } => 2 * u64::from(blocks) * bs,
-            Cdb::Unmap { len } | Cdb::ModeSelect { len, .. } => u64::from(len),
+            Cdb::Unmap { len }
+            | Cdb::ModeSelect { len, .. }
+            | Cdb::PersistentReserveOut { len, .. } => u64::from(len),
             _ => 0,
         }
     }

@@ -3,6 +3,7 @@
 //! the reply by `resume`. Pure: no session or transport state.
 
 pub mod cdb;
+pub mod pr;
 pub mod sbc;
 pub mod sense;
 pub mod spc;
@@ -11,6 +12,7 @@ use tessel_engine::{AlignedBuf, Extent, IoError, Op};
 
 use crate::export::ExportInfo;
 pub use cdb::Cdb;
+pub use pr::{Nexus, Reservations};
 pub use sense::Sense;
 
 /// Largest data transfer one command may ask for (the Block Limits VPD page says so).
@@ -82,11 +84,14 @@ impl Data {
     }
 }
 
-/// The outcome of a command: data-in, then GOOD or CHECK CONDITION with sense.
+/// The outcome of a command: data-in, then GOOD, CHECK CONDITION with sense, or
+/// RESERVATION CONFLICT.
 #[derive(Debug, Default)]
 pub struct Reply {
     pub data: Data,
     pub sense: Option<Sense>,
+    /// A reservation refused the command (status RESERVATION CONFLICT, no sense).
+    pub conflict: bool,
 }
 
 impl Reply {
@@ -100,16 +105,29 @@ impl Reply {
         data.truncate(alloc as usize);
         Reply {
             data: Data::Bytes(data),
-            sense: None,
+            ..Reply::default()
         }
     }
 
     /// CHECK CONDITION with `sense`.
     pub fn check(sense: Sense) -> Reply {
         Reply {
-            data: Data::None,
             sense: Some(sense),
+            ..Reply::default()
         }
+    }
+
+    /// RESERVATION CONFLICT.
+    pub fn conflict() -> Reply {
+        Reply {
+            conflict: true,
+            ..Reply::default()
+        }
+    }
+
+    /// The SCSI status byte.
+    pub fn status(&self) -> u8 {
+        sense::status::of(self.sense.as_ref(), self.conflict)
     }
 }
 
@@ -179,10 +197,35 @@ pub struct Done {
     pub wrote: bool,
 }
 
-/// Runs a command on `lun`; `data_out` holds the data-out the command took, `luns` every
-/// LUN number of the target (for REPORT LUNS).
-pub fn execute(lun: &mut Lun, luns: &[u16], cdb: &Cdb, data_out: Option<AlignedBuf>) -> Step {
+/// Who issued a command: its I_T nexus, and the reservations it is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct Issuer<'a> {
+    pub nexus: &'a Nexus,
+    pub reservations: &'a Reservations,
+}
+
+/// Runs a command from `issuer` on `lun`; `data_out` holds the data-out the command took,
+/// `luns` every LUN number of the target (for REPORT LUNS).
+pub fn execute(
+    lun: &mut Lun,
+    luns: &[u16],
+    cdb: &Cdb,
+    data_out: Option<AlignedBuf>,
+    issuer: Issuer<'_>,
+) -> Step {
+    let reservations = issuer.reservations;
+    if let Err(conflict) = reservations.check(lun.id, issuer.nexus, cdb) {
+        return conflict.into();
+    }
     match cdb {
+        Cdb::Reserve6 => reservations.reserve6(lun.id, issuer.nexus).into(),
+        Cdb::Release6 => reservations.release6(lun.id, issuer.nexus).into(),
+        Cdb::PersistentReserveIn { action, alloc } => {
+            reservations.read(lun.id, *action, *alloc).into()
+        }
+        Cdb::PersistentReserveOut { .. } => reservations
+            .update(lun.id, issuer.nexus, cdb, data_out)
+            .into(),
         Cdb::TestUnitReady | Cdb::StartStopUnit | Cdb::PreventAllow => Reply::good().into(),
         Cdb::RequestSense { descriptor, alloc } => spc::request_sense(*descriptor, *alloc).into(),
         Cdb::Inquiry { evpd, page, alloc } => spc::inquiry(lun, *evpd, *page, *alloc).into(),
@@ -220,7 +263,7 @@ pub fn resume(lun: &Lun, then: Then, done: Done) -> Step {
         Then::ReadData => match done.buf {
             Some(buf) => Reply {
                 data: Data::Buf(buf),
-                sense: None,
+                ..Reply::default()
             }
             .into(),
             None => Sense::from_io_error(&IoError::BadBuffer, false).into(),
@@ -272,6 +315,24 @@ pub(crate) mod tests {
             read_only,
         };
         Lun::new(export, u16::from(read_only), "iqn.2026-11.dev.tessel:vol0")
+    }
+
+    /// The I_T nexus of test initiator `n`.
+    pub fn nexus(n: u8) -> Nexus {
+        Nexus {
+            initiator: format!("iqn.2026-11.test:host{n}"),
+            isid: [0x80, 0, 0, 0, 0, n],
+        }
+    }
+
+    /// `super::execute` from initiator 1, with no reservation anywhere.
+    pub fn execute(lun: &mut Lun, luns: &[u16], cdb: &Cdb, data: Option<AlignedBuf>) -> Step {
+        let reservations = Reservations::default();
+        let issuer = Issuer {
+            nexus: &nexus(1),
+            reservations: &reservations,
+        };
+        super::execute(lun, luns, cdb, data, issuer)
     }
 
     pub fn cdb(bytes: &[u8]) -> Cdb {

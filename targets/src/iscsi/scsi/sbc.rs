@@ -357,8 +357,8 @@ pub fn lba_status(lun: &Lun, lba: u64, alloc: u32, extents: &[Extent]) -> Reply 
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{cdb, io, lun, reply};
-    use super::super::{execute as scsi_execute, resume, Done};
+    use super::super::tests::{cdb, execute as scsi_execute, io, lun, reply};
+    use super::super::{resume, Done};
     use super::*;
 
     fn run(l: &mut Lun, bytes: &[u8], data: Option<&[u8]>) -> Step {

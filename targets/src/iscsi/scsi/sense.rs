@@ -7,6 +7,17 @@ use tessel_engine::IoError;
 pub mod status {
     pub const GOOD: u8 = 0x00;
     pub const CHECK_CONDITION: u8 = 0x02;
+    pub const RESERVATION_CONFLICT: u8 = 0x18;
+
+    /// The status of a reply: CHECK CONDITION when it carries sense, else RESERVATION
+    /// CONFLICT when a reservation refused it, else GOOD.
+    pub fn of(sense: Option<&super::Sense>, conflict: bool) -> u8 {
+        match (sense, conflict) {
+            (Some(_), _) => CHECK_CONDITION,
+            (None, true) => RESERVATION_CONFLICT,
+            (None, false) => GOOD,
+        }
+    }
 }
 
 /// Sense keys (SPC-4 table 48).
@@ -68,6 +79,8 @@ impl Sense {
     pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
     /// ABORTED COMMAND, DATA PHASE ERROR (4B/00): Data-Out out of sequence.
     pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x00);
+    /// ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION (26/04).
+    pub const INVALID_RELEASE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
     /// DATA PROTECT, WRITE PROTECTED (27/00).
     pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
 

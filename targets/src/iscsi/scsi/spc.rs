@@ -348,8 +348,8 @@ pub fn request_sense(descriptor: bool, alloc: u32) -> Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{cdb, lun, reply};
-    use super::super::{execute, Step};
+    use super::super::tests::{cdb, execute, lun, reply};
+    use super::super::Step;
     use super::*;
 
     fn run(l: &mut super::Lun, bytes: &[u8]) -> Reply {
