@@ -378,10 +378,10 @@ impl Engine {
                     "volume '{volume}' is not a clone (or is already independent)"
                 )));
             }
-            if !c.inflating.contains_key(&v.id) {
+            if let std::collections::hash_map::Entry::Vacant(e) = c.inflating.entry(v.id) {
                 let id = v.id;
                 let total: u64 = self.on_all(move |r| r.queue_inflate(id)).into_iter().sum();
-                c.inflating.insert(v.id, total);
+                e.insert(total);
                 tracing::info!(volume, clusters = total, "inflate started");
             }
             v.id

@@ -19,7 +19,7 @@ fn check(req: &Request, block_size: u32, size: u64, read_only: bool) -> Result<(
         return Err(IoError::ZeroLength);
     }
     let bs = block_size as u64;
-    if req.offset % bs != 0 || req.len % bs != 0 {
+    if !req.offset.is_multiple_of(bs) || !req.len.is_multiple_of(bs) {
         return Err(IoError::Misaligned {
             offset: req.offset,
             len: req.len,

@@ -705,7 +705,7 @@ impl Engine {
 }
 
 pub(crate) fn check_size(size: u64, block_size: u32) -> Result<(), ControlError> {
-    if size == 0 || size % block_size as u64 != 0 {
+    if size == 0 || !size.is_multiple_of(block_size as u64) {
         return Err(ControlError::BadSize(format!(
             "{size} bytes is not a non-zero multiple of the block size {block_size}"
         )));

@@ -226,7 +226,7 @@ pub fn plan(
             opts.cluster_size
         )));
     }
-    if opts.shard_size == 0 || opts.shard_size % cs != 0 {
+    if opts.shard_size == 0 || !opts.shard_size.is_multiple_of(cs) {
         return Err(PoolError::Geometry(format!(
             "shard size {} must be a non-zero multiple of the cluster size {cs}",
             opts.shard_size

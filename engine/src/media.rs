@@ -293,10 +293,13 @@ pub struct MemDisk {
     size: u64,
 }
 
+/// Crash simulation: the contents as of the last flush, and the writes since.
+type CrashState = (Vec<u8>, Vec<(u64, Vec<u8>)>);
+
 struct MemState {
     data: Vec<u8>,
     /// Present with crash simulation: the contents as of the last flush, and the writes since.
-    crash: Option<(Vec<u8>, Vec<(u64, Vec<u8>)>)>,
+    crash: Option<CrashState>,
 }
 
 impl MemDisk {
@@ -356,9 +359,9 @@ impl MemDisk {
         let mut image = durable.clone();
         let mut rng = SplitMix(seed);
         for (off, d) in pending {
-            let keep_all = rng.next() % 2 == 0;
+            let keep_all = rng.next().is_multiple_of(2);
             for (i, chunk) in d.chunks(4096).enumerate() {
-                if keep_all || rng.next() % 2 == 0 {
+                if keep_all || rng.next().is_multiple_of(2) {
                     copy_in(&mut image, off + (i * 4096) as u64, chunk);
                 }
             }

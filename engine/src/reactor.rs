@@ -240,12 +240,15 @@ pub struct VolState {
     pub hold: Option<Hold>,
 }
 
+/// What a hold runs on its reactor once the volume is drained.
+pub type OnDrained = Box<dyn FnOnce(&mut Reactor) + Send>;
+
 /// Pieces held by a barrier, and what to do once the volume is drained.
 pub struct Hold {
     /// Hold reads too (rollback), not only writes (snapshot).
     pub all: bool,
     pub pieces: Vec<Piece>,
-    pub on_drained: Option<Box<dyn FnOnce(&mut Reactor) + Send>>,
+    pub on_drained: Option<OnDrained>,
 }
 
 /// A shard owned by this reactor: its map and its cluster range locks.
@@ -630,7 +633,7 @@ impl Reactor {
                 break;
             }
             idle_passes += 1;
-            if self.shared.poll == PollMode::Adaptive && idle_passes % 32 == 0 {
+            if self.shared.poll == PollMode::Adaptive && idle_passes.is_multiple_of(32) {
                 let since = *idle_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= self.shared.spin {
                     self.sleep();

@@ -149,6 +149,7 @@ unsafe impl Sync for Parent {}
 
 impl Parent {
     /// A request with `parts` pieces to wait for.
+    #[allow(clippy::too_many_arguments)] // the request's own fields, plus where to answer
     pub fn new(
         tag: u64,
         op: Op,

@@ -87,12 +87,7 @@ impl Reactor {
 
     /// Barrier, prepare: hold new writes (and reads, with `all`) to `vol`; run
     /// `on_drained` once those admitted before are done.
-    pub(crate) fn hold(
-        &mut self,
-        vol: u64,
-        all: bool,
-        on_drained: Box<dyn FnOnce(&mut Reactor) + Send>,
-    ) {
+    pub(crate) fn hold(&mut self, vol: u64, all: bool, on_drained: crate::reactor::OnDrained) {
         let Some(v) = self.vols.get_mut(&vol) else {
             return on_drained(self);
         };
