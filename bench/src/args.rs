@@ -197,7 +197,7 @@ impl Args {
 
     /// Exported block size of the test volume: 4096 unless requests are smaller.
     pub fn block_size(&self) -> u32 {
-        if self.bs % 4096 == 0 {
+        if self.bs.is_multiple_of(4096) {
             4096
         } else {
             512
@@ -206,14 +206,14 @@ impl Args {
 
     /// Check what clap cannot: sizes that must line up.
     pub fn validate(&self) -> Result<(), String> {
-        if self.bs == 0 || self.bs % 512 != 0 {
+        if self.bs == 0 || !self.bs.is_multiple_of(512) {
             return Err(format!("--bs {} is not a multiple of 512", self.bs));
         }
         if self.bs > 64 << 20 {
             return Err(format!("--bs {} is above 64 MiB", self.bs));
         }
         let unit = self.bs * self.cores as u64;
-        if self.size < unit || self.size % self.bs != 0 {
+        if self.size < unit || !self.size.is_multiple_of(self.bs) {
             return Err(format!(
                 "--size {} must be a multiple of --bs {} and hold at least one request per core",
                 self.size, self.bs

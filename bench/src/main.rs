@@ -517,7 +517,7 @@ fn test_volume(engine: &Engine, args: &Args) -> Result<VolumeId, String> {
             .map_err(|e| format!("grow volume {VOLUME}: {e}"))?,
         Some(v) => v,
     };
-    if args.bs % info.block_size as u64 != 0 {
+    if !args.bs.is_multiple_of(info.block_size as u64) {
         return Err(format!(
             "volume {VOLUME} has {}-byte blocks; --bs {} is not a multiple (use --format)",
             info.block_size, args.bs
@@ -793,7 +793,7 @@ fn submitter(
             // Spin a little (completions usually follow within microseconds), then park;
             // the clock is read only now and then so that spinning stays cheap.
             idle += 1;
-            if idle % 64 == 0 {
+            if idle.is_multiple_of(64) {
                 now = Instant::now();
             }
             if idle < SPIN_POLLS {
