@@ -96,6 +96,13 @@ pub enum Cdb {
         service_action: u16,
         alloc: u32,
     },
+    /// READ DEFECT DATA 10/12; `lists`: the REQ_PLIST and REQ_GLIST bits (0x18).
+    ReadDefectData {
+        twelve: bool,
+        lists: u8,
+        format: u8,
+        alloc: u32,
+    },
     Reserve6,
     Release6,
     PersistentReserveIn {
@@ -132,6 +139,7 @@ pub mod opcode {
     pub const VERIFY_10: u8 = 0x2f;
     pub const PRE_FETCH_10: u8 = 0x34;
     pub const SYNC_CACHE_10: u8 = 0x35;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
@@ -153,6 +161,7 @@ pub mod opcode {
     pub const WRITE_12: u8 = 0xaa;
     pub const WRITE_VERIFY_12: u8 = 0xae;
     pub const VERIFY_12: u8 = 0xaf;
+    pub const READ_DEFECT_DATA_12: u8 = 0xb7;
     /// SERVICE ACTION IN(16) service actions.
     pub const SA_READ_CAPACITY_16: u16 = 0x10;
     pub const SA_GET_LBA_STATUS: u16 = 0x12;
@@ -180,6 +189,7 @@ pub const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (opcode::VERIFY_10, None, 10),
     (opcode::PRE_FETCH_10, None, 10),
     (opcode::SYNC_CACHE_10, None, 10),
+    (opcode::READ_DEFECT_DATA_10, None, 10),
     (opcode::WRITE_SAME_10, None, 10),
     (opcode::UNMAP, None, 10),
     (opcode::MODE_SELECT_10, None, 10),
@@ -214,6 +224,7 @@ pub const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (opcode::WRITE_12, None, 12),
     (opcode::WRITE_VERIFY_12, None, 12),
     (opcode::VERIFY_12, None, 12),
+    (opcode::READ_DEFECT_DATA_12, None, 12),
 ];
 
 fn be16(c: &[u8], at: usize) -> u32 {
@@ -303,6 +314,18 @@ impl Cdb {
                     Cdb::Release6
                 }
             }
+            READ_DEFECT_DATA_10 => Cdb::ReadDefectData {
+                twelve: false,
+                lists: c[2] & 0x18,
+                format: c[2] & 0x07,
+                alloc: be16(c, 7),
+            },
+            READ_DEFECT_DATA_12 => Cdb::ReadDefectData {
+                twelve: true,
+                lists: c[1] & 0x18,
+                format: c[1] & 0x07,
+                alloc: be32(c, 6),
+            },
             PERSISTENT_RESERVE_IN => Cdb::PersistentReserveIn {
                 action: c[1] & 0x1f,
                 alloc: be16(c, 7),

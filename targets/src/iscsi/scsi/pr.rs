@@ -144,7 +144,8 @@ impl Access {
             | Cdb::Verify { .. }
             | Cdb::PreFetch { .. }
             | Cdb::ModeSense { .. }
-            | Cdb::GetLbaStatus { .. } => Access::Read,
+            | Cdb::GetLbaStatus { .. }
+            | Cdb::ReadDefectData { .. } => Access::Read,
             Cdb::Write { .. }
             | Cdb::WriteSame { .. }
             | Cdb::Unmap { .. }

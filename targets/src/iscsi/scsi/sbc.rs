@@ -284,8 +284,26 @@ fn run(lun: &Lun, cdb: &Cdb, data_out: Option<AlignedBuf>) -> Result<Step, Sense
             };
             one(req, Then::LbaStatus { lba, alloc })
         }
+        Cdb::ReadDefectData {
+            twelve,
+            lists,
+            format,
+            alloc,
+        } => Step::Reply(read_defect_data(twelve, lists, format, alloc)),
         _ => return Err(Sense::INVALID_OPCODE),
     })
+}
+
+/// READ DEFECT DATA 10/12: a volume has no defects, so every list asked for is valid and
+/// empty, in the format asked for.
+fn read_defect_data(twelve: bool, lists: u8, format: u8, alloc: u32) -> Reply {
+    let flags = lists | format;
+    let d = if twelve {
+        vec![0, flags, 0, 0, 0, 0, 0, 0]
+    } else {
+        vec![0, flags, 0, 0]
+    };
+    Reply::data(d, alloc)
 }
 
 /// UNMAP parameter list: an 8-byte header, then 16-byte block descriptors.
@@ -593,5 +611,20 @@ mod tests {
             u32::from_be_bytes(b0[16..20].try_into().unwrap()),
             MAX_UNMAP_BLOCKS
         );
+    }
+
+    #[test]
+    fn read_defect_data_reports_empty_lists() {
+        let mut l = lun(1000, false);
+        let ten = reply(run(&mut l, &[0x37, 0, 0x1d, 0, 0, 0, 0, 0, 32, 0], None));
+        assert_eq!(ten.data.as_slice(), &[0, 0x1d, 0, 0]);
+        let twelve = reply(run(
+            &mut l,
+            &[0xb7, 0x08, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            None,
+        ));
+        assert_eq!(twelve.data.as_slice(), &[0, 0x08, 0, 0, 0, 0, 0, 0]);
+        let short = reply(run(&mut l, &[0x37, 0, 0, 0, 0, 0, 0, 0, 2, 0], None));
+        assert_eq!(short.data.as_slice().len(), 2);
     }
 }
