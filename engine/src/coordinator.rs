@@ -51,7 +51,7 @@ impl Engine {
     /// ring full waits for a checkpoint, and the housekeeper cannot take the lock to write
     /// it, so the operation would stall until its 60 s timeout.
     fn journal_room(&self, c: &mut ControlState) -> Result<(), ControlError> {
-        if self.checkpoint_wanted() {
+        if self.journal_nearly_full() {
             self.checkpoint_locked(c)?;
         }
         Ok(())
@@ -59,8 +59,13 @@ impl Engine {
 
     /// Run `f` on every reactor, each given a completion callback; wait until every reactor
     /// called it (or `deadline`), returning the first error.
+    ///
+    /// The caller holds the control lock, so nobody else can checkpoint meanwhile: a reactor
+    /// whose journal ring fills while we wait (its commit then waits for a checkpoint) is
+    /// served here, or the two would wait for each other.
     fn on_all_until(
         &self,
+        c: &mut ControlState,
         deadline: Duration,
         f: impl Fn(&mut Reactor, Done) + Send + Sync + 'static,
     ) -> Result<Result<(), IoError>, ()> {
@@ -82,11 +87,27 @@ impl Engine {
         drop(tx);
         let end = Instant::now() + deadline;
         let mut result = Ok(());
-        for _ in 0..n {
-            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok(Err(e)) if result.is_ok() => result = Err(e),
-                Ok(_) => {}
-                Err(_) => return Err(()),
+        let mut answered = 0;
+        while answered < n {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(());
+            }
+            match rx.recv_timeout(left.min(Duration::from_millis(20))) {
+                Ok(r) => {
+                    answered += 1;
+                    if let (Err(e), true) = (r, result.is_ok()) {
+                        result = Err(e);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.checkpoint_wanted() {
+                        if let Err(e) = self.checkpoint_locked(c) {
+                            tracing::error!("checkpoint while waiting for reactors failed: {e}");
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(()),
             }
         }
         Ok(result)
@@ -111,7 +132,7 @@ impl Engine {
         let vol = v.id;
         let started = Instant::now();
         // Prepare: every reactor holds new writes to the volume and drains admitted ones.
-        let prepared = self.on_all_until(BARRIER_DEADLINE, move |r, done| {
+        let prepared = self.on_all_until(&mut c, BARRIER_DEADLINE, move |r, done| {
             r.hold(vol, false, Box::new(move |_| done(Ok(()))));
         });
         if prepared.is_err() {
@@ -127,7 +148,7 @@ impl Engine {
         // snapshot; every write from now on is born after it.
         let shared = &self.inner.shared;
         let epoch = shared.epoch.fetch_add(1, Ordering::AcqRel);
-        let frozen = self.on_all_until(Duration::from_secs(60), move |r, done| {
+        let frozen = self.on_all_until(&mut c, Duration::from_secs(60), move |r, done| {
             r.freeze(vol, snap, epoch, done)
         });
         let paused = started.elapsed();
@@ -290,7 +311,7 @@ impl Engine {
         let (id, from) = (rec.id, s.id);
         let r2 = rec.clone();
         // Each region records the clone's maps first; the control record makes it exist.
-        match self.on_all_until(Duration::from_secs(60), move |r, done| {
+        match self.on_all_until(&mut c, Duration::from_secs(60), move |r, done| {
             r.clone_image(id, from, vol_state(&r2), done)
         }) {
             Ok(Ok(())) => {}
@@ -441,7 +462,7 @@ impl Engine {
                 finished: false,
             };
         }
-        let flushed = self.on_all_until(Duration::from_secs(60), |r, done| {
+        let flushed = self.on_all_until(&mut c, Duration::from_secs(60), |r, done| {
             r.commit_wanted(Some(crate::reactor::Waiter::Call(done)));
         });
         if !matches!(flushed, Ok(Ok(()))) {
@@ -477,7 +498,7 @@ impl Engine {
         let (vol, snap) = (v.id, s.id);
         self.journal_room(&mut c)?;
         if self
-            .on_all_until(BARRIER_DEADLINE, move |r, done| {
+            .on_all_until(&mut c, BARRIER_DEADLINE, move |r, done| {
                 r.hold(vol, true, Box::new(move |_| done(Ok(()))))
             })
             .is_err()
@@ -485,7 +506,7 @@ impl Engine {
             self.on_all(move |r| r.release_hold(vol));
             return Err(ControlError::BarrierTimeout);
         }
-        match self.on_all_until(Duration::from_secs(60), move |r, done| {
+        match self.on_all_until(&mut c, Duration::from_secs(60), move |r, done| {
             r.rollback(vol, snap, done)
         }) {
             Ok(Ok(())) => {}

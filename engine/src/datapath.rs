@@ -978,7 +978,9 @@ impl Reactor {
         if !self.journal.has_pending() {
             self.alloc.commit_started();
         }
-        if self.journal.used_blocks() * 2 > self.journal.blocks {
+        let fill = self.journal.used_blocks() * 100 / self.journal.blocks.max(1);
+        self.shared.journal_fill[self.id].store(fill as u32, Ordering::Relaxed);
+        if fill > 50 {
             self.shared.want_checkpoint.store(true, Ordering::Release);
         }
         let members = self.shared.members.len();

@@ -262,6 +262,7 @@ impl Engine {
             used_clusters: AtomicU64::new(used_count),
             stopping: AtomicBool::new(false),
             want_checkpoint: AtomicBool::new(false),
+            journal_fill: (0..n).map(|_| AtomicU32::new(0)).collect(),
             stats: (0..n).map(|_| CoreStats::default()).collect(),
             group_size: gsize,
             group_owner,
@@ -621,6 +622,17 @@ impl Engine {
         self.inner.shared.want_checkpoint.load(Ordering::Acquire)
     }
 
+    /// True when some reactor's journal ring is more than three quarters full: a control
+    /// operation about to wait for commits checkpoints first (the housekeeper usually has,
+    /// at half full).
+    pub(crate) fn journal_nearly_full(&self) -> bool {
+        self.inner
+            .shared
+            .journal_fill
+            .iter()
+            .any(|f| f.load(Ordering::Relaxed) > 75)
+    }
+
     /// Write a checkpoint so that journals can be reused.
     pub fn checkpoint(&self) -> Result<(), ControlError> {
         let mut c = self.control();
@@ -632,15 +644,31 @@ impl Engine {
             .shared
             .want_checkpoint
             .store(false, Ordering::Release);
-        // Each reactor serializes its shards at a point of its own journal stream.
-        let parts: Vec<(Vec<u8>, u64)> =
-            self.on_all(|r| {
-                let bytes =
-                    pool::encode_maps(r.vols.iter().filter(|(_, v)| !v.deleting).flat_map(
-                        |(id, v)| v.shards.iter().map(move |(s, sh)| (*id, *s, &sh.map)),
-                    ));
-                (bytes, r.journal.next_seq)
-            });
+        // Each reactor hands over its maps at a point of its own journal stream: clones of
+        // the page vectors (O(pages), the pages themselves shared), so the encoding below
+        // runs here and not on the reactors; pages written meanwhile are copied on write.
+        let images: Vec<(Vec<(u64, u64, ShardMap)>, u64)> = self.on_all(|r| {
+            let maps = r
+                .vols
+                .iter()
+                .filter(|(_, v)| !v.deleting)
+                .flat_map(|(id, v)| {
+                    v.shards
+                        .iter()
+                        .map(move |(s, sh)| (*id, *s, sh.map.clone()))
+                })
+                .collect();
+            (maps, r.journal.next_seq)
+        });
+        let parts: Vec<(Vec<u8>, u64)> = images
+            .into_iter()
+            .map(|(maps, seq)| {
+                (
+                    pool::encode_maps(maps.iter().map(|(i, s, m)| (*i, *s, m))),
+                    seq,
+                )
+            })
+            .collect();
         let s = &self.inner.shared;
         let n = parts.len();
         c.state.gen += 1;
@@ -655,6 +683,8 @@ impl Engine {
         pool::write_checkpoint(&s.members, &s.layout, &c.state, &bytes)?;
         self.on_all(move |r| {
             r.journal.tail_seq = region_seq[r.id];
+            let fill = r.journal.used_blocks() * 100 / r.journal.blocks.max(1);
+            r.shared.journal_fill[r.id].store(fill as u32, Ordering::Relaxed);
         });
         tracing::debug!(generation = c.state.gen, reactors = n, "checkpoint written");
         Ok(())

@@ -94,6 +94,8 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Set by a reactor whose journal is half full.
     pub want_checkpoint: AtomicBool,
+    /// Per reactor: percent of its journal ring still needed by recovery.
+    pub journal_fill: Vec<std::sync::atomic::AtomicU32>,
     pub stats: Vec<CoreStats>,
     /// Clusters per allocation group, and which reactor owns each group now.
     pub group_size: u64,

@@ -56,11 +56,20 @@ impl Reactor {
         }
     }
 
-    /// Release every reference a map made, except through pages another image shares.
+    /// Release every reference a map made, except through pages another image here still
+    /// holds at the same place (those reference the same clusters). Compared by identity
+    /// with the other images' pages, not by reference count: a checkpoint in progress also
+    /// holds pages.
     fn release_map(&mut self, shard: u64, map: ShardMap) {
         for (pi, page) in map.pages().iter().enumerate() {
             let Some(page) = page else { continue };
-            if Arc::strong_count(page) > 1 {
+            let shared = self.vols.values().any(|v| {
+                v.shards
+                    .get(&shard)
+                    .and_then(|s| s.map.pages().get(pi))
+                    .is_some_and(|p| p.as_ref().is_some_and(|p| Arc::ptr_eq(p, page)))
+            });
+            if shared {
                 continue;
             }
             for (k, e) in page.iter().enumerate() {
