@@ -283,7 +283,8 @@ fn snapshot_lun_reads_the_snapshot_and_refuses_writes_with_write_protected() {
 /// Send `bytes` on a fresh connection and expect the target to close it.
 fn expect_closed(addr: &str, what: &str, bytes: &[u8]) {
     let mut c = RawIscsi::bare(addr);
-    c.send_raw(bytes).unwrap();
+    // The target may close before all of `bytes` is written: a write error is fine here.
+    let _ = c.send_raw(bytes);
     assert!(
         raw_iscsi::closed_by_peer(&mut c.stream),
         "{what}: connection left open"
@@ -350,7 +351,8 @@ fn malformed_pdus_never_touch_other_sessions() {
     // A SCSI command whose data segment exceeds what the target accepts ends this
     // connection only.
     let big = s.command_header(0, &cdb16(0x8a, 0, 256), 0, 256 * BS);
-    s.send_pdu(big, &vec![0xab; 1 << 20]);
+    // The target may close while the segment is still being written: EPIPE is fine here.
+    let _ = s.try_send_pdu(big, &vec![0xab; 1 << 20]);
     assert!(
         raw_iscsi::closed_by_peer(&mut s.stream),
         "oversized segment accepted"

@@ -164,12 +164,18 @@ impl RawIscsi {
     }
 
     /// Send a header and its data segment (padded).
-    pub fn send_pdu(&mut self, mut bhs: [u8; BHS_LEN], data: &[u8]) {
+    pub fn send_pdu(&mut self, bhs: [u8; BHS_LEN], data: &[u8]) {
+        self.try_send_pdu(bhs, data).expect("send a PDU");
+    }
+
+    /// Send a header and its data segment, reporting a write error (the target may close
+    /// the connection before a refused PDU is fully written).
+    pub fn try_send_pdu(&mut self, mut bhs: [u8; BHS_LEN], data: &[u8]) -> std::io::Result<()> {
         set_data_len(&mut bhs, data.len());
         let mut v = bhs.to_vec();
         v.extend_from_slice(data);
         v.resize(v.len().next_multiple_of(4), 0);
-        self.stream.write_all(&v).expect("send a PDU");
+        self.stream.write_all(&v)
     }
 
     /// Raw bytes, exactly as given.
