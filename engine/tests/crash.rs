@@ -25,25 +25,6 @@ const SECTOR: usize = 512;
 const DISK: u64 = 28 << 20;
 const MAGIC: u32 = u32::from_le_bytes(*b"TSCT");
 
-/// A small deterministic generator (splitmix64), so that a seed replays a workload.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 /// What a sector holds: zeros, or the data of one write generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Val {

@@ -28,21 +28,6 @@ const DISK: u64 = 40 << 20;
 const SIZE: u64 = 2 << 20;
 const NB: u64 = SIZE / B4K;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn opts() -> FormatOptions {
     FormatOptions {
         cluster_size: 16 << 10,

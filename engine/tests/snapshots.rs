@@ -11,22 +11,6 @@ use tessel_engine::*;
 
 const B4K: u64 = 4096;
 
-/// A small deterministic generator (splitmix64), so that a seed replays a run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn mem_pool(size: u64, reactors: usize) -> (Arc<MemDisk>, Engine) {
     let disk = MemDisk::new(size, false);
     let dev = [DeviceSpec::Mem(disk.clone())];

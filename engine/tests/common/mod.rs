@@ -77,3 +77,22 @@ pub fn pattern(offset: u64, len: usize, gen: u8) -> Vec<u8> {
         .map(|i| ((offset as usize + i) / 512 % 251) as u8 ^ gen.wrapping_mul(37))
         .collect()
 }
+
+/// A small deterministic generator (splitmix64), so that a seed replays a workload.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
