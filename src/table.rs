@@ -81,8 +81,8 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
         .collect()
 }
 
-/// A Unix time as UTC, "2026-11-22 02:03:04Z".
-pub fn format_unix(secs: u64) -> String {
+/// A Unix time as UTC calendar fields: (year, month, day, hour, minute, second).
+pub fn utc_fields(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
@@ -95,12 +95,13 @@ pub fn format_unix(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    (year, month, day, rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// A Unix time as UTC, "2026-11-22 02:03:04Z".
+pub fn format_unix(secs: u64) -> String {
+    let (y, mo, d, h, mi, s) = utc_fields(secs);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}Z")
 }
 
 /// Seconds since the Unix epoch, now.
