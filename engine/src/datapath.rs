@@ -149,6 +149,19 @@ impl Shard {
     }
 }
 
+/// Runs of consecutive blocks of `set` (below `bpc`) on which `key` agrees: (first, count, key).
+fn runs<K: PartialEq>(set: Validity, bpc: u32, key: impl Fn(u32) -> K) -> Vec<(u32, u32, K)> {
+    let mut out: Vec<(u32, u32, K)> = Vec::new();
+    for b in (0..bpc).filter(|&b| set.get(b)) {
+        let k = key(b);
+        match out.last_mut() {
+            Some((first, n, last)) if *first + *n == b && *last == k => *n += 1,
+            _ => out.push((b, 1, k)),
+        }
+    }
+    out
+}
+
 fn blocks(coff: u32, clen: u32) -> (u32, u32) {
     let first = coff / B4K;
     let end = (coff + clen).div_ceil(B4K);
@@ -548,21 +561,10 @@ impl Reactor {
     /// Read each block of `set` from where `e` says it lives into the bounce buffer.
     pub(crate) fn read_blocks_into_bounce(&mut self, i: usize, e: &MapEntry, set: Validity) {
         let bpc = self.shared.layout.blocks_per_cluster();
-        let mut b = 0;
-        while b < bpc {
-            if !set.get(b) {
-                b += 1;
-                continue;
-            }
-            let src = e.source(b);
-            let mut n = 1;
-            while b + n < bpc && set.get(b + n) && e.source(b + n) == src {
-                n += 1;
-            }
+        for (b, n, src) in runs(set, bpc, |b| e.source(b)) {
             if let Some(c) = src {
                 self.submit_bounce(i, false, c, b * B4K, n * B4K);
             }
-            b += n;
         }
     }
 
@@ -573,18 +575,8 @@ impl Reactor {
             (op.write_set, op.target)
         };
         let bpc = self.shared.layout.blocks_per_cluster();
-        let mut b = 0;
-        while b < bpc {
-            if !set.get(b) {
-                b += 1;
-                continue;
-            }
-            let mut n = 1;
-            while b + n < bpc && set.get(b + n) {
-                n += 1;
-            }
+        for (b, n, ()) in runs(set, bpc, |_| ()) {
             self.submit_bounce(i, true, target, b * B4K, n * B4K);
-            b += n;
         }
     }
 
@@ -1085,5 +1077,18 @@ impl Reactor {
             }
             Waiter::Call(f) => f(r),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_on_gaps_and_on_key_changes() {
+        let set = Validity::range(0, 3).or(Validity::range(5, 4));
+        let r = runs(set, 16, |b| b < 7);
+        assert_eq!(r, vec![(0, 3, true), (5, 2, true), (7, 2, false)]);
+        assert!(runs(Validity::default(), 16, |_| ()).is_empty());
     }
 }
