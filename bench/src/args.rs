@@ -37,12 +37,12 @@ pub struct Args {
     #[arg(long, default_value = "4k", value_parser = parse_size)]
     pub bs: u64,
 
-    /// Requests each submitter thread keeps in flight (like fio's iodepth per job).
+    /// Requests each job keeps in flight (like fio's iodepth per job).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub qd: u32,
 
-    /// Reactors (one pinned poller thread each, on CPUs 0..N) and submitter threads (one
-    /// Client each, pinned to the CPUs after the reactors' when there are enough).
+    /// Reactors (one pinned poller thread each, on CPUs 0..N) and jobs (one per reactor; see
+    /// --driver for where they run).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub cores: u32,
 
@@ -62,6 +62,13 @@ pub struct Args {
     /// Skip the prefill.
     #[arg(long, overrides_with = "prefill")]
     pub no_prefill: bool,
+
+    /// Who runs the jobs: `reactor` hosts job N as a poller on reactor N (no thread hop,
+    /// the way a target connection is served); `thread` runs each job on a submitter thread
+    /// of its own that talks to the reactors through a Client (the path of an application
+    /// linking the engine).
+    #[arg(long, value_enum, default_value_t = Driver::Reactor)]
+    pub driver: Driver,
 
     /// How idle reactors wait: busy (spin, lowest latency) or adaptive (spin briefly, then
     /// sleep until woken).
@@ -156,6 +163,17 @@ impl Workload {
     pub fn reads_prior_data(self) -> bool {
         matches!(self, Workload::Randread | Workload::Read | Workload::Randrw)
     }
+}
+
+/// Who runs the workload's jobs.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    /// A poller on each reactor submits and completes on the reactor's own thread, as a
+    /// target connection does (SPDK bdevperf's model).
+    Reactor,
+    /// A submitter thread per job with its own engine Client, pinned after the reactors'
+    /// CPUs when there are enough: every request crosses threads twice.
+    Thread,
 }
 
 /// Reactor polling mode, as given on the command line.

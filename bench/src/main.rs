@@ -1,31 +1,35 @@
 //! tessel-bench: the in-process workload runner (bdevperf for tessel). It opens a pool on a
 //! file, block device, memory or the null device, creates the volume `bench` and drives it
-//! through the engine's request API from submitter threads, one `Client` each.
+//! through the engine's request API.
 //!
-//! Load model: `--cores N` starts N reactors and N submitter threads, and each submitter keeps
-//! `--qd` requests in flight (like fio's `iodepth` per job, with `numjobs=N`), so the total
-//! queue depth is N × qd. A submitter is pinned to a CPU after the reactors' when the machine
-//! has one to spare, so one reactor core is measured the way fio measures one job.
+//! Load model: `--cores N` starts N reactors and N jobs, and each job keeps `--qd` requests in
+//! flight (like fio's `iodepth` per job, with `numjobs=N`), so the total queue depth is
+//! N × qd. By default job N is a poller on reactor N (as SPDK's bdevperf runs its jobs, and
+//! as a target connection is served), so one core does both the workload and the engine's
+//! work, the way fio's one job does both; `--driver thread` runs each job on a submitter
+//! thread of its own with an engine `Client` instead (see worker.rs).
 
 mod args;
 mod report;
 mod snap;
+mod worker;
 mod workload;
 
-use args::{Args, Background, Device, Poll, Workload};
+use args::{Args, Background, Device, Driver, Poll, Workload};
 use clap::Parser;
 use report::{Progress, ProgressLine, Report, Stats};
-use snap::{StallTracker, Windows};
+use snap::Windows;
 use std::collections::HashSet;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 use tessel_engine::{
-    AlignedBuf, Completion, DeviceSpec, Engine, EngineConfig, FormatOptions, MemDisk, Op, PollMode,
-    PoolError, Request, VolumeId,
+    AlignedBuf, DeviceSpec, Engine, EngineConfig, FormatOptions, MemDisk, Op, PollMode, PoolError,
+    Request, VolumeId,
 };
-use workload::{Generator, Kind, Mismatch, Pattern, XorShift};
+use worker::{Data, Finished, JobPoller, Outcome, Pass, Worker};
+use workload::{Generator, Kind, Pattern, XorShift};
 
 /// The volume every run uses.
 const VOLUME: &str = "bench";
@@ -90,7 +94,7 @@ fn run(args: &Args) -> Result<bool, String> {
             .map_err(|e| format!("flush after the setup: {e}"))?;
         tracing::info!(seconds = t.elapsed().as_secs_f64(), "setup flushed");
     }
-    let windows = Windows::new(Instant::now());
+    let windows = Arc::new(Windows::new(Instant::now()));
     let snaps = SnapLoad::default();
     let bg = BgResult::default();
     let out = match args.workload {
@@ -101,7 +105,7 @@ fn run(args: &Args) -> Result<bool, String> {
                 qd: args.qd,
                 deadline: Some(Duration::from_secs_f64(args.time)),
                 data: Data::Filler,
-                windows: args.snapshot_every.map(|_| &windows),
+                windows: args.snapshot_every.map(|_| windows.clone()),
             };
             let snapshotter = |ctx: &SideCtx| {
                 if let Some(every) = args.snapshot_every {
@@ -114,7 +118,7 @@ fn run(args: &Args) -> Result<bool, String> {
                 }
             };
             let sides: [&(dyn Fn(&SideCtx) + Sync); 2] = [&snapshotter, &background];
-            drive(&engine, vol, threads, &pass, &sides, |t| {
+            drive(&engine, vol, threads, args.driver, &pass, &sides, |t| {
                 Generator::timed(w, args.size, args.bs, args.rwmix, args.seed, t, threads)
             })
         }
@@ -208,7 +212,7 @@ fn fill(
         data: Data::Filler,
         windows: None,
     };
-    let out = drive(engine, vol, threads, &pass, &[], |t| {
+    let out = drive(engine, vol, threads, args.driver, &pass, &[], |t| {
         Generator::once(Kind::Write, bytes, bs, t, threads)
     });
     if out.stats.errors > 0 {
@@ -534,35 +538,6 @@ fn test_volume(engine: &Engine, args: &Args) -> Result<VolumeId, String> {
     Ok(info.id)
 }
 
-/// What writes carry and what reads are checked against.
-#[derive(Clone, Copy)]
-enum Data {
-    /// Random bytes filled once per buffer; reads are not checked.
-    Filler,
-    /// The verify pattern: written per request, checked on every read.
-    Pattern(Pattern),
-}
-
-/// One phase of a run.
-struct Pass<'a> {
-    label: &'static str,
-    qd: u32,
-    /// Stop issuing after this long; None: run the generators to their end.
-    deadline: Option<Duration>,
-    data: Data,
-    /// Snapshot create windows to measure write stalls against.
-    windows: Option<&'a Windows>,
-}
-
-/// What a phase measured.
-struct Outcome {
-    stats: Stats,
-    seconds: f64,
-    mismatches: Vec<Mismatch>,
-    /// Longest write stall during a snapshot create window (ns).
-    stall_ns: u64,
-}
-
 /// `verify`: write the pattern over the whole range, flush, read it all back.
 fn verify(engine: &Engine, vol: VolumeId, args: &Args) -> Outcome {
     let threads = args.cores as usize;
@@ -588,7 +563,7 @@ fn verify(engine: &Engine, vol: VolumeId, args: &Args) -> Outcome {
             data: Data::Pattern(pattern),
             windows: None,
         };
-        let out = drive(engine, vol, threads, &pass, &[], |t| {
+        let out = drive(engine, vol, threads, args.driver, &pass, &[], |t| {
             Generator::once(kind, args.size, args.bs, t, threads)
         });
         total.stats.merge(&out.stats);
@@ -624,19 +599,22 @@ fn request(
     }
 }
 
-/// Run one pass on `threads` submitter threads, drawing a progress line once a second, with
-/// each of `sides` running on a thread of its own meanwhile.
+/// Run one pass as `threads` jobs (pollers on the reactors, or submitter threads, as `driver`
+/// says), drawing a progress line once a second, with each of `sides` running on a thread
+/// of its own meanwhile.
+#[allow(clippy::too_many_arguments)] // the pass and how to run it
 fn drive(
     engine: &Engine,
     vol: VolumeId,
     threads: usize,
+    driver: Driver,
     pass: &Pass,
     sides: &[&(dyn Fn(&SideCtx) + Sync)],
     generator: impl Fn(usize) -> Generator + Sync,
 ) -> Outcome {
-    let progress = Progress::default();
+    let progress = Arc::new(Progress::default());
     let stop = AtomicBool::new(false);
-    let finished = AtomicUsize::new(0);
+    let finished = Arc::new(Finished::default());
     let start = Barrier::new(threads + 1);
     let total_bytes = pass
         .deadline
@@ -644,24 +622,43 @@ fn drive(
         .then(|| (0..threads).map(|t| generator(t).span()).sum::<u64>());
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let reactors = engine.reactors();
-    let (outs, seconds) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (progress, finished, start) = (&progress, &finished, &start);
-                let gen = generator(t);
-                let mut client = engine.client();
-                s.spawn(move || {
-                    if reactors + t < cpus {
-                        core_affinity::set_for_current(core_affinity::CoreId { id: reactors + t });
-                    }
-                    start.wait();
-                    let out = submitter(&mut client, vol, gen, pass, progress, t);
-                    finished.fetch_add(1, Ordering::Release);
-                    out
+    let worker = |t: usize| Worker::new(vol, generator(t), pass.clone(), progress.clone(), t);
+    let seconds = std::thread::scope(|s| {
+        let handles: Vec<_> = match driver {
+            Driver::Reactor => {
+                // One job per reactor, round-robin, like one target connection each.
+                for t in 0..threads {
+                    let job = JobPoller::new(worker(t), finished.clone());
+                    engine.add_poller(t, Box::new(job));
+                }
+                Vec::new()
+            }
+            Driver::Thread => (0..threads)
+                .map(|t| {
+                    let (finished, start) = (&finished, &start);
+                    let w = worker(t);
+                    let mut client = engine.client();
+                    s.spawn(move || {
+                        if reactors + t < cpus {
+                            core_affinity::set_for_current(core_affinity::CoreId {
+                                id: reactors + t,
+                            });
+                        }
+                        start.wait();
+                        let out = worker::run_thread(&mut client, w);
+                        finished
+                            .outcomes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(out);
+                        finished.count.fetch_add(1, Ordering::Release);
+                    })
                 })
-            })
-            .collect();
-        start.wait();
+                .collect(),
+        };
+        if driver == Driver::Thread {
+            start.wait();
+        }
         let began = Instant::now();
         let ctx = SideCtx {
             began,
@@ -673,7 +670,7 @@ fn drive(
         let show = pass.deadline.is_none_or(|d| d > Duration::from_secs(2));
         let mut line = ProgressLine::new(pass.label);
         let mut next = began + Duration::from_secs(1);
-        while finished.load(Ordering::Acquire) < threads {
+        while finished.count.load(Ordering::Acquire) < threads {
             std::thread::sleep(Duration::from_millis(20));
             if show && Instant::now() >= next {
                 line.draw(&progress, total_bytes);
@@ -689,164 +686,18 @@ fn drive(
         for h in side_handles {
             h.join().expect("side thread panicked");
         }
-        let outs: Vec<Outcome> = handles
-            .into_iter()
-            .map(|h| h.join().expect("submitter thread panicked"))
-            .collect();
-        (outs, seconds)
+        for h in handles {
+            h.join().expect("submitter thread panicked");
+        }
+        seconds
     });
-    let mut total = Outcome {
-        stats: Stats::new(),
-        seconds,
-        mismatches: Vec::new(),
-        stall_ns: 0,
-    };
+    let mut total = Outcome::empty();
+    total.seconds = seconds;
+    let outs = std::mem::take(&mut *finished.outcomes.lock().unwrap_or_else(|e| e.into_inner()));
     for o in outs {
         total.stats.merge(&o.stats);
         total.stall_ns = total.stall_ns.max(o.stall_ns);
         total.mismatches.extend(o.mismatches);
     }
     total
-}
-
-/// One request slot of a submitter: its buffer and when it was submitted.
-struct Slot {
-    buf: Option<AlignedBuf>,
-    kind: Kind,
-    offset: u64,
-    submitted: Instant,
-}
-
-/// Empty polls spun through before the submitter parks until a completion wakes it.
-const SPIN_POLLS: u32 = 1000;
-
-/// Keep `pass.qd` requests in flight until the generator ends or the deadline passes.
-fn submitter(
-    client: &mut tessel_engine::Client,
-    vol: VolumeId,
-    mut gen: Generator,
-    pass: &Pass,
-    progress: &Progress,
-    thread: usize,
-) -> Outcome {
-    let bs = gen.bs() as usize;
-    let mut rng = XorShift::new(0xf111 + thread as u64);
-    let now = Instant::now();
-    let mut slots: Vec<Slot> = (0..pass.qd)
-        .map(|_| {
-            let mut b = AlignedBuf::zeroed(bs);
-            if matches!(pass.data, Data::Filler) {
-                for w in b.as_mut_slice().chunks_mut(8) {
-                    w.copy_from_slice(&rng.next_u64().to_le_bytes()[..w.len()]);
-                }
-            }
-            Slot {
-                buf: Some(b),
-                kind: Kind::Read,
-                offset: 0,
-                submitted: now,
-            }
-        })
-        .collect();
-    let mut free: Vec<usize> = (0..slots.len()).rev().collect();
-    let mut done: Vec<Completion> = Vec::with_capacity(slots.len());
-    let mut out = Outcome {
-        stats: Stats::new(),
-        seconds: 0.0,
-        mismatches: Vec::new(),
-        stall_ns: 0,
-    };
-    let mut stalls = StallTracker::default();
-    let began = Instant::now();
-    let deadline = pass.deadline.map(|d| began + d);
-    let mut exhausted = false;
-    let mut idle = 0u32;
-    let mut now = began;
-    loop {
-        let stop = exhausted || deadline.is_some_and(|d| now >= d);
-        if !stop {
-            while let Some(&i) = free.last() {
-                let Some((kind, offset, len)) = gen.next_op() else {
-                    exhausted = true;
-                    break;
-                };
-                free.pop();
-                let slot = &mut slots[i];
-                let mut buf = slot.buf.take().expect("free slot has its buffer");
-                buf.set_len(len as usize);
-                if let (Kind::Write, Data::Pattern(p)) = (kind, pass.data) {
-                    p.fill(offset, buf.as_mut_slice());
-                }
-                let op = match kind {
-                    Kind::Read => Op::Read,
-                    Kind::Write => Op::Write { fua: false },
-                };
-                slot.kind = kind;
-                slot.offset = offset;
-                slot.submitted = Instant::now();
-                client.submit(request(i as u64, vol, op, offset, len, Some(buf)));
-            }
-        } else if free.len() == slots.len() {
-            break;
-        }
-        if client.poll(&mut done) == 0 {
-            // Spin a little (completions usually follow within microseconds), then park;
-            // the clock is read only now and then so that spinning stays cheap.
-            idle += 1;
-            if idle.is_multiple_of(64) {
-                now = Instant::now();
-            }
-            if idle < SPIN_POLLS {
-                std::hint::spin_loop();
-            } else {
-                client.wait(Duration::from_millis(1));
-                now = Instant::now();
-            }
-            continue;
-        }
-        idle = 0;
-        now = Instant::now();
-        let counted = deadline.is_none_or(|d| now < d);
-        let (mut ops, mut bytes, mut errors) = (0, 0, 0);
-        for c in done.drain(..) {
-            let i = c.tag as usize;
-            let slot = &mut slots[i];
-            let buf = c.buf.unwrap_or_else(|| AlignedBuf::zeroed(bs));
-            let ok = match &c.result {
-                Ok(()) => true,
-                Err(e) => {
-                    if out.stats.errors < 5 {
-                        tracing::error!(
-                            op = ?slot.kind,
-                            offset = slot.offset,
-                            len = buf.len(),
-                            "request failed: {e}"
-                        );
-                    }
-                    false
-                }
-            };
-            if let (true, Kind::Read, Data::Pattern(p)) = (ok, slot.kind, pass.data) {
-                out.mismatches.extend(p.check(slot.offset, buf.as_slice()));
-            }
-            if let (Some(w), Kind::Write, true) = (pass.windows, slot.kind, counted) {
-                stalls.observe(w, w.ns(slot.submitted), w.ns(now));
-            }
-            if counted {
-                out.stats
-                    .record(now.duration_since(slot.submitted), buf.len() as u64, ok);
-                ops += 1;
-                bytes += buf.len() as u64;
-                errors += u64::from(!ok);
-            }
-            slot.buf = Some(buf);
-            free.push(i);
-        }
-        progress.ops.fetch_add(ops, Ordering::Relaxed);
-        progress.bytes.fetch_add(bytes, Ordering::Relaxed);
-        progress.errors.fetch_add(errors, Ordering::Relaxed);
-    }
-    out.seconds = began.elapsed().as_secs_f64();
-    out.stall_ns = stalls.max_ns;
-    out
 }
