@@ -13,6 +13,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+/// How often the housekeeper looks for work. Short: under a stream of redirects a journal
+/// ring fills from half to full in tens of milliseconds, and records then wait (and frees
+/// with them) until a checkpoint makes room.
+const HOUSEKEEPING: Duration = Duration::from_millis(10);
+/// Inflate progress (a scan of the clone's maps on every reactor) is looked at every tenth.
+const INFLATE_EVERY: u64 = 10;
+
 /// How long every reactor has to drain a volume's writes before a barrier aborts.
 pub const BARRIER_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -63,7 +70,7 @@ impl Engine {
     /// The caller holds the control lock, so nobody else can checkpoint meanwhile: a reactor
     /// whose journal ring fills while we wait (its commit then waits for a checkpoint) is
     /// served here, or the two would wait for each other.
-    fn on_all_until(
+    pub(crate) fn on_all_until(
         &self,
         c: &mut ControlState,
         deadline: Duration,
@@ -135,6 +142,7 @@ impl Engine {
         let prepared = self.on_all_until(&mut c, BARRIER_DEADLINE, move |r, done| {
             r.hold(vol, false, Box::new(move |_| done(Ok(()))));
         });
+        let drained = started.elapsed();
         if prepared.is_err() {
             self.on_all(move |r| r.release_hold(vol));
             tracing::warn!(
@@ -177,6 +185,7 @@ impl Engine {
             volume,
             snapshot = name,
             epoch,
+            drain_us = drained.as_micros() as u64,
             barrier_us = paused.as_micros() as u64,
             "snapshot created"
         );
@@ -517,13 +526,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Background upkeep, run every 100 ms: checkpoints when a journal is half full,
-    /// finishing inflates.
-    pub(crate) fn housekeeping(&self) {
+    /// Background upkeep: a checkpoint when a journal is half full (looked at every
+    /// `HOUSEKEEPING`), and finishing inflates (every `INFLATE_EVERY` of those).
+    pub(crate) fn housekeeping(&self, tick: u64) {
         if self.checkpoint_wanted() {
             if let Err(e) = self.checkpoint() {
                 tracing::error!("checkpoint failed: {e}");
             }
+        }
+        if !tick.is_multiple_of(INFLATE_EVERY) {
+            return;
         }
         let ids: Vec<u64> = self.control().inflating.keys().copied().collect();
         for id in ids {
@@ -536,14 +548,16 @@ impl Engine {
 pub(crate) fn spawn_housekeeper(weak: std::sync::Weak<crate::engine::Inner>) {
     let _ = std::thread::Builder::new()
         .name("housekeeper".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let Some(inner) = weak.upgrade() else { break };
-            let e = Engine { inner };
-            if e.is_stopped() {
-                break;
+        .spawn(move || {
+            for tick in 1.. {
+                std::thread::sleep(HOUSEKEEPING);
+                let Some(inner) = weak.upgrade() else { break };
+                let e = Engine { inner };
+                if e.is_stopped() {
+                    break;
+                }
+                e.housekeeping(tick);
             }
-            e.housekeeping();
         });
 }
 

@@ -967,7 +967,7 @@ impl Reactor {
         let jw = self.journal.take_commit();
         // Frees ride only a commit that writes every record so far: one cut short (ring
         // full, or at its end) leaves records, maybe the ones that free them, for later.
-        if !self.journal.has_pending() {
+        if !self.journal.commit_was_cut() {
             self.alloc.commit_started();
         }
         let fill = self.journal.used_blocks() * 100 / self.journal.blocks.max(1);
@@ -1054,8 +1054,9 @@ impl Reactor {
             let to = self.shared.group_owner[g].load(Ordering::Acquire) as usize;
             self.send(to, Msg::Free(vec![c]));
         }
-        if self.journal.has_pending() {
-            // The ring was full: these records wait for a checkpoint to make room.
+        if self.journal.commit_was_cut() {
+            // The ring was full: these records wait for a checkpoint to make room. Records
+            // appended while the commit flew ride the next one with their own waiters.
             self.shared.want_checkpoint.store(true, Ordering::Release);
             self.commit.waiting.extend(riding);
             self.commit.wanted = true;

@@ -647,7 +647,7 @@ impl Engine {
         // Each reactor hands over its maps at a point of its own journal stream: clones of
         // the page vectors (O(pages), the pages themselves shared), so the encoding below
         // runs here and not on the reactors; pages written meanwhile are copied on write.
-        let images: Vec<(Vec<(u64, u64, ShardMap)>, u64)> = self.on_all(|r| {
+        let images: Vec<ReactorMaps> = self.on_all(|r| {
             let maps = r
                 .vols
                 .iter()
@@ -701,20 +701,19 @@ impl Engine {
             return Ok(());
         }
         let s = &self.inner.shared;
-        // Make everything durable while the reactors still run, then checkpoint.
-        let mut cl = self.client();
-        let vol = s.volumes.all().first().map(|v| v.id);
-        if let Some(id) = vol {
-            let _ = cl.run(Request {
-                tag: 0,
-                volume: VolumeId(id),
-                op: crate::io::Op::Flush,
-                offset: 0,
-                len: 0,
-                buf: None,
+        // Make everything durable while the reactors still run, then checkpoint. The wait
+        // serves checkpoints itself: the housekeeper has stopped, and a commit that finds
+        // its journal ring full waits for one.
+        let r = {
+            let mut c = self.control();
+            let flushed = self.on_all_until(&mut c, Duration::from_secs(60), |r, done| {
+                r.commit_wanted(Some(crate::reactor::Waiter::Call(done)))
             });
-        }
-        let r = self.checkpoint();
+            if !matches!(flushed, Ok(Ok(()))) {
+                tracing::error!("flush at shutdown failed or timed out");
+            }
+            self.checkpoint_locked(&mut c)
+        };
         s.stopping.store(true, Ordering::Release);
         for inbox in &s.inboxes {
             inbox.bell.sleeping.store(true, Ordering::SeqCst);
@@ -733,6 +732,9 @@ impl Engine {
         r
     }
 }
+
+/// One reactor's maps handed to a checkpoint: (image, shard, map) at journal sequence `.1`.
+type ReactorMaps = (Vec<(u64, u64, ShardMap)>, u64);
 
 pub(crate) fn check_size(size: u64, block_size: u32) -> Result<(), ControlError> {
     if size == 0 || !size.is_multiple_of(block_size as u64) {

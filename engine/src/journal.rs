@@ -275,6 +275,8 @@ pub struct Journal {
     pending: Vec<u8>,
     pending_count: u16,
     sealed: Vec<(Vec<u8>, u16)>,
+    /// The last `take_commit` left records behind (ring full, or cut at its end).
+    cut: bool,
 }
 
 impl Journal {
@@ -290,6 +292,7 @@ impl Journal {
             pending: Vec::with_capacity(BLOCK_PAYLOAD),
             pending_count: 0,
             sealed: Vec::new(),
+            cut: false,
         }
     }
 
@@ -311,6 +314,13 @@ impl Journal {
         self.pending_count > 0 || !self.sealed.is_empty()
     }
 
+    /// True when the last `take_commit` could not take every record then pending: the
+    /// waiters of that commit wait for a later one. Records appended since do not count;
+    /// they belong to waiters of the next commit.
+    pub fn commit_was_cut(&self) -> bool {
+        self.cut
+    }
+
     /// Blocks the ring holds that recovery still needs.
     pub fn used_blocks(&self) -> u64 {
         self.next_seq - self.tail_seq
@@ -320,6 +330,7 @@ impl Journal {
     /// Returns None when nothing is pending or the ring has no room (a checkpoint must move
     /// the tail first). The write never wraps: a commit that would cross the end is cut there.
     pub fn take_commit(&mut self) -> Option<(u64, u64, Vec<u8>)> {
+        self.cut = false;
         if !self.has_pending() {
             return None;
         }
@@ -331,6 +342,7 @@ impl Journal {
         let room = self.blocks - self.used_blocks();
         let to_end = self.blocks - self.next_seq % self.blocks;
         let n = (self.sealed.len() as u64).min(room).min(to_end);
+        self.cut = n < self.sealed.len() as u64;
         if n == 0 {
             return None;
         }
@@ -437,7 +449,22 @@ mod tests {
             let got = j.take_commit();
             assert_eq!(got.is_some(), round < 2);
         }
+        assert!(j.commit_was_cut());
         j.tail_seq = 2;
         assert!(j.take_commit().is_some());
+        assert!(!j.commit_was_cut());
+    }
+
+    #[test]
+    fn records_appended_after_a_commit_started_do_not_cut_it() {
+        let mut j = Journal::new(0, 1, 0, 8 * BLOCK);
+        j.append(&entry_rec(1));
+        assert!(j.take_commit().is_some());
+        j.append(&entry_rec(2));
+        assert!(j.has_pending());
+        assert!(
+            !j.commit_was_cut(),
+            "the commit took every record pending when it began"
+        );
     }
 }
