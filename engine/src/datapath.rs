@@ -964,7 +964,7 @@ impl Reactor {
         self.commit.riding = std::mem::take(&mut self.commit.waiting);
         self.commit.error = None;
         self.mark_commit_time();
-        let jw = self.journal.take_commit();
+        let jw = self.journal.take_commit(&mut self.commit.buf);
         // Frees ride only a commit that writes every record so far: one cut short (ring
         // full, or at its end) leaves records, maybe the ones that free them, for later.
         if !self.journal.commit_was_cut() {
@@ -978,9 +978,6 @@ impl Reactor {
         let members = self.shared.members.len();
         let steps = members as u32 + if jw.is_some() { 2 } else { 0 };
         self.commit.steps = steps;
-        if let Some((_, _, data)) = &jw {
-            self.commit.buf = Some(AlignedBuf::from_slice(data));
-        }
         if self.uring_files {
             for m in 0..members {
                 let last = m + 1 == members && jw.is_none();
@@ -992,7 +989,7 @@ impl Reactor {
                 }
                 self.push_sqe(e, Cont::Commit);
             }
-            if let Some((off, _, _)) = jw {
+            if let Some((off, _)) = jw {
                 let buf = self.commit.buf.as_mut().expect("commit buffer");
                 let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
                 let w = opcode::Write::new(types::Fixed(0), ptr, len)
@@ -1013,7 +1010,7 @@ impl Reactor {
                 res = -libc::EIO;
             }
         }
-        if let Some((off, _, _)) = jw {
+        if let Some((off, _)) = jw {
             let buf = self.commit.buf.as_ref().expect("commit buffer");
             let m0 = &self.shared.members[0];
             if res == 0 && (m0.write_at(off, buf.as_slice()).is_err() || m0.sync().is_err()) {
@@ -1036,7 +1033,6 @@ impl Reactor {
             return;
         }
         self.commit.in_flight = false;
-        self.commit.buf = None;
         let riding = std::mem::take(&mut self.commit.riding);
         if let Some(err) = self.commit.error {
             tracing::error!(core = self.id, errno = err, "journal commit failed");

@@ -6,6 +6,7 @@
 //! records. A block is accepted at replay only with the expected run and sequence number,
 //! so a torn or stale block ends the replay of its region.
 
+use crate::buf::AlignedBuf;
 use crate::format::{Reader, BLOCK};
 use crate::map::{MapEntry, Validity};
 
@@ -298,14 +299,17 @@ impl Journal {
 
     /// Queue a record for the next commit.
     pub fn append(&mut self, rec: &Record) {
-        let mut tmp = Vec::with_capacity(96);
-        rec.encode(&mut tmp);
-        if self.pending.len() + tmp.len() > BLOCK_PAYLOAD {
-            self.sealed
-                .push((std::mem::take(&mut self.pending), self.pending_count));
+        let before = self.pending.len();
+        rec.encode(&mut self.pending);
+        if self.pending.len() > BLOCK_PAYLOAD {
+            // It does not fit: it starts the next block.
+            let mut next = Vec::with_capacity(BLOCK_PAYLOAD);
+            next.extend_from_slice(&self.pending[before..]);
+            self.pending.truncate(before);
+            let full = std::mem::replace(&mut self.pending, next);
+            self.sealed.push((full, self.pending_count));
             self.pending_count = 0;
         }
-        self.pending.extend_from_slice(&tmp);
         self.pending_count += 1;
     }
 
@@ -326,10 +330,12 @@ impl Journal {
         self.next_seq - self.tail_seq
     }
 
-    /// Pack the pending records into blocks for one write: (byte offset, block count, data).
+    /// Pack the pending records into blocks for one write, sealed into `buf` (reused from
+    /// one commit to the next, grown when too small: a reactor allocates no fresh megabytes
+    /// per commit): (byte offset, block count); `buf` then holds exactly those blocks.
     /// Returns None when nothing is pending or the ring has no room (a checkpoint must move
     /// the tail first). The write never wraps: a commit that would cross the end is cut there.
-    pub fn take_commit(&mut self) -> Option<(u64, u64, Vec<u8>)> {
+    pub fn take_commit(&mut self, buf: &mut Option<AlignedBuf>) -> Option<(u64, u64)> {
         self.cut = false;
         if !self.has_pending() {
             return None;
@@ -347,13 +353,19 @@ impl Journal {
             return None;
         }
         let first = self.next_seq;
-        let mut data = vec![0u8; (n * BLOCK) as usize];
+        let bytes = (n * BLOCK) as usize;
+        if buf.as_ref().is_none_or(|b| b.capacity() < bytes) {
+            *buf = Some(AlignedBuf::zeroed(bytes.next_power_of_two()));
+        }
+        let data = buf.as_mut().expect("commit buffer");
+        data.set_len(bytes);
+        let data = data.as_mut_slice();
         for (k, (recs, count)) in self.sealed.drain(..n as usize).enumerate() {
             let b = &mut data[k * BLOCK as usize..(k + 1) * BLOCK as usize];
             seal_block(b, self.region, first + k as u64, self.run, count, &recs);
         }
         self.next_seq += n;
-        Some((self.offset + (first % self.blocks) * BLOCK, n, data))
+        Some((self.offset + (first % self.blocks) * BLOCK, n))
     }
 }
 
@@ -413,8 +425,11 @@ mod tests {
         for r in &recs {
             j.append(r);
         }
-        let (off, n, data) = j.take_commit().unwrap();
+        let mut buf = None;
+        let (off, n) = j.take_commit(&mut buf).unwrap();
+        let data = buf.unwrap().as_slice().to_vec();
         assert_eq!(off, 1 << 20);
+        assert_eq!(data.len() as u64, n * BLOCK);
         let mut back = Vec::new();
         for k in 0..n {
             back.extend(
@@ -433,7 +448,9 @@ mod tests {
     fn stale_or_torn_blocks_are_refused() {
         let mut j = Journal::new(0, 1, 0, 8 * BLOCK);
         j.append(&entry_rec(1));
-        let (_, _, mut data) = j.take_commit().unwrap();
+        let mut buf = None;
+        j.take_commit(&mut buf).unwrap();
+        let mut data = buf.unwrap().as_slice().to_vec();
         assert!(open_block(&data, 1, 0).is_some());
         assert!(open_block(&data, 2, 0).is_none(), "another run");
         assert!(open_block(&data, 1, 1).is_none(), "another lap of the ring");
@@ -446,12 +463,12 @@ mod tests {
         let mut j = Journal::new(0, 1, 0, 2 * BLOCK);
         for round in 0..3 {
             j.append(&entry_rec(round));
-            let got = j.take_commit();
+            let got = j.take_commit(&mut None);
             assert_eq!(got.is_some(), round < 2);
         }
         assert!(j.commit_was_cut());
         j.tail_seq = 2;
-        assert!(j.take_commit().is_some());
+        assert!(j.take_commit(&mut None).is_some());
         assert!(!j.commit_was_cut());
     }
 
@@ -459,7 +476,7 @@ mod tests {
     fn records_appended_after_a_commit_started_do_not_cut_it() {
         let mut j = Journal::new(0, 1, 0, 8 * BLOCK);
         j.append(&entry_rec(1));
-        assert!(j.take_commit().is_some());
+        assert!(j.take_commit(&mut None).is_some());
         j.append(&entry_rec(2));
         assert!(j.has_pending());
         assert!(

@@ -271,11 +271,17 @@ impl NullDisk {
                     .store(sb.data_start, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        // The lock is taken per block: a checkpoint of hundreds of MiB written by the
+        // control thread must not hold up a reactor's journal commit for its whole length.
         for (i, chunk) in data.chunks(4096).enumerate() {
             let mut b = Box::new([0u8; 4096]);
             b[..chunk.len()].copy_from_slice(chunk);
-            meta.insert(off / 4096 + i as u64, b);
+            let old = self
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(off / 4096 + i as u64, b);
+            drop(old);
         }
     }
 }
