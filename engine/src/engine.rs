@@ -141,6 +141,11 @@ pub(crate) struct Inner {
     pub(crate) control: Mutex<ControlState>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stopped: AtomicBool,
+    /// Held while a checkpoint is encoded and written: one at a time, the control lock
+    /// held only for its cut.
+    checkpointing: Mutex<()>,
+    /// First control-log block the newest durable checkpoint needs.
+    control_tail: AtomicU64,
 }
 
 /// A running engine. Cheap to clone; `shutdown` stops it.
@@ -343,6 +348,8 @@ impl Engine {
             }),
             threads: Mutex::new(threads),
             stopped: AtomicBool::new(false),
+            checkpointing: Mutex::new(()),
+            control_tail: AtomicU64::new(0),
         });
         crate::coordinator::spawn_housekeeper(Arc::downgrade(&inner));
         Ok(Engine { inner })
@@ -387,7 +394,10 @@ impl Engine {
     ) -> Result<(), ControlError> {
         let s = &self.inner.shared;
         let blocks = s.layout.sb.control_bytes / crate::format::BLOCK;
-        if c.state.control_next - c.state.control_seq + 1 >= blocks {
+        // The oldest block the newest durable checkpoint needs: one being written meanwhile
+        // does not free the log before it is durable.
+        let tail = self.inner.control_tail.load(Ordering::Acquire);
+        if c.state.control_next - tail + 1 >= blocks {
             self.checkpoint_locked(c)?;
         }
         let seq = c.state.control_next;
@@ -633,20 +643,45 @@ impl Engine {
             .any(|f| f.load(Ordering::Relaxed) > 75)
     }
 
-    /// Write a checkpoint so that journals can be reused.
+    /// Write a checkpoint so that journals can be reused. The control lock is held only
+    /// while the reactors hand over their maps; the encoding and the writes (hundreds of
+    /// milliseconds for a large pool) run without it, so snapshot creates and other control
+    /// operations go on meanwhile.
     pub fn checkpoint(&self) -> Result<(), ControlError> {
         let mut c = self.control();
-        self.checkpoint_locked(&mut c)
+        let one = self
+            .inner
+            .checkpointing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let cut = self.checkpoint_cut(&mut c);
+        drop(c);
+        let r = self.checkpoint_write(cut);
+        drop(one);
+        r
     }
 
+    /// Checkpoint with the control lock held throughout (a control operation that must
+    /// have room in the journals or the control log before it goes on).
     pub(crate) fn checkpoint_locked(&self, c: &mut ControlState) -> Result<(), ControlError> {
-        self.inner
-            .shared
-            .want_checkpoint
-            .store(false, Ordering::Release);
-        // Each reactor hands over its maps at a point of its own journal stream: clones of
-        // the page vectors (O(pages), the pages themselves shared), so the encoding below
-        // runs here and not on the reactors; pages written meanwhile are copied on write.
+        // Lock order: control, then checkpointing. A checkpoint being written without the
+        // control lock never takes it again, so waiting for it here is safe.
+        let _one = self
+            .inner
+            .checkpointing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let cut = self.checkpoint_cut(c);
+        self.checkpoint_write(cut)
+    }
+
+    /// The consistent point of a checkpoint, taken under the control lock: each reactor
+    /// hands over its maps at a point of its own journal stream (clones of the page
+    /// vectors, O(pages), the pages themselves shared; pages written meanwhile are copied
+    /// on write), and the volume table and control-log position at the same moment.
+    fn checkpoint_cut(&self, c: &mut ControlState) -> (PoolState, Vec<ReactorMaps>) {
+        let s = &self.inner.shared;
+        s.want_checkpoint.store(false, Ordering::Release);
         let images: Vec<ReactorMaps> = self.on_all(|r| {
             let maps = r
                 .vols
@@ -660,33 +695,57 @@ impl Engine {
                 .collect();
             (maps, r.journal.next_seq)
         });
-        let parts: Vec<(Vec<u8>, u64)> = images
-            .into_iter()
-            .map(|(maps, seq)| {
-                (
-                    pool::encode_maps(maps.iter().map(|(i, s, m)| (*i, *s, m))),
-                    seq,
-                )
-            })
-            .collect();
-        let s = &self.inner.shared;
-        let n = parts.len();
         c.state.gen += 1;
         c.state.epoch = s.epoch.load(Ordering::Acquire);
         c.state.control_seq = c.state.control_next;
         let mut region_seq = vec![0; s.layout.sb.journal_regions as usize];
-        for (r, (_, seq)) in parts.iter().enumerate() {
+        for (r, (_, seq)) in images.iter().enumerate() {
             region_seq[r] = *seq;
         }
-        c.state.region_seq = region_seq.clone();
-        let bytes: Vec<Vec<u8>> = parts.into_iter().map(|(b, _)| b).collect();
-        pool::write_checkpoint(&s.members, &s.layout, &c.state, &bytes)?;
+        c.state.region_seq = region_seq;
+        let st = &c.state;
+        let state = PoolState {
+            run: st.run,
+            gen: st.gen,
+            next_volume_id: st.next_volume_id,
+            epoch: st.epoch,
+            control_seq: st.control_seq,
+            control_next: st.control_next,
+            region_seq: st.region_seq.clone(),
+            reactors: st.reactors,
+            volumes: st.volumes.clone(),
+            maps: HashMap::new(),
+        };
+        (state, images)
+    }
+
+    /// Encode and write a checkpoint cut, then let the journals and the control log reuse
+    /// what it covers. Needs no control lock.
+    fn checkpoint_write(
+        &self,
+        (state, images): (PoolState, Vec<ReactorMaps>),
+    ) -> Result<(), ControlError> {
+        let s = &self.inner.shared;
+        let bytes: Vec<Vec<u8>> = images
+            .iter()
+            .map(|(maps, _)| pool::encode_maps(maps.iter().map(|(i, s, m)| (*i, *s, m))))
+            .collect();
+        drop(images);
+        pool::write_checkpoint(&s.members, &s.layout, &state, &bytes)?;
+        let region_seq = state.region_seq.clone();
         self.on_all(move |r| {
             r.journal.tail_seq = region_seq[r.id];
             let fill = r.journal.used_blocks() * 100 / r.journal.blocks.max(1);
             r.shared.journal_fill[r.id].store(fill as u32, Ordering::Relaxed);
         });
-        tracing::debug!(generation = c.state.gen, reactors = n, "checkpoint written");
+        self.inner
+            .control_tail
+            .store(state.control_seq, Ordering::Release);
+        tracing::debug!(
+            generation = state.gen,
+            reactors = bytes.len(),
+            "checkpoint written"
+        );
         Ok(())
     }
 
