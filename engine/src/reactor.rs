@@ -521,6 +521,11 @@ impl Reactor {
         progress |= self.run_jobs();
         progress |= self.deliver_completions();
         progress |= self.run_pollers();
+        // Start what the pollers just submitted to this reactor's own shards, so their
+        // device reads go out with this pass's submit rather than one pass later.
+        while let Some(m) = self.local.pop_front() {
+            self.handle(m);
+        }
         if self.journal.has_pending() && self.last_commit.elapsed() > Duration::from_millis(50) {
             self.commit_wanted(None);
         }
@@ -529,7 +534,17 @@ impl Reactor {
         self.shared.stats[self.id]
             .in_flight
             .store(self.ops.len() as u64, Ordering::Relaxed);
-        let _ = self.ring.submit();
+        // An empty submit is a wasted syscall on every spinning pass: completions are
+        // reaped from the shared ring without one (their task work runs at the next
+        // syscall or on the kernel's notification signal). An overflowed completion
+        // queue still needs the enter that flushes it.
+        let flush = {
+            let sq = self.ring.submission();
+            !sq.is_empty() || sq.cq_overflow()
+        };
+        if flush {
+            let _ = self.ring.submit();
+        }
         progress
     }
 
@@ -635,11 +650,16 @@ impl Reactor {
                 break;
             }
             idle_passes += 1;
-            if self.shared.poll == PollMode::Adaptive && idle_passes.is_multiple_of(32) {
-                let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= self.shared.spin {
-                    self.sleep();
-                    idle_since = None;
+            if self.shared.poll == PollMode::Adaptive {
+                // Spin politely: a thread woken on this core (a client on a small machine)
+                // runs now instead of waiting out the spin budget.
+                std::thread::yield_now();
+                if idle_passes.is_multiple_of(32) {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.shared.spin {
+                        self.sleep();
+                        idle_since = None;
+                    }
                 }
             } else if self.shared.poll == PollMode::Busy {
                 std::hint::spin_loop();
