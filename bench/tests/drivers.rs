@@ -62,3 +62,35 @@ fn timed_randread_counts_requests_and_latency() {
         );
     }
 }
+
+/// Random 4 KiB writes over an unwritten null-device volume journal a record per write (a
+/// new cluster or a newly valid block) at a million a second, so journal rings are full when
+/// the run ends; the engine's shutdown must still flush and return (it used to hang once the
+/// housekeeper had stopped, waiting for a checkpoint nobody took).
+#[test]
+fn shutdown_after_a_journal_heavy_run_returns() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessel-bench"))
+        .args(["--device", "null", "--size", "4G", "--json"])
+        .args(["--workload", "randwrite", "--time", "1.5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run tessel-bench");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for tessel-bench") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tessel-bench did not finish within 60 s (shutdown hung)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "tessel-bench failed: {status}");
+    let mut stdout = Vec::new();
+    std::io::Read::read_to_end(&mut child.stdout.take().expect("stdout"), &mut stdout)
+        .expect("read the report");
+    let r: serde_json::Value = serde_json::from_slice(&stdout).expect("JSON report");
+    assert_eq!(r["errors"], 0, "{r}");
+}
