@@ -2,20 +2,45 @@
 //! writes a pattern over the whole volume and reads it back, so a request lost, answered to
 //! the wrong job or completed with the wrong buffer fails the run.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-fn bench(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tessel-bench"))
-        .args(["--device", "mem", "--size", "64M", "--json"])
+/// Longest a run may take: a hang (in the engine's shutdown, say) fails the test instead of
+/// holding up the suite.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Run tessel-bench with `--json` on `device` with a volume of `size`, plus `args`; it must
+/// succeed within `LIMIT`. Returns its report.
+fn bench_on(device: &str, size: &str, args: &[&str]) -> serde_json::Value {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessel-bench"))
+        .args(["--device", device, "--size", size, "--json"])
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run tessel-bench");
+    let deadline = Instant::now() + LIMIT;
+    while child.try_wait().expect("wait for tessel-bench").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tessel-bench {args:?} did not finish within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child
+        .wait_with_output()
+        .expect("collect tessel-bench's output");
     assert!(
         out.status.success(),
         "tessel-bench {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("one JSON report on stdout")
+}
+
+/// tessel-bench on a 64 MiB memory pool.
+fn bench(args: &[&str]) -> serde_json::Value {
+    bench_on("mem", "64M", args)
 }
 
 #[test]
@@ -69,28 +94,6 @@ fn timed_randread_counts_requests_and_latency() {
 /// housekeeper had stopped, waiting for a checkpoint nobody took).
 #[test]
 fn shutdown_after_a_journal_heavy_run_returns() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessel-bench"))
-        .args(["--device", "null", "--size", "4G", "--json"])
-        .args(["--workload", "randwrite", "--time", "1.5"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run tessel-bench");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for tessel-bench") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("tessel-bench did not finish within 60 s (shutdown hung)");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(status.success(), "tessel-bench failed: {status}");
-    let mut stdout = Vec::new();
-    std::io::Read::read_to_end(&mut child.stdout.take().expect("stdout"), &mut stdout)
-        .expect("read the report");
-    let r: serde_json::Value = serde_json::from_slice(&stdout).expect("JSON report");
+    let r = bench_on("null", "4G", &["--workload", "randwrite", "--time", "1.5"]);
     assert_eq!(r["errors"], 0, "{r}");
 }

@@ -150,16 +150,27 @@ impl Shard {
 }
 
 /// Runs of consecutive blocks of `set` (below `bpc`) on which `key` agrees: (first, count, key).
-fn runs<K: PartialEq>(set: Validity, bpc: u32, key: impl Fn(u32) -> K) -> Vec<(u32, u32, K)> {
-    let mut out: Vec<(u32, u32, K)> = Vec::new();
-    for b in (0..bpc).filter(|&b| set.get(b)) {
-        let k = key(b);
-        match out.last_mut() {
-            Some((first, n, last)) if *first + *n == b && *last == k => *n += 1,
-            _ => out.push((b, 1, k)),
+/// An iterator, so that the bounce paths allocate nothing per cluster.
+fn runs<K: PartialEq>(
+    set: Validity,
+    bpc: u32,
+    key: impl Fn(u32) -> K,
+) -> impl Iterator<Item = (u32, u32, K)> {
+    let mut b = 0;
+    std::iter::from_fn(move || {
+        while b < bpc && !set.get(b) {
+            b += 1;
         }
-    }
-    out
+        if b >= bpc {
+            return None;
+        }
+        let (first, k) = (b, key(b));
+        b += 1;
+        while b < bpc && set.get(b) && key(b) == k {
+            b += 1;
+        }
+        Some((first, b - first, k))
+    })
 }
 
 fn blocks(coff: u32, clen: u32) -> (u32, u32) {
@@ -945,6 +956,14 @@ impl Reactor {
         self.send(next, Msg::GroupAsk { from: self.id });
     }
 
+    /// Publish how full this reactor's journal ring is (percent of it recovery still needs),
+    /// for control operations deciding whether to checkpoint first; returns it.
+    pub(crate) fn publish_journal_fill(&self) -> u64 {
+        let fill = self.journal.used_blocks() * 100 / self.journal.blocks.max(1);
+        self.shared.journal_fill[self.id].store(fill as u32, Ordering::Relaxed);
+        fill
+    }
+
     /// Ask for a commit; `w` completes once it is durable.
     pub(crate) fn commit_wanted(&mut self, w: Option<Waiter>) {
         if let Some(w) = w {
@@ -970,9 +989,7 @@ impl Reactor {
         if !self.journal.commit_was_cut() {
             self.alloc.commit_started();
         }
-        let fill = self.journal.used_blocks() * 100 / self.journal.blocks.max(1);
-        self.shared.journal_fill[self.id].store(fill as u32, Ordering::Relaxed);
-        if fill > 50 {
+        if self.publish_journal_fill() > 50 {
             self.shared.want_checkpoint.store(true, Ordering::Release);
         }
         let members = self.shared.members.len();
@@ -1084,8 +1101,8 @@ mod tests {
     #[test]
     fn runs_split_on_gaps_and_on_key_changes() {
         let set = Validity::range(0, 3).or(Validity::range(5, 4));
-        let r = runs(set, 16, |b| b < 7);
+        let r: Vec<_> = runs(set, 16, |b| b < 7).collect();
         assert_eq!(r, vec![(0, 3, true), (5, 2, true), (7, 2, false)]);
-        assert!(runs(Validity::default(), 16, |_| ()).is_empty());
+        assert!(runs(Validity::default(), 16, |_| ()).next().is_none());
     }
 }

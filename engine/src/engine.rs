@@ -735,8 +735,7 @@ impl Engine {
         let region_seq = state.region_seq.clone();
         self.on_all(move |r| {
             r.journal.tail_seq = region_seq[r.id];
-            let fill = r.journal.used_blocks() * 100 / r.journal.blocks.max(1);
-            r.shared.journal_fill[r.id].store(fill as u32, Ordering::Relaxed);
+            r.publish_journal_fill();
         });
         self.inner
             .control_tail

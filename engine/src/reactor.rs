@@ -497,6 +497,16 @@ impl Reactor {
         }
     }
 
+    /// Handle the messages this reactor sent itself.
+    fn drain_local(&mut self) -> bool {
+        let mut progress = false;
+        while let Some(m) = self.local.pop_front() {
+            self.handle(m);
+            progress = true;
+        }
+        progress
+    }
+
     /// One pass of the loop: bounded work from every source. Returns true on progress.
     fn pass(&mut self) -> bool {
         let mut progress = false;
@@ -509,10 +519,7 @@ impl Reactor {
                 None => break,
             }
         }
-        while let Some(m) = self.local.pop_front() {
-            self.handle(m);
-            progress = true;
-        }
+        progress |= self.drain_local();
         progress |= self.reap();
         while let Some(op) = self.ready.pop_front() {
             self.run_op(op);
@@ -523,9 +530,7 @@ impl Reactor {
         progress |= self.run_pollers();
         // Start what the pollers just submitted to this reactor's own shards, so their
         // device reads go out with this pass's submit rather than one pass later.
-        while let Some(m) = self.local.pop_front() {
-            self.handle(m);
-        }
+        progress |= self.drain_local();
         if self.journal.has_pending() && self.last_commit.elapsed() > Duration::from_millis(50) {
             self.commit_wanted(None);
         }
