@@ -7,7 +7,7 @@ use crate::dispatch::FLUSH_SHARD;
 use crate::error::IoError;
 use crate::io::{Extent, Op};
 use crate::map::{MapEntry, ShardMap, Validity, NONE};
-use crate::reactor::{Cont, Msg, Piece, Reactor, Shard, Waiter};
+use crate::reactor::{bump, reply_to, Cont, Msg, Piece, Reactor, Shard, Waiter};
 use crate::request::Parent;
 use io_uring::{opcode, types};
 use rustc_hash::FxHashMap;
@@ -185,16 +185,14 @@ impl Reactor {
         let st = &self.shared.stats[self.id];
         match p.parent.op {
             Op::Read => {
-                st.reads.fetch_add(1, Ordering::Relaxed);
-                st.read_bytes.fetch_add(p.len, Ordering::Relaxed);
+                bump(&st.reads, 1);
+                bump(&st.read_bytes, p.len);
             }
             Op::Write { .. } => {
-                st.writes.fetch_add(1, Ordering::Relaxed);
-                st.write_bytes.fetch_add(p.len, Ordering::Relaxed);
+                bump(&st.writes, 1);
+                bump(&st.write_bytes, p.len);
             }
-            Op::Flush => {
-                st.flushes.fetch_add(1, Ordering::Relaxed);
-            }
+            Op::Flush => bump(&st.flushes, 1),
             _ => {}
         }
         if p.shard == FLUSH_SHARD {
@@ -205,19 +203,20 @@ impl Reactor {
         let cps = self.shared.layout.clusters_per_shard() as usize;
         let ss = self.shared.layout.shard_size;
         let Some(vol) = self.vols.get_mut(&p.vol).filter(|v| !v.deleting) else {
-            let _ = p.parent.finish(Err(IoError::UnknownVolume));
+            let _ = self.reply(&p.parent, Err(IoError::UnknownVolume));
             return;
         };
         if p.off + p.len > vol.size {
-            let _ = p.parent.finish(Err(IoError::OutOfRange {
+            let e = IoError::OutOfRange {
                 offset: p.off,
                 len: p.len,
                 size: vol.size,
-            }));
+            };
+            let _ = self.reply(&p.parent, Err(e));
             return;
         }
         if p.parent.op.is_write() && vol.read_only {
-            let _ = p.parent.finish(Err(IoError::ReadOnly));
+            let _ = self.reply(&p.parent, Err(IoError::ReadOnly));
             return;
         }
         if let Some(hold) = &mut vol.hold {
@@ -226,36 +225,64 @@ impl Reactor {
                 return;
             }
         }
-        vol.shards.entry(p.shard).or_insert_with(|| Shard::new(cps));
-        let base = p.shard * ss;
-        let end = p.off + p.len;
-        let mut pos = p.off;
-        let mut n = 0u32;
+        let map = &vol
+            .shards
+            .entry(p.shard)
+            .or_insert_with(|| Shard::new(cps))
+            .map;
+        let Piece {
+            parent,
+            vol: vid,
+            shard,
+            off,
+            len,
+            buf_off,
+        } = p;
+        let base = shard * ss;
+        let end = off + len;
+        let n = ((end - 1 - base) / cs - (off - base) / cs + 1) as u32;
+        if n > 1 {
+            parent.add_parts(n - 1);
+        }
+        vol.inflight += n;
+        if parent.op.is_write() {
+            vol.writes_inflight += n;
+        }
+        let kind = parent.op;
+        // Each operation holds a reference; the last one takes the piece's own.
+        let mut parent = Some(parent);
+        let mut pos = off;
         while pos < end {
             let in_shard = pos - base;
             let idx = (in_shard / cs) as u32;
             let coff = (in_shard % cs) as u32;
             let clen = (cs - coff as u64).min(end - pos) as u32;
             let span = Span {
-                vol: p.vol,
-                shard: p.shard,
+                vol: vid,
+                shard,
                 idx,
                 coff,
                 clen,
-                buf_off: p.buf_off + (pos - p.off) as usize,
+                buf_off: buf_off + (pos - off) as usize,
                 vol_off: pos,
             };
-            let op = ClusterOp::new(p.parent.clone(), p.parent.op, Job::None, span);
+            // The operation looks its entry up once it runs, after this pass's others.
+            map.prefetch(idx as usize);
+            pos += clen as u64;
+            let mine = if pos < end {
+                parent.clone()
+            } else {
+                parent.take()
+            };
+            let op = ClusterOp::new(
+                mine.expect("a reference per operation"),
+                kind,
+                Job::None,
+                span,
+            );
             let k = self.ops.insert(op);
             self.ready.push_back(k);
-            pos += clen as u64;
-            n += 1;
         }
-        vol.inflight += n;
-        if p.parent.op.is_write() {
-            vol.writes_inflight += n;
-        }
-        p.parent.add_parts(n - 1);
     }
 
     fn shard_mut(&mut self, vol: u64, shard: u64) -> Option<&mut Shard> {
@@ -861,13 +888,23 @@ impl Reactor {
     /// The operation is over: release its lock and finish its part of the request.
     pub(crate) fn finish_op(&mut self, i: usize, r: Result<(), IoError>) {
         self.release(i);
-        let Some(op) = self.ops.remove(i) else { return };
-        if op.job != Job::None {
+        let Some(op) = self.ops.get(i) else { return };
+        let (job, vol, kind) = (op.job, op.vol, op.kind);
+        let parent = &op.parent;
+        let last = reply_to(self.id, &self.shared, &mut self.done_here, parent, r);
+        if last && job == Job::None {
+            let now = *self.done_clock.get_or_insert_with(std::time::Instant::now);
+            let lat = now.saturating_duration_since(parent.started);
+            self.shared.stats[self.id].record_latency(lat);
+        }
+        // Dropped in place: a cluster operation is too large to move out cheaply.
+        self.ops.discard(i);
+        if job != Job::None {
             self.jobs_in_flight -= 1;
         }
-        if let Some(v) = self.vols.get_mut(&op.vol) {
+        if let Some(v) = self.vols.get_mut(&vol) {
             v.inflight -= 1;
-            if op.kind.is_write() && op.job == Job::None {
+            if kind.is_write() && job == Job::None {
                 v.writes_inflight -= 1;
             }
             let drained = match &v.hold {
@@ -880,14 +917,11 @@ impl Reactor {
                     f(self);
                 }
             }
-            if let Some(v) = self.vols.get(&op.vol) {
+            if let Some(v) = self.vols.get(&vol) {
                 if v.deleting && v.inflight == 0 {
-                    self.drop_image(op.vol);
+                    self.drop_image(vol);
                 }
             }
-        }
-        if op.parent.finish(r) && op.job == Job::None {
-            self.shared.stats[self.id].record_latency(op.parent.started.elapsed());
         }
     }
 
@@ -1085,7 +1119,7 @@ impl Reactor {
         match w {
             Waiter::Op(i) => self.finish_op(i, r),
             Waiter::Flush(p) => {
-                if p.finish(r) {
+                if self.reply(&p, r) {
                     self.shared.stats[self.id].record_latency(p.started.elapsed());
                 }
             }

@@ -3,10 +3,9 @@
 use crate::error::IoError;
 use crate::io::{Completion, Op, Request};
 use crate::reactor::{Msg, Piece, Shared};
-use crate::request::{Parent, Sink};
+use crate::request::{Parent, ReplyTo};
 use crate::volume::MetaCache;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 /// Shard number marking a flush piece (every reactor gets one).
 pub const FLUSH_SHARD: u64 = u64::MAX;
@@ -45,18 +44,20 @@ fn check(req: &Request, block_size: u32, size: u64, read_only: bool) -> Result<(
 }
 
 /// Validate `req` and send its pieces through `send(reactor, msg)`; failures are answered
-/// through `sink` at once.
+/// through `reply` at once.
 pub fn dispatch(
     shared: &Shared,
     cache: &mut MetaCache,
     req: Request,
-    sink: Arc<Sink>,
+    reply: ReplyTo,
     route: u32,
+    started: std::time::Instant,
     mut send: impl FnMut(usize, Msg),
 ) {
     if shared.stopping.load(Ordering::Relaxed) {
         let Request { tag, buf, .. } = req;
-        sink.push(
+        reply.push(
+            shared,
             route,
             Completion {
                 tag,
@@ -86,7 +87,8 @@ pub fn dispatch(
         buf,
     } = req;
     if let Err(e) = verdict {
-        sink.push(
+        reply.push(
+            shared,
             route,
             Completion {
                 tag,
@@ -99,7 +101,7 @@ pub fn dispatch(
     }
     let n = shared.inboxes.len();
     if op == Op::Flush {
-        let parent = Parent::new(tag, op, 0, 0, None, sink, route, n as u32);
+        let parent = Parent::new(tag, op, 0, 0, None, reply, route, n as u32, started);
         for r in 0..n {
             send(
                 r,
@@ -124,16 +126,24 @@ pub fn dispatch(
         offset,
         len,
         buf,
-        sink,
+        reply,
         route,
         (last - first + 1) as u32,
+        started,
     );
     let mut pos = offset;
     let end = offset + len;
+    // Each piece holds a reference; the last one takes this one.
+    let mut parent = Some(parent);
     for shard in first..=last {
         let piece_end = ((shard + 1) * ss).min(end);
+        let mine = if shard < last {
+            parent.clone()
+        } else {
+            parent.take()
+        };
         let piece = Piece {
-            parent: parent.clone(),
+            parent: mine.expect("a reference per piece"),
             vol: volume.0,
             shard,
             off: pos,

@@ -11,14 +11,14 @@ use crate::map::ShardMap;
 use crate::media::DeviceSpec;
 use crate::pool::{self, PoolState};
 use crate::reactor::{CoreStats, Inbox, Msg, PollMode, Poller, Reactor, Shard, Shared, VolState};
-use crate::request::{Doorbell, Sink};
+use crate::request::{Doorbell, ReplyTo, Sink};
 use crate::volume::{MetaCache, VolumeMeta, VolumeTable};
 use crossbeam_queue::ArrayQueue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How the engine runs.
 #[derive(Clone, Debug)]
@@ -862,13 +862,14 @@ impl Client {
     /// Submit a request; its completion comes back through `poll` or `wait`.
     pub fn submit(&mut self, req: Request) {
         self.in_flight += 1;
-        let shared = self.shared.clone();
+        let shared = &self.shared;
         crate::dispatch::dispatch(
-            &shared,
+            shared,
             &mut self.cache,
             req,
-            self.sink.clone(),
+            ReplyTo::Sink(self.sink.clone()),
             0,
+            Instant::now(),
             |to, m| shared.send_blocking(to, m),
         );
     }

@@ -124,6 +124,25 @@ impl Drop for Doorbell {
     }
 }
 
+/// Where a request's completion goes.
+pub enum ReplyTo {
+    /// A sink read by a client thread.
+    Sink(Arc<Sink>),
+    /// The completion sink of reactor `core`: requests of the pollers it hosts. When `core`
+    /// itself finishes the request, the completion skips the sink (see `Reactor::reply`).
+    Reactor(usize),
+}
+
+impl ReplyTo {
+    /// Deliver `c` for `route` through the sink (from any thread).
+    pub fn push(&self, shared: &crate::reactor::Shared, route: u32, c: Completion) {
+        match self {
+            ReplyTo::Sink(s) => s.push(route, c),
+            ReplyTo::Reactor(core) => shared.inboxes[*core].sink.push(route, c),
+        }
+    }
+}
+
 /// The caller's request while its pieces are in flight.
 pub struct Parent {
     pub tag: u64,
@@ -135,9 +154,10 @@ pub struct Parent {
     remaining: AtomicU32,
     error: OnceLock<IoError>,
     extents: Mutex<Vec<Extent>>,
-    sink: Arc<Sink>,
-    route: u32,
-    /// When the request was submitted (latency statistics).
+    pub(crate) reply: ReplyTo,
+    pub(crate) route: u32,
+    /// When the request was submitted (latency statistics): for a poller's requests, when
+    /// its batch was (see `PollCtx::submit`).
     pub started: std::time::Instant,
 }
 
@@ -156,9 +176,10 @@ impl Parent {
         offset: u64,
         len: u64,
         mut buf: Option<AlignedBuf>,
-        sink: Arc<Sink>,
+        reply: ReplyTo,
         route: u32,
         parts: u32,
+        started: std::time::Instant,
     ) -> Arc<Parent> {
         let data = buf
             .as_mut()
@@ -173,9 +194,9 @@ impl Parent {
             remaining: AtomicU32::new(parts),
             error: OnceLock::new(),
             extents: Mutex::new(Vec::new()),
-            sink,
+            reply,
             route,
-            started: std::time::Instant::now(),
+            started,
         })
     }
 
@@ -209,39 +230,40 @@ impl Parent {
             .extend_from_slice(e);
     }
 
-    /// One part is done (with its result); the last one answers the caller and returns true.
-    pub fn finish(&self, result: Result<(), IoError>) -> bool {
+    /// One part is done (with its result); the last one returns the caller's completion,
+    /// to be delivered as `reply` says (see `Reactor::reply`).
+    pub(crate) fn settle(&self, result: Result<(), IoError>) -> Option<Completion> {
         if let Err(e) = result {
             let _ = self.error.set(e);
         }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // SAFETY: every other part has finished (the counter reached zero), so nobody
-            // else reaches the buffer any more.
-            let buf = unsafe { (*self.buf.get()).take() };
-            let merged = if self.op == crate::io::Op::BlockStatus {
-                let mut extents =
-                    std::mem::take(&mut *self.extents.lock().unwrap_or_else(|p| p.into_inner()));
-                extents.sort_by_key(|e| e.offset);
-                merge_extents(extents)
-            } else {
-                Vec::new()
-            };
-            let result = match self.error.get() {
-                Some(e) => Err(e.clone()),
-                None => Ok(()),
-            };
-            self.sink.push(
-                self.route,
-                Completion {
-                    tag: self.tag,
-                    result,
-                    buf,
-                    extents: merged,
-                },
-            );
-            return true;
+        // The only part left needs no locked decrement: nobody else holds a part that
+        // could change the count (the Acquire load pairs with the others' AcqRel).
+        if self.remaining.load(Ordering::Acquire) != 1
+            && self.remaining.fetch_sub(1, Ordering::AcqRel) != 1
+        {
+            return None;
         }
-        false
+        // SAFETY: every other part has finished (the counter reached zero), so nobody
+        // else reaches the buffer any more.
+        let buf = unsafe { (*self.buf.get()).take() };
+        let merged = if self.op == crate::io::Op::BlockStatus {
+            let mut extents =
+                std::mem::take(&mut *self.extents.lock().unwrap_or_else(|p| p.into_inner()));
+            extents.sort_by_key(|e| e.offset);
+            merge_extents(extents)
+        } else {
+            Vec::new()
+        };
+        let result = match self.error.get() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        };
+        Some(Completion {
+            tag: self.tag,
+            result,
+            buf,
+            extents: merged,
+        })
     }
 }
 

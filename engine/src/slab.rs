@@ -37,6 +37,18 @@ impl<T> Slab<T> {
         }
         v
     }
+    /// Drop the value at `k` where it lies (no move out of a large value); returns
+    /// whether there was one.
+    pub fn discard(&mut self, k: usize) -> bool {
+        match self.slots.get_mut(k) {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                self.free.push(k);
+                true
+            }
+            _ => false,
+        }
+    }
     /// The value at `k`.
     pub fn get(&self, k: usize) -> Option<&T> {
         self.slots.get(k)?.as_ref()

@@ -8,7 +8,7 @@ use crate::io::Op;
 use crate::journal::Record;
 use crate::map::{MapEntry, ShardMap, Validity, NONE};
 use crate::reactor::{Hold, Reactor, Shard, VolState, Waiter};
-use crate::request::Parent;
+use crate::request::{Parent, ReplyTo};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -292,8 +292,19 @@ impl Reactor {
         };
         v.inflight += 1;
         let cs = self.shared.layout.cluster_size;
-        let sink = self.shared.inboxes[self.id].sink.clone();
-        let parent = Parent::new(0, Op::Write { fua: false }, 0, 0, None, sink, JOB_ROUTE, 1);
+        let reply = ReplyTo::Reactor(self.id);
+        let now = std::time::Instant::now();
+        let parent = Parent::new(
+            0,
+            Op::Write { fua: false },
+            0,
+            0,
+            None,
+            reply,
+            JOB_ROUTE,
+            1,
+            now,
+        );
         let span = crate::datapath::Span {
             vol,
             shard,

@@ -82,16 +82,15 @@ pub struct MetaCache {
 impl MetaCache {
     /// The live volume with this id.
     #[inline]
-    pub fn get(&mut self, table: &VolumeTable, id: u64) -> Option<Arc<VolumeMeta>> {
-        if let Some(m) = self.map.get(&id) {
-            if !m.deleted.load(Ordering::Acquire) {
-                return Some(m.clone());
+    pub fn get(&mut self, table: &VolumeTable, id: u64) -> Option<&Arc<VolumeMeta>> {
+        use std::collections::hash_map::Entry;
+        match self.map.entry(id) {
+            Entry::Occupied(o) if o.get().deleted.load(Ordering::Acquire) => {
+                o.remove();
+                None
             }
-            self.map.remove(&id);
-            return None;
+            Entry::Occupied(o) => Some(o.into_mut()),
+            Entry::Vacant(v) => Some(v.insert(table.get(id)?)),
         }
-        let m = table.get(id)?;
-        self.map.insert(id, m.clone());
-        Some(m)
     }
 }
