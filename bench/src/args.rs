@@ -118,7 +118,9 @@ pub struct Args {
     /// While measuring, run a background operation in a thread: `inflate` inflates a clone of
     /// a snapshot of the (prefilled) volume; `delete` deletes a snapshot whose every cluster
     /// the volume has overwritten since (all of them exclusively its own). The state is set
-    /// up before measuring; `background_seconds` is how long the operation ran.
+    /// up before measuring; `background_seconds` is how long the operation ran (for
+    /// `delete`, until the pool got the snapshot's space back: the call returns once the
+    /// delete is durable, `background_call_seconds`, and the clusters are released after).
     #[arg(long, value_enum)]
     pub background: Option<Background>,
 

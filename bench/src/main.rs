@@ -164,6 +164,7 @@ fn run(args: &Args) -> Result<bool, String> {
             }
         }),
         background_seconds: (bg.seconds * 1000.0).round() / 1000.0,
+        background_call_seconds: (bg.call_seconds * 1e6).round() / 1e6,
         background_finished: bg.finished,
         background_iops: bg.iops.round(),
         metadata_bytes_per_cluster: if clusters == 0 {
@@ -346,8 +347,9 @@ fn snapshot_every(
 enum BgPlan {
     /// Inflate this clone (of a snapshot of the prefilled volume).
     Inflate { clone: String },
-    /// Delete this snapshot, all of whose clusters the volume has overwritten since.
-    Delete { snapshot: String },
+    /// Delete this snapshot, all of whose clusters the volume has overwritten since;
+    /// `exclusive` bytes are its own (what the pool gets back).
+    Delete { snapshot: String, exclusive: u64 },
 }
 
 /// What the background operation did.
@@ -357,6 +359,7 @@ struct BgResult(Mutex<BgCounts>);
 #[derive(Default)]
 struct BgCounts {
     seconds: f64,
+    call_seconds: f64,
     finished: bool,
     iops: f64,
     error: Option<String>,
@@ -399,7 +402,16 @@ fn background_setup(
             let bytes = args.prefill_size.unwrap_or(args.size);
             let seconds = fill(engine, vol, args, bytes, "overwrite")?;
             tracing::info!(seconds, "overwrite after the snapshot done");
-            Ok(BgPlan::Delete { snapshot })
+            let exclusive = engine
+                .snapshots(Some(VOLUME))
+                .map_err(|e| format!("list snapshots: {e}"))?
+                .into_iter()
+                .find(|s| s.name == snapshot)
+                .map_or(0, |s| s.exclusive_bytes);
+            Ok(BgPlan::Delete {
+                snapshot,
+                exclusive,
+            })
         }
     }
 }
@@ -413,11 +425,33 @@ fn background_run(engine: &Engine, plan: &BgPlan, args: &Args, out: &BgResult, c
     }
     let t = Instant::now();
     let ops0 = ctx.progress.ops.load(Ordering::Relaxed);
+    let mut call = None;
     let (finished, error) = match plan {
-        BgPlan::Delete { snapshot } => match engine.snapshot_delete(VOLUME, snapshot) {
-            Ok(()) => (true, None),
-            Err(e) => (false, Some(format!("delete {snapshot}: {e}"))),
-        },
+        BgPlan::Delete {
+            snapshot,
+            exclusive,
+        } => {
+            let used0 = engine.pool_info().used_bytes;
+            match engine.snapshot_delete(VOLUME, snapshot) {
+                Err(e) => (false, Some(format!("delete {snapshot}: {e}"))),
+                Ok(()) => {
+                    call = Some(t.elapsed());
+                    // The delete is durable when the call returns; its clusters are
+                    // released in the background after it: that counts too. The
+                    // foreground only overwrites its own clusters, so the used space
+                    // drops by the snapshot's own bytes once the release is done.
+                    let gone = used0.saturating_sub(*exclusive);
+                    loop {
+                        if engine.pool_info().used_bytes <= gone {
+                            break (true, None);
+                        }
+                        if !ctx.sleep_until(Instant::now() + Duration::from_millis(1)) {
+                            break (false, None);
+                        }
+                    }
+                }
+            }
+        }
         BgPlan::Inflate { clone } => match engine.clone_inflate(clone) {
             Err(e) => (false, Some(format!("inflate {clone}: {e}"))),
             Ok(mut p) => loop {
@@ -438,12 +472,14 @@ fn background_run(engine: &Engine, plan: &BgPlan, args: &Args, out: &BgResult, c
     let end = ctx.end.map_or(Instant::now(), |e| e.min(Instant::now()));
     let ops = ctx.progress.ops.load(Ordering::Relaxed) - ops0;
     let seconds = t.elapsed().as_secs_f64();
+    let call_seconds = call.map_or(seconds, |c| c.as_secs_f64());
     let inside = end.saturating_duration_since(t).as_secs_f64();
     if let Some(e) = &error {
         tracing::error!("background: {e}");
     }
     *out.0.lock().unwrap_or_else(|e| e.into_inner()) = BgCounts {
         seconds,
+        call_seconds,
         finished,
         iops: if inside > 0.0 {
             ops as f64 / inside

@@ -85,8 +85,12 @@ pub struct Report {
     pub snapshot_create_us_max: u64,
     /// The background operation (--background), if any.
     pub background: Option<String>,
-    /// How long it ran (to its end, or to the end of the run if unfinished).
+    /// How long it ran (to its end, or to the end of the run if unfinished); for `delete`,
+    /// until the pool got the snapshot's space back (released in the background).
     pub background_seconds: f64,
+    /// How long the operation's call took (`delete`: until it was durable; `inflate`: the
+    /// same as `background_seconds`).
+    pub background_call_seconds: f64,
     /// Whether it finished during the run.
     pub background_finished: bool,
     /// Foreground IOPS while it ran.
@@ -152,8 +156,9 @@ impl Report {
         }
         if let Some(b) = &self.background {
             extra += &format!(
-                "background {b}: {:.3}s{}, foreground {:.0} IOPS meanwhile\n",
+                "background {b}: {:.3}s (call {:.4}s){}, foreground {:.0} IOPS meanwhile\n",
                 self.background_seconds,
+                self.background_call_seconds,
                 if self.background_finished {
                     ""
                 } else {
@@ -290,6 +295,7 @@ mod tests {
             snapshot_create_us_max: 0,
             background: None,
             background_seconds: 0.0,
+            background_call_seconds: 0.0,
             background_finished: false,
             background_iops: 0.0,
             metadata_bytes_per_cluster: 0.0,
