@@ -185,6 +185,11 @@ impl ShardMap {
         &self.pages
     }
 
+    /// Take page `pi` out of the map (its entries read as unallocated from now on).
+    pub fn take_page(&mut self, pi: usize) -> Option<Arc<MapPage>> {
+        self.pages.get_mut(pi).and_then(Option::take)
+    }
+
     /// A map made of these pages.
     pub fn from_pages(pages: Vec<Option<Arc<MapPage>>>) -> ShardMap {
         ShardMap { pages }

@@ -369,6 +369,8 @@ pub struct Reactor {
     pub(crate) fills: VecDeque<(u64, u64, u32)>,
     /// Clusters of clones being inflated.
     pub(crate) inflates: VecDeque<(u64, u64, u32)>,
+    /// Deleted images whose clusters are being released, oldest first.
+    pub(crate) drops: VecDeque<crate::snapshot::Dropping>,
     pub(crate) jobs_in_flight: usize,
     pub(crate) asking: Option<usize>,
     pub(crate) meta: MetaCache,
@@ -416,6 +418,7 @@ impl Reactor {
             space_waiters: VecDeque::new(),
             fills: VecDeque::new(),
             inflates: VecDeque::new(),
+            drops: VecDeque::new(),
             jobs_in_flight: 0,
             asking: None,
             meta,
@@ -611,6 +614,7 @@ impl Reactor {
         }
         self.done_clock = None;
         progress |= self.run_jobs();
+        progress |= self.run_drops();
         progress |= self.deliver_completions();
         progress |= self.run_pollers();
         // Start what the pollers just submitted to this reactor's own shards, so their
@@ -701,7 +705,8 @@ impl Reactor {
             && self.done_here.is_empty()
             && self.local.is_empty()
             && self.ready.is_empty()
-            && self.inline_done.is_empty();
+            && self.inline_done.is_empty()
+            && self.drops.is_empty();
         if idle {
             let ts = types::Timespec::new().nsec(if self.journal.has_pending() {
                 20_000_000

@@ -6,12 +6,13 @@ use crate::datapath::{Job, Stage};
 use crate::error::IoError;
 use crate::io::Op;
 use crate::journal::Record;
-use crate::map::{MapEntry, ShardMap, Validity, NONE};
+use crate::map::{MapEntry, MapPage, ShardMap, Validity, NONE};
 use crate::reactor::{Hold, Reactor, Shard, VolState, Waiter};
 use crate::request::{Parent, ReplyTo};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Background cluster operations a reactor keeps in flight when it has host work.
 const JOBS_BUSY: usize = 1;
@@ -20,6 +21,27 @@ const JOBS_IDLE: usize = 4;
 
 /// Queued background jobs a reactor looks at per pass, at most.
 const JOB_LOOKS: usize = 64;
+
+/// Map entries a reactor looks at per pass while it releases a dropped image's clusters
+/// (tens of ns each: a 4 GiB snapshot of 64 KiB clusters released in one piece kept the
+/// reactor from its I/O for 2-3 ms).
+const DROP_LOOKS: usize = 256;
+
+/// While host I/O is in flight, releasing a dropped image takes at most about one part in
+/// `DROP_SHARE` of the reactor's time (a 4 GiB snapshot: 2.6 ms of releases in 3 ms with
+/// no limit, the foreground at a third of its rate meanwhile).
+const DROP_SHARE: u32 = 8;
+
+/// An image being dropped: its shards still to release (the last first), and the next
+/// page of the last one.
+pub(crate) struct Dropping {
+    pub id: u64,
+    shards: Vec<u64>,
+    page: usize,
+    started: Instant,
+    /// A busy reactor releases the next batch no sooner than this.
+    next: Instant,
+}
 
 /// Route of completions of background jobs (no poller has it).
 const JOB_ROUTE: u32 = u32::MAX;
@@ -60,41 +82,131 @@ impl Reactor {
     }
 
     /// Release every reference a map made, except through pages another image here still
-    /// holds at the same place (those reference the same clusters). Compared by identity
-    /// with the other images' pages, not by reference count: a checkpoint in progress also
-    /// holds pages.
+    /// holds at the same place (those reference the same clusters).
     fn release_map(&mut self, shard: u64, map: ShardMap) {
         for (pi, page) in map.pages().iter().enumerate() {
-            let Some(page) = page else { continue };
-            let shared = self.vols.values().any(|v| {
-                v.shards
-                    .get(&shard)
-                    .and_then(|s| s.map.pages().get(pi))
-                    .is_some_and(|p| p.as_ref().is_some_and(|p| Arc::ptr_eq(p, page)))
-            });
-            if shared {
-                continue;
-            }
-            for (k, e) in page.iter().enumerate() {
-                if e.is_allocated() {
-                    let idx = (pi * crate::map::ENTRIES_PER_PAGE + k) as u32;
-                    self.release_ref(shard, idx, e.phys);
-                    self.release_ref(shard, idx, e.parent);
-                }
+            if let Some(page) = page {
+                self.release_page(shard, pi, page);
             }
         }
     }
 
-    /// Forget a deleted volume or snapshot and free what nothing else references.
+    /// Release every reference page `pi` of a map of `shard` made, unless another image here
+    /// holds the same page (it references the same clusters). Compared by identity with the
+    /// other images' pages, not by reference count: a checkpoint in progress also holds
+    /// pages. The page must no longer be in any image's map. Returns the entries looked at.
+    fn release_page(&mut self, shard: u64, pi: usize, page: &Arc<MapPage>) -> usize {
+        let shared = self.vols.values().any(|v| {
+            v.shards
+                .get(&shard)
+                .and_then(|s| s.map.pages().get(pi))
+                .is_some_and(|p| p.as_ref().is_some_and(|p| Arc::ptr_eq(p, page)))
+        });
+        if shared {
+            return 1;
+        }
+        for (k, e) in page.iter().enumerate() {
+            if e.is_allocated() {
+                let idx = (pi * crate::map::ENTRIES_PER_PAGE + k) as u32;
+                self.release_ref(shard, idx, e.phys);
+                self.release_ref(shard, idx, e.parent);
+            }
+        }
+        page.len()
+    }
+
+    /// Forget a deleted volume or snapshot (none of its I/O in flight). The record is
+    /// journaled now; its clusters are released a bounded number of map entries per pass
+    /// (`run_drops`), so that a large image does not stop this reactor's I/O for the
+    /// length of its release. Until then the image stays in `vols`, marked deleting: new
+    /// I/O to it fails, checkpoints leave it out, and `needed` still sees the pages not
+    /// yet released, so a cluster it shares is freed once, by whoever lets go of it last.
     pub(crate) fn drop_image(&mut self, id: u64) {
-        let Some(v) = self.vols.remove(&id) else {
+        let Some(v) = self.vols.get(&id) else {
             return;
         };
-        self.journal.append(&Record::Drop { id });
-        for (s, sh) in v.shards {
-            self.release_map(s, sh.map);
+        if self.drops.iter().any(|d| d.id == id) {
+            return;
         }
+        let shards = v.shards.keys().copied().collect();
+        self.journal.append(&Record::Drop { id });
         self.commit_wanted(None);
+        self.drops.push_back(Dropping {
+            id,
+            shards,
+            page: 0,
+            started: Instant::now(),
+            next: Instant::now(),
+        });
+    }
+
+    /// Release the next pages of the oldest image being dropped, about `DROP_LOOKS`
+    /// entries; while host I/O is in flight, only once the previous batch's time times
+    /// `DROP_SHARE - 1` has passed. Returns true on progress.
+    pub(crate) fn run_drops(&mut self) -> bool {
+        let Some(d) = self.drops.front() else {
+            return false;
+        };
+        let id = d.id;
+        let now = Instant::now();
+        // Host operations in flight (not background jobs, nor writes waiting for space,
+        // which this release may be about to give them).
+        let host = self
+            .ops
+            .len()
+            .saturating_sub(self.jobs_in_flight + self.space_waiters.len());
+        if (host > 0 || !self.ready.is_empty()) && now < d.next {
+            return false;
+        }
+        self.release_some(id);
+        if let Some(d) = self.drops.front_mut().filter(|d| d.id == id) {
+            d.next = now + now.elapsed() * (DROP_SHARE - 1);
+        }
+        true
+    }
+
+    /// Release about `DROP_LOOKS` entries of image `id`, the oldest being dropped.
+    fn release_some(&mut self, id: u64) {
+        let mut budget = DROP_LOOKS;
+        while budget > 0 {
+            let d = self.drops.front_mut().expect("an image being dropped");
+            let (shard, pi) = (d.shards.last().copied(), d.page);
+            let Some(shard) = shard else {
+                // Every page released: the image is gone. Its frees become reusable with
+                // the next commit, which also makes the record that dropped it durable.
+                let started = self.drops.pop_front().map(|d| d.started);
+                self.vols.remove(&id);
+                self.commit_wanted(None);
+                tracing::info!(
+                    core = self.id,
+                    image = id,
+                    ms = started.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    "dropped image released"
+                );
+                return;
+            };
+            d.page += 1;
+            let Some(map) = self
+                .vols
+                .get_mut(&id)
+                .and_then(|v| v.shards.get_mut(&shard))
+                .map(|sh| &mut sh.map)
+                .filter(|m| pi < m.pages().len())
+            else {
+                // This shard is done: go on with the next.
+                let d = self.drops.front_mut().expect("an image being dropped");
+                d.shards.pop();
+                d.page = 0;
+                if let Some(v) = self.vols.get_mut(&id) {
+                    v.shards.remove(&shard);
+                }
+                continue;
+            };
+            budget = budget.saturating_sub(match map.take_page(pi) {
+                Some(page) => self.release_page(shard, pi, &page),
+                None => 1,
+            });
+        }
     }
 
     /// Barrier, prepare: hold new writes (and reads, with `all`) to `vol`; run
