@@ -273,9 +273,14 @@ pub struct Journal {
     pub next_seq: u64,
     /// Oldest block recovery still needs (set by checkpoints).
     pub tail_seq: u64,
+    /// Records of the open block, and how many.
     pending: Vec<u8>,
     pending_count: u16,
-    sealed: Vec<(Vec<u8>, u16)>,
+    /// Full blocks waiting for a commit, sealed as each filled (the k-th carries sequence
+    /// `next_seq + k`), so that a commit seals at most one block on the reactor instead of
+    /// tens of milliseconds' worth of them at once.
+    staged: Option<AlignedBuf>,
+    staged_blocks: u64,
     /// The last `take_commit` left records behind (ring full, or cut at its end).
     cut: bool,
 }
@@ -290,9 +295,10 @@ impl Journal {
             blocks: bytes / BLOCK,
             next_seq: 0,
             tail_seq: 0,
-            pending: Vec::with_capacity(BLOCK_PAYLOAD),
+            pending: Vec::with_capacity(2 * BLOCK_PAYLOAD),
             pending_count: 0,
-            sealed: Vec::new(),
+            staged: None,
+            staged_blocks: 0,
             cut: false,
         }
     }
@@ -302,20 +308,47 @@ impl Journal {
         let before = self.pending.len();
         rec.encode(&mut self.pending);
         if self.pending.len() > BLOCK_PAYLOAD {
-            // It does not fit: it starts the next block.
-            let mut next = Vec::with_capacity(BLOCK_PAYLOAD);
-            next.extend_from_slice(&self.pending[before..]);
-            self.pending.truncate(before);
-            let full = std::mem::replace(&mut self.pending, next);
-            self.sealed.push((full, self.pending_count));
+            // It does not fit: the open block is sealed now and the record starts the next.
+            self.seal_open(before);
+            self.pending.drain(..before);
             self.pending_count = 0;
         }
         self.pending_count += 1;
     }
 
+    /// Seal the first `used` bytes of the open block (its `pending_count` records) behind
+    /// the staged blocks.
+    fn seal_open(&mut self, used: usize) {
+        let at = (self.staged_blocks * BLOCK) as usize;
+        let need = at + BLOCK as usize;
+        if self.staged.as_ref().is_none_or(|b| b.capacity() < need) {
+            let mut grown = AlignedBuf::zeroed((need * 2).next_power_of_two());
+            if let Some(old) = &self.staged {
+                grown.as_mut_slice()[..at].copy_from_slice(&old.as_slice()[..at]);
+            }
+            self.staged = Some(grown);
+        }
+        let buf = self.staged.as_mut().expect("staged blocks");
+        buf.set_len(need);
+        seal_block(
+            &mut buf.as_mut_slice()[at..],
+            self.region,
+            self.next_seq + self.staged_blocks,
+            self.run,
+            self.pending_count,
+            &self.pending[..used],
+        );
+        self.staged_blocks += 1;
+    }
+
     /// True when records wait for a commit.
     pub fn has_pending(&self) -> bool {
-        self.pending_count > 0 || !self.sealed.is_empty()
+        self.pending_count > 0 || self.staged_blocks > 0
+    }
+
+    /// Full blocks waiting for a commit.
+    pub fn staged_blocks(&self) -> u64 {
+        self.staged_blocks
     }
 
     /// True when the last `take_commit` could not take every record then pending: the
@@ -330,40 +363,50 @@ impl Journal {
         self.next_seq - self.tail_seq
     }
 
-    /// Pack the pending records into blocks for one write, sealed into `buf` (reused from
-    /// one commit to the next, grown when too small: a reactor allocates no fresh megabytes
-    /// per commit): (byte offset, block count); `buf` then holds exactly those blocks.
-    /// Returns None when nothing is pending or the ring has no room (a checkpoint must move
-    /// the tail first). The write never wraps: a commit that would cross the end is cut there.
+    /// Seal the pending records into blocks for one write, handed over in `buf` (the
+    /// caller's buffer and the staging buffer trade places when every block goes, so a
+    /// reactor allocates no fresh megabytes per commit): (byte offset, block count); `buf`
+    /// then holds exactly those blocks. Returns None when nothing is pending or the ring
+    /// has no room (a checkpoint must move the tail first). The write never wraps: a commit
+    /// that would cross the end is cut there.
     pub fn take_commit(&mut self, buf: &mut Option<AlignedBuf>) -> Option<(u64, u64)> {
         self.cut = false;
         if !self.has_pending() {
             return None;
         }
         if self.pending_count > 0 {
-            self.sealed
-                .push((std::mem::take(&mut self.pending), self.pending_count));
+            self.seal_open(self.pending.len());
+            self.pending.clear();
             self.pending_count = 0;
         }
         let room = self.blocks - self.used_blocks();
         let to_end = self.blocks - self.next_seq % self.blocks;
-        let n = (self.sealed.len() as u64).min(room).min(to_end);
-        self.cut = n < self.sealed.len() as u64;
+        let n = self.staged_blocks.min(room).min(to_end);
+        self.cut = n < self.staged_blocks;
         if n == 0 {
             return None;
         }
         let first = self.next_seq;
         let bytes = (n * BLOCK) as usize;
-        if buf.as_ref().is_none_or(|b| b.capacity() < bytes) {
-            *buf = Some(AlignedBuf::zeroed(bytes.next_power_of_two()));
+        if n == self.staged_blocks {
+            std::mem::swap(buf, &mut self.staged);
+            if let Some(s) = &mut self.staged {
+                s.set_len(0);
+            }
+        } else {
+            if buf.as_ref().is_none_or(|b| b.capacity() < bytes) {
+                *buf = Some(AlignedBuf::zeroed(bytes.next_power_of_two()));
+            }
+            let data = buf.as_mut().expect("commit buffer");
+            data.set_len(bytes);
+            let staged = self.staged.as_mut().expect("staged blocks");
+            data.as_mut_slice()
+                .copy_from_slice(&staged.as_slice()[..bytes]);
+            let total = staged.len();
+            staged.as_mut_slice().copy_within(bytes..total, 0);
+            staged.set_len(total - bytes);
         }
-        let data = buf.as_mut().expect("commit buffer");
-        data.set_len(bytes);
-        let data = data.as_mut_slice();
-        for (k, (recs, count)) in self.sealed.drain(..n as usize).enumerate() {
-            let b = &mut data[k * BLOCK as usize..(k + 1) * BLOCK as usize];
-            seal_block(b, self.region, first + k as u64, self.run, count, &recs);
-        }
+        self.staged_blocks -= n;
         self.next_seq += n;
         Some((self.offset + (first % self.blocks) * BLOCK, n))
     }
@@ -470,6 +513,36 @@ mod tests {
         j.tail_seq = 2;
         assert!(j.take_commit(&mut None).is_some());
         assert!(!j.commit_was_cut());
+    }
+
+    #[test]
+    fn blocks_left_by_a_cut_keep_their_sequence_numbers() {
+        // A ring of 8 blocks whose next write starts 3 blocks before its end: a commit of
+        // many blocks is cut there, and the rest open, in order, in the next commits.
+        let mut j = Journal::new(0, 5, 0, 8 * BLOCK);
+        j.next_seq = 5;
+        j.tail_seq = 5;
+        let recs: Vec<Record> = (0..150).map(entry_rec).collect();
+        for r in &recs {
+            j.append(r);
+        }
+        assert!(j.staged_blocks() >= 3);
+        let mut back = Vec::new();
+        let mut seq = 5;
+        let mut buf = None;
+        while j.has_pending() {
+            let (off, n) = j.take_commit(&mut buf).expect("room");
+            assert_eq!(off, (seq % 8) * BLOCK);
+            let data = buf.as_ref().unwrap().as_slice();
+            assert_eq!(data.len() as u64, n * BLOCK);
+            for k in 0..n as usize {
+                let b = &data[k * BLOCK as usize..(k + 1) * BLOCK as usize];
+                back.extend(open_block(b, 5, seq).expect("block opens with its sequence"));
+                seq += 1;
+            }
+            j.tail_seq = seq;
+        }
+        assert_eq!(back, recs);
     }
 
     #[test]
