@@ -27,6 +27,13 @@ pub enum PollMode {
     Adaptive,
 }
 
+/// On synchronous media (memory, null) a commit's device write runs on the reactor thread,
+/// a pause of all its I/O as long as the write: a commit starts once this many blocks are
+/// sealed, not only every 50 ms, so that no single commit is long (a snapshot's freeze
+/// waits for one, with the volume's writes in flight). io_uring media write off the
+/// reactor and batch more per device sync.
+const SYNC_COMMIT_BLOCKS: u64 = 128;
+
 /// Latency histogram buckets: exact below 16 µs, then 8 per power of two up to ~2^40 µs.
 pub const LAT_BUCKETS: usize = 16 + 37 * 8;
 
@@ -620,7 +627,10 @@ impl Reactor {
         // Start what the pollers just submitted to this reactor's own shards, so their
         // device reads go out with this pass's submit rather than one pass later.
         progress |= self.drain_local();
-        if self.journal.has_pending() && self.last_commit.elapsed() > Duration::from_millis(50) {
+        if self.journal.has_pending()
+            && (self.last_commit.elapsed() > Duration::from_millis(50)
+                || (!self.uring_files && self.journal.staged_blocks() >= SYNC_COMMIT_BLOCKS))
+        {
             self.commit_wanted(None);
         }
         self.maybe_commit();
