@@ -115,17 +115,22 @@ impl MapEntry {
 /// A page of entries, shared between a shard and its snapshots until one side changes it.
 pub type MapPage = [MapEntry; ENTRIES_PER_PAGE];
 
-/// A shard's map: pages allocated on first write (thin), shared by `Arc`.
+/// A shard's map: pages allocated on first write (thin), shared by `Arc` at two levels.
+/// A clone (a snapshot's freeze, a checkpoint's cut, a writable clone) shares the whole
+/// page table in one step, whatever the number of pages: a 1 TiB volume has 1,024 shards
+/// of 256 pages, and taking a reference to every page one by one held a freeze on the
+/// reactor for 10-20 ms. The first change after a clone copies the table (one shard's
+/// references), then the page it changes.
 #[derive(Clone, Debug, Default)]
 pub struct ShardMap {
-    pages: Vec<Option<Arc<MapPage>>>,
+    pages: Arc<[Option<Arc<MapPage>>]>,
 }
 
 impl ShardMap {
     /// An empty map of `clusters` entries.
     pub fn new(clusters: usize) -> ShardMap {
         ShardMap {
-            pages: vec![None; clusters.div_ceil(ENTRIES_PER_PAGE)],
+            pages: vec![None; clusters.div_ceil(ENTRIES_PER_PAGE)].into(),
         }
     }
 
@@ -166,9 +171,14 @@ impl ShardMap {
         }
     }
 
-    /// Replace the entry of cluster `i`, copying the page first if a snapshot shares it.
+    /// Replace the entry of cluster `i`, copying the page table and then the page first if
+    /// a snapshot (or a checkpoint) shares them.
     pub fn set(&mut self, i: usize, e: MapEntry) {
-        let slot = &mut self.pages[i / ENTRIES_PER_PAGE];
+        let pi = i / ENTRIES_PER_PAGE;
+        if self.pages[pi].is_none() && e == MapEntry::UNALLOCATED {
+            return;
+        }
+        let slot = &mut Arc::make_mut(&mut self.pages)[pi];
         match slot {
             Some(p) => Arc::make_mut(p)[i % ENTRIES_PER_PAGE] = e,
             None if e == MapEntry::UNALLOCATED => {}
@@ -187,12 +197,15 @@ impl ShardMap {
 
     /// Take page `pi` out of the map (its entries read as unallocated from now on).
     pub fn take_page(&mut self, pi: usize) -> Option<Arc<MapPage>> {
-        self.pages.get_mut(pi).and_then(Option::take)
+        self.pages.get(pi)?.as_ref()?;
+        Arc::make_mut(&mut self.pages)[pi].take()
     }
 
     /// A map made of these pages.
     pub fn from_pages(pages: Vec<Option<Arc<MapPage>>>) -> ShardMap {
-        ShardMap { pages }
+        ShardMap {
+            pages: pages.into(),
+        }
     }
 
     /// Every allocated entry with its index, in index order.
@@ -229,7 +242,7 @@ mod tests {
 
     #[test]
     fn a_shared_page_is_copied_on_first_change() {
-        let mut live = ShardMap::new(128);
+        let mut live = ShardMap::new(256);
         let e = MapEntry {
             phys: 5,
             born: 1,
@@ -238,10 +251,24 @@ mod tests {
             pvalid: Validity::default(),
         };
         live.set(3, e);
+        live.set(70, e);
         let snap = live.clone();
         live.set(3, MapEntry { phys: 9, ..e });
         assert_eq!(snap.get(3).phys, 5);
         assert_eq!(live.get(3).phys, 9);
+        // The untouched page is still shared; the changed one is not.
+        assert!(Arc::ptr_eq(
+            live.pages()[1].as_ref().unwrap(),
+            snap.pages()[1].as_ref().unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            live.pages()[0].as_ref().unwrap(),
+            snap.pages()[0].as_ref().unwrap()
+        ));
+        // Writing an unallocated entry where no page exists changes nothing of the clone.
+        let before = live.clone();
+        live.set(200, MapEntry::UNALLOCATED);
+        assert!(Arc::ptr_eq(&live.pages, &before.pages));
     }
 
     #[test]
