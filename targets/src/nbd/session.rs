@@ -1,8 +1,6 @@
 //! One NBD connection as a state machine: received bytes and engine completions in, bytes to
 //! send and engine requests out. All state changes go through `step`.
 
-use std::collections::HashMap;
-
 use tessel_engine::{AlignedBuf, Completion, Op, Request};
 
 use super::handshake::{self, Negotiation, OptionContext, OptionOutcome};
@@ -58,12 +56,25 @@ struct InFlight {
     structured: bool,
 }
 
+/// Buffers a connection keeps for reuse: at most this many ...
+const POOL_BUFFERS: usize = 64;
+/// ... of at most this capacity (larger ones go back to the allocator).
+const POOL_BUF_CAP: usize = 128 << 10;
+
 /// One NBD connection.
 pub struct NbdSession {
     config: NbdConfig,
     state: State,
-    in_flight: HashMap<u64, InFlight>,
-    next_tag: u64,
+    /// Requests in the engine, indexed by their tag (a slot reused once answered).
+    in_flight: Vec<Option<InFlight>>,
+    /// Free slots of `in_flight`.
+    free_tags: Vec<u64>,
+    /// Number of occupied slots.
+    busy: usize,
+    /// Engine buffers handed back by completions, reused for the next reads and writes
+    /// (no allocation or zeroing per request: a write's payload and a read's data, or
+    /// the engine's zero fill, cover every byte of the buffer).
+    pool: Vec<AlignedBuf>,
     shutting_down: bool,
 }
 
@@ -74,8 +85,10 @@ impl NbdSession {
         NbdSession {
             config,
             state: State::ClientFlags,
-            in_flight: HashMap::new(),
-            next_tag: 0,
+            in_flight: Vec::new(),
+            free_tags: Vec::new(),
+            busy: 0,
+            pool: Vec::new(),
             shutting_down: false,
         }
     }
@@ -101,15 +114,20 @@ impl NbdSession {
 
     /// An engine request finished (tag = the tag the session put in the Request).
     pub fn complete(&mut self, completion: Completion, actions: &mut Actions) {
-        let Some(req) = self.in_flight.remove(&completion.tag) else {
+        let slot = usize::try_from(completion.tag)
+            .ok()
+            .and_then(|t| self.in_flight.get_mut(t));
+        let Some(req) = slot.and_then(Option::take) else {
             tracing::warn!(
                 tag = completion.tag,
                 "nbd: completion for an unknown tag ignored"
             );
             return;
         };
+        self.free_tags.push(completion.tag);
+        self.busy -= 1;
         let out = &mut actions.send;
-        match (completion.result, req.shape, completion.buf) {
+        match (completion.result, req.shape, &completion.buf) {
             (Err(e), _, _) => {
                 tm::put_error(out, req.structured, req.cookie, (&e).into(), &e.to_string())
             }
@@ -126,7 +144,10 @@ impl NbdSession {
                 tm::put_block_status(out, req.cookie, &descriptors)
             }
         }
-        if matches!(self.state, State::Disconnecting) && self.in_flight.is_empty() {
+        if let Some(buf) = completion.buf {
+            self.recycle(buf);
+        }
+        if matches!(self.state, State::Disconnecting) && self.busy == 0 {
             actions.close = true;
         }
     }
@@ -138,7 +159,30 @@ impl NbdSession {
 
     /// Number of engine requests in flight (the driver waits for 0 before closing).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.busy
+    }
+
+    /// A buffer of `len` bytes with unspecified contents, from the pool when one fits.
+    fn buffer(&mut self, len: usize) -> AlignedBuf {
+        match self.pool.pop() {
+            Some(mut b) if b.capacity() >= len => {
+                b.set_len(len);
+                b
+            }
+            other => {
+                if let Some(b) = other {
+                    self.pool.push(b);
+                }
+                AlignedBuf::zeroed(len)
+            }
+        }
+    }
+
+    /// Keep a buffer the engine handed back, if the pool has room for it.
+    fn recycle(&mut self, buf: AlignedBuf) {
+        if self.pool.len() < POOL_BUFFERS && buf.capacity() <= POOL_BUF_CAP {
+            self.pool.push(buf);
+        }
     }
 
     /// The one transition function: consume a prefix of `input` (0 = wait for more bytes,
@@ -293,7 +337,7 @@ impl NbdSession {
         }
         let next = match tx.admit(&h, &self.config, self.shutting_down) {
             Admission::Submit(work) if h.payload_len() > 0 => {
-                let buf = AlignedBuf::zeroed(h.payload_len() as usize);
+                let buf = self.buffer(h.payload_len() as usize);
                 let write = PendingWrite {
                     cookie: h.cookie,
                     work,
@@ -303,8 +347,7 @@ impl NbdSession {
                 State::WritePayload { tx, write }
             }
             Admission::Submit(work) => {
-                let buf =
-                    matches!(work.op, Op::Read).then(|| AlignedBuf::zeroed(work.len as usize));
+                let buf = matches!(work.op, Op::Read).then(|| self.buffer(work.len as usize));
                 self.submit(&tx, h.cookie, work, buf, actions);
                 State::Requests(tx)
             }
@@ -323,7 +366,7 @@ impl NbdSession {
                 State::Requests(tx)
             }
             Admission::Disconnect => {
-                actions.close |= self.in_flight.is_empty();
+                actions.close |= self.busy == 0;
                 State::Disconnecting
             }
         };
@@ -339,17 +382,23 @@ impl NbdSession {
         buf: Option<AlignedBuf>,
         actions: &mut Actions,
     ) {
-        let tag = self.next_tag;
-        self.next_tag += 1;
         let (structured, shape) = (tx.structured, work.shape);
-        self.in_flight.insert(
-            tag,
-            InFlight {
-                cookie,
-                shape,
-                structured,
-            },
-        );
+        let entry = InFlight {
+            cookie,
+            shape,
+            structured,
+        };
+        let tag = match self.free_tags.pop() {
+            Some(tag) => {
+                self.in_flight[tag as usize] = Some(entry);
+                tag
+            }
+            None => {
+                self.in_flight.push(Some(entry));
+                (self.in_flight.len() - 1) as u64
+            }
+        };
+        self.busy += 1;
         actions.submit.push(Request {
             tag,
             volume: tx.export.volume,
@@ -457,6 +506,43 @@ mod tests {
         let reply = c.take();
         let cookies: Vec<u64> = reply.chunks(16 + 512).map(|r| simple(r).1).collect();
         assert_eq!(cookies, [3, 2, 1]);
+        assert_eq!(c.session.in_flight(), 0);
+    }
+
+    #[test]
+    fn reused_buffers_carry_no_old_bytes_into_replies() {
+        let mut c = Client::go("vol0", false, false);
+        let mut bytes = request_bytes(CMD_WRITE, 0, 1, 0, 4096);
+        bytes.extend_from_slice(&[0xee; 4096]);
+        c.send(&bytes);
+        c.run_engine();
+        c.request(CMD_READ, 0, 2, 0, 4096);
+        c.run_engine();
+        assert_eq!(c.session.pool.len(), 1);
+        // The pooled buffer holds 0xee; a read of never-written blocks and a shorter write
+        // through it must see only their own bytes.
+        c.request(CMD_READ, 0, 3, 8192, 4096);
+        c.run_engine();
+        let mut short = request_bytes(CMD_WRITE, 0, 4, 16384, 512);
+        short.extend_from_slice(&[0x11; 512]);
+        c.send(&short);
+        c.run_engine();
+        c.request(CMD_READ, 0, 5, 16384, 1024);
+        c.run_engine();
+        let reply = c.take();
+        let (first, rest) = reply.split_at(16);
+        assert_eq!(simple(first), (0, 1));
+        let (read2, rest) = rest.split_at(16 + 4096);
+        assert_eq!(simple(read2), (0, 2));
+        assert!(read2[16..].iter().all(|&b| b == 0xee));
+        let (read3, rest) = rest.split_at(16 + 4096);
+        assert_eq!(simple(read3), (0, 3));
+        assert!(read3[16..].iter().all(|&b| b == 0));
+        assert_eq!(simple(&rest[..16]), (0, 4));
+        let read5 = &rest[16..];
+        assert_eq!(simple(read5), (0, 5));
+        assert!(read5[16..16 + 512].iter().all(|&b| b == 0x11));
+        assert!(read5[16 + 512..].iter().all(|&b| b == 0));
         assert_eq!(c.session.in_flight(), 0);
     }
 
