@@ -73,8 +73,9 @@ pub(crate) struct ClusterOp {
     zeros: bool,
     /// A background job rather than a host request.
     pub(crate) job: Job,
-    /// For jobs: the entry the job's copy was computed from.
-    pub(crate) base: Option<MapEntry>,
+    /// For jobs: the entry the job's copy was computed from (boxed: host requests, the
+    /// many, carry no base, and a smaller operation is cheaper to create and drop).
+    pub(crate) base: Option<Box<MapEntry>>,
 }
 
 /// Background work on one cluster of a live volume.
@@ -240,7 +241,8 @@ impl Reactor {
         } = p;
         let base = shard * ss;
         let end = off + len;
-        let n = ((end - 1 - base) / cs - (off - base) / cs + 1) as u32;
+        let layout = &self.shared.layout;
+        let n = layout.cluster_of(end - 1 - base).0 - layout.cluster_of(off - base).0 + 1;
         if n > 1 {
             parent.add_parts(n - 1);
         }
@@ -253,9 +255,7 @@ impl Reactor {
         let mut parent = Some(parent);
         let mut pos = off;
         while pos < end {
-            let in_shard = pos - base;
-            let idx = (in_shard / cs) as u32;
-            let coff = (in_shard % cs) as u32;
+            let (idx, coff) = layout.cluster_of(pos - base);
             let clen = (cs - coff as u64).min(end - pos) as u32;
             let span = Span {
                 vol: vid,
@@ -850,7 +850,7 @@ impl Reactor {
                 );
                 // Only the in-place path (no new entry) wrote with RWF_DSYNC.
                 let synced = op.new_entry.is_none();
-                let base = op.base;
+                let base = op.base.as_deref().copied();
                 if let Some(ne) = op.new_entry {
                     let Some((old, _)) = self.entry_of(i) else {
                         return self.finish_op(i, Err(IoError::UnknownVolume));

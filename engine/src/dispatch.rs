@@ -17,8 +17,10 @@ fn check(req: &Request, block_size: u32, size: u64, read_only: bool) -> Result<(
     if req.len == 0 {
         return Err(IoError::ZeroLength);
     }
-    let bs = block_size as u64;
-    if !req.offset.is_multiple_of(bs) || !req.len.is_multiple_of(bs) {
+    // Block sizes are powers of two (512 or 4096): a mask, not a division.
+    debug_assert!(block_size.is_power_of_two());
+    let mask = block_size as u64 - 1;
+    if req.offset & mask != 0 || req.len & mask != 0 {
         return Err(IoError::Misaligned {
             offset: req.offset,
             len: req.len,
@@ -118,8 +120,8 @@ pub fn dispatch(
         return;
     }
     let ss = shared.layout.shard_size;
-    let first = offset / ss;
-    let last = (offset + len - 1) / ss;
+    let first = shared.layout.shard_of(offset);
+    let last = shared.layout.shard_of(offset + len - 1);
     let parent = Parent::new(
         tag,
         op,

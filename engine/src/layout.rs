@@ -12,13 +12,23 @@ pub struct Layout {
     pub total_clusters: u64,
     /// Per member: (first pool-wide cluster, clusters, byte offset of its first cluster).
     pub members: Vec<(u64, u64, u64)>,
+    /// log2 of the cluster size (a power of two, checked at format).
+    cluster_shift: u32,
+    /// log2 of the shard size when it is a power of two (the default), for `shard_of`.
+    shard_shift: Option<u32>,
 }
 
 impl Layout {
     /// Build from every member's superblock, ordered by member index.
     pub fn new(sbs: &[Superblock]) -> Layout {
         let sb = sbs[0].clone();
+        debug_assert!(sb.cluster_size.is_power_of_two());
         Layout {
+            cluster_shift: sb.cluster_size.trailing_zeros(),
+            shard_shift: sb
+                .shard_size
+                .is_power_of_two()
+                .then(|| sb.shard_size.trailing_zeros()),
             cluster_size: sb.cluster_size as u64,
             shard_size: sb.shard_size,
             total_clusters: sb.total_clusters,
@@ -33,6 +43,23 @@ impl Layout {
     /// 4 KiB blocks per cluster.
     pub fn blocks_per_cluster(&self) -> u32 {
         (self.cluster_size / 4096) as u32
+    }
+
+    /// The shard holding byte `off` of a volume (a shift on the request path, not a
+    /// division, for the usual power-of-two shard size).
+    #[inline]
+    pub fn shard_of(&self, off: u64) -> u64 {
+        match self.shard_shift {
+            Some(s) => off >> s,
+            None => off / self.shard_size,
+        }
+    }
+
+    /// (cluster index, byte offset in that cluster) of byte `in_shard` of a shard.
+    #[inline]
+    pub fn cluster_of(&self, in_shard: u64) -> (u32, u32) {
+        let idx = in_shard >> self.cluster_shift;
+        (idx as u32, (in_shard - (idx << self.cluster_shift)) as u32)
     }
 
     /// Clusters per shard.

@@ -125,7 +125,13 @@ impl Shared {
     /// Reactor owning shard `shard` of any volume (clones share their origin's placement).
     #[inline]
     pub fn owner(&self, shard: u64) -> usize {
-        (shard % self.inboxes.len() as u64) as usize
+        let n = self.inboxes.len();
+        if n.is_power_of_two() {
+            // One reactor, two, four...: a mask rather than a division per piece.
+            (shard as usize) & (n - 1)
+        } else {
+            (shard % n as u64) as usize
+        }
     }
 
     /// Send a message to reactor `to`, spinning while its inbox is full (back-pressure for

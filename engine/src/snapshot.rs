@@ -488,7 +488,7 @@ impl Reactor {
         };
         {
             let op = self.ops.get_mut(i).expect("op");
-            op.base = Some(e);
+            op.base = Some(Box::new(e));
             op.target = target;
             op.fresh = fresh;
             op.new_entry = Some(ne);
