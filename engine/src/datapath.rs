@@ -7,7 +7,7 @@ use crate::dispatch::FLUSH_SHARD;
 use crate::error::IoError;
 use crate::io::{Extent, Op};
 use crate::map::{MapEntry, ShardMap, Validity, NONE};
-use crate::reactor::{bump, reply_to, Cont, Msg, Piece, Reactor, Shard, Waiter};
+use crate::reactor::{bump, Cont, Msg, Piece, Reactor, Shard, Waiter};
 use crate::request::Parent;
 use io_uring::{opcode, types};
 use rustc_hash::FxHashMap;
@@ -44,7 +44,8 @@ pub(crate) enum Stage {
 
 /// The part of a request inside one cluster.
 pub(crate) struct ClusterOp {
-    pub(crate) parent: Arc<Parent>,
+    /// The request this is part of; `finish_op` takes it (see `parent`).
+    parent: Option<Arc<Parent>>,
     pub(crate) kind: Op,
     pub(crate) vol: u64,
     pub(crate) shard: u64,
@@ -114,7 +115,7 @@ impl ClusterOp {
             vol_off,
         } = span;
         ClusterOp {
-            parent,
+            parent: Some(parent),
             kind,
             vol,
             shard,
@@ -137,6 +138,15 @@ impl ClusterOp {
             job,
             base: None,
         }
+    }
+}
+
+impl ClusterOp {
+    /// The request this operation is part of.
+    pub(crate) fn parent(&self) -> &Parent {
+        self.parent
+            .as_ref()
+            .expect("an operation holds its request until it finishes")
     }
 }
 
@@ -310,7 +320,7 @@ impl Reactor {
             Op::BlockStatus => {
                 let (e, _) = self.entry_of(i).unwrap_or((MapEntry::UNALLOCATED, 0));
                 let op = self.ops.get(i).expect("op");
-                op.parent.add_extents(&[Extent {
+                op.parent().add_extents(&[Extent {
                     offset: op.vol_off,
                     len: op.clen as u64,
                     allocated: e.is_allocated(),
@@ -451,7 +461,7 @@ impl Reactor {
                             let op = self.ops.get(i).expect("op");
                             // SAFETY: bytes s..t of this cluster belong to this operation only.
                             unsafe {
-                                op.parent
+                                op.parent()
                                     .slice(buf_off + (s - coff) as usize, (t - s) as usize)
                             }
                             .fill(0);
@@ -737,7 +747,7 @@ impl Reactor {
         len: u32,
         dsync: bool,
     ) {
-        let ptr = self.ops.get(i).expect("op").parent.ptr(buf_off);
+        let ptr = self.ops.get(i).expect("op").parent().ptr(buf_off);
         self.submit_dev(i, write, cluster, coff, ptr, len, dsync);
     }
 
@@ -833,8 +843,9 @@ impl Reactor {
                 } else if zeros {
                     dst.fill(0);
                 } else {
+                    let parent = op.parent.as_deref().expect("request");
                     // SAFETY: the caller's bytes of this operation, read-only here.
-                    dst.copy_from_slice(unsafe { op.parent.slice(buf_off, clen as usize) });
+                    dst.copy_from_slice(unsafe { parent.slice(buf_off, clen as usize) });
                 }
                 op.stage = Stage::Write;
                 self.write_bounce_runs(i);
@@ -888,17 +899,19 @@ impl Reactor {
     /// The operation is over: release its lock and finish its part of the request.
     pub(crate) fn finish_op(&mut self, i: usize, r: Result<(), IoError>) {
         self.release(i);
-        let Some(op) = self.ops.get(i) else { return };
+        let Some(op) = self.ops.get_mut(i) else {
+            return;
+        };
         let (job, vol, kind) = (op.job, op.vol, op.kind);
-        let parent = &op.parent;
-        let last = reply_to(self.id, &self.shared, &mut self.done_here, parent, r);
-        if last && job == Job::None {
+        let parent = op.parent.take().expect("an operation finishes once");
+        // Dropped in place: a cluster operation is too large to move out cheaply.
+        self.ops.discard(i);
+        if self.reply(&parent, r) && job == Job::None {
             let now = *self.done_clock.get_or_insert_with(std::time::Instant::now);
             let lat = now.saturating_duration_since(parent.started);
             self.shared.stats[self.id].record_latency(lat);
         }
-        // Dropped in place: a cluster operation is too large to move out cheaply.
-        self.ops.discard(i);
+        self.parents.put(parent);
         if job != Job::None {
             self.jobs_in_flight -= 1;
         }

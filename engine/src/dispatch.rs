@@ -6,6 +6,7 @@ use crate::reactor::{Msg, Piece, Shared};
 use crate::request::{Parent, ReplyTo};
 use crate::volume::MetaCache;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Shard number marking a flush piece (every reactor gets one).
 pub const FLUSH_SHARD: u64 = u64::MAX;
@@ -54,6 +55,7 @@ pub fn dispatch(
     reply: ReplyTo,
     route: u32,
     started: std::time::Instant,
+    mut share: impl FnMut(Parent) -> Arc<Parent>,
     mut send: impl FnMut(usize, Msg),
 ) {
     if shared.stopping.load(Ordering::Relaxed) {
@@ -103,7 +105,9 @@ pub fn dispatch(
     }
     let n = shared.inboxes.len();
     if op == Op::Flush {
-        let parent = Parent::new(tag, op, 0, 0, None, reply, route, n as u32, started);
+        let parent = share(Parent::build(
+            tag, op, 0, 0, None, reply, route, n as u32, started,
+        ));
         for r in 0..n {
             send(
                 r,
@@ -122,7 +126,7 @@ pub fn dispatch(
     let ss = shared.layout.shard_size;
     let first = shared.layout.shard_of(offset);
     let last = shared.layout.shard_of(offset + len - 1);
-    let parent = Parent::new(
+    let parent = share(Parent::build(
         tag,
         op,
         offset,
@@ -132,7 +136,7 @@ pub fn dispatch(
         route,
         (last - first + 1) as u32,
         started,
-    );
+    ));
     let mut pos = offset;
     let end = offset + len;
     // Each piece holds a reference; the last one takes this one.

@@ -870,6 +870,7 @@ impl Client {
             ReplyTo::Sink(self.sink.clone()),
             0,
             Instant::now(),
+            Arc::new,
             |to, m| shared.send_blocking(to, m),
         );
     }

@@ -7,7 +7,7 @@ use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::map::ShardMap;
 use crate::media::Member;
-use crate::request::{Doorbell, Parent, ReplyTo, Sink};
+use crate::request::{Doorbell, Parent, ParentPool, ReplyTo, Sink};
 use crate::slab::Slab;
 use crate::volume::{MetaCache, VolumeTable};
 use crossbeam_queue::ArrayQueue;
@@ -218,7 +218,7 @@ impl PollCtx<'_> {
     pub fn submit(&mut self, req: Request) {
         let started = *self.batch.get_or_insert_with(Instant::now);
         let r = &mut *self.reactor;
-        let (id, shared, meta, mut sender) = r.split_send();
+        let (id, shared, meta, parents, mut sender) = r.split_send();
         crate::dispatch::dispatch(
             shared,
             meta,
@@ -226,6 +226,7 @@ impl PollCtx<'_> {
             ReplyTo::Reactor(id),
             self.route,
             started,
+            |p| parents.make(p),
             |to, m| sender.send(shared, to, m),
         );
     }
@@ -310,27 +311,6 @@ pub(crate) enum Waiter {
     Call(Box<dyn FnOnce(Result<(), crate::error::IoError>) + Send>),
 }
 
-/// A part of `p` is done on reactor `id`: the last one delivers the completion. One for a
-/// poller of this reactor goes straight to `done_here`, its queue of local completions; the
-/// sink (and its doorbell) is for completions crossing threads. Returns true for the last
-/// part. (Apart from `Reactor` so that a caller may hold `p` inside the reactor's state.)
-pub(crate) fn reply_to(
-    id: usize,
-    shared: &Shared,
-    done_here: &mut VecDeque<(u32, Completion)>,
-    p: &Parent,
-    result: Result<(), crate::error::IoError>,
-) -> bool {
-    let Some(c) = p.settle(result) else {
-        return false;
-    };
-    match p.reply {
-        ReplyTo::Reactor(core) if core == id => done_here.push_back((p.route, c)),
-        ref to => to.push(shared, p.route, c),
-    }
-    true
-}
-
 /// What `Reactor::send` needs: the reactor's own queues.
 struct Sender<'a> {
     id: usize,
@@ -377,6 +357,8 @@ pub struct Reactor {
     /// The time the requests finishing now completed at, read at most once per stage of a
     /// pass (reaping, running ready operations): completions batch as submissions do.
     pub(crate) done_clock: Option<Instant>,
+    /// Finished requests' allocations, for this reactor's pollers' next requests.
+    pub(crate) parents: ParentPool,
     pub(crate) space_waiters: VecDeque<usize>,
     /// Redirected clusters of live volumes waiting for a background fill.
     pub(crate) fills: VecDeque<(u64, u64, u32)>,
@@ -428,6 +410,7 @@ impl Reactor {
             inline_done: VecDeque::new(),
             done_here: VecDeque::new(),
             done_clock: None,
+            parents: ParentPool::default(),
             space_waiters: VecDeque::new(),
             fills: VecDeque::new(),
             inflates: VecDeque::new(),
@@ -447,24 +430,35 @@ impl Reactor {
     /// Send a message to reactor `to` (to ourselves without the ring). A full inbox keeps
     /// the message in our outbox for the next pass: back-pressure, never a drop.
     pub fn send(&mut self, to: usize, m: Msg) {
-        let (_, shared, _, mut sender) = self.split_send();
+        let (_, shared, _, _, mut sender) = self.split_send();
         sender.send(shared, to, m);
     }
 
-    /// The parts `send` needs, borrowed apart from the volume cache (for `dispatch`).
-    fn split_send(&mut self) -> (usize, &Shared, &mut MetaCache, Sender<'_>) {
+    /// The parts `send` needs, borrowed apart from the volume cache and the kept requests
+    /// (for `dispatch`).
+    fn split_send(&mut self) -> (usize, &Shared, &mut MetaCache, &mut ParentPool, Sender<'_>) {
         let sender = Sender {
             id: self.id,
             local: &mut self.local,
             outbox: &mut self.outbox,
         };
-        (self.id, &self.shared, &mut self.meta, sender)
+        let parts = (self.id, &*self.shared, &mut self.meta, &mut self.parents);
+        (parts.0, parts.1, parts.2, parts.3, sender)
     }
 
-    /// A request part is done: the last one delivers the completion (see `reply_to`).
-    /// Returns true for the last part.
+    /// A request part is done: the last one delivers the completion. One for a poller of
+    /// this reactor goes straight to `done_here`, its queue of local completions; the sink
+    /// (and its doorbell) is for completions crossing threads. Returns true for the last
+    /// part.
     pub(crate) fn reply(&mut self, p: &Parent, result: Result<(), crate::error::IoError>) -> bool {
-        reply_to(self.id, &self.shared, &mut self.done_here, p, result)
+        let Some(c) = p.settle(result) else {
+            return false;
+        };
+        match p.reply {
+            ReplyTo::Reactor(core) if core == self.id => self.done_here.push_back((p.route, c)),
+            ref to => to.push(&self.shared, p.route, c),
+        }
+        true
     }
 
     fn flush_outboxes(&mut self) -> bool {

@@ -175,16 +175,33 @@ impl Parent {
         op: Op,
         offset: u64,
         len: u64,
-        mut buf: Option<AlignedBuf>,
+        buf: Option<AlignedBuf>,
         reply: ReplyTo,
         route: u32,
         parts: u32,
         started: std::time::Instant,
     ) -> Arc<Parent> {
+        let p = Parent::build(tag, op, offset, len, buf, reply, route, parts, started);
+        Arc::new(p)
+    }
+
+    /// The request `new` shares, before it is shared (see `ParentPool::make`).
+    #[allow(clippy::too_many_arguments)] // as `new`
+    pub(crate) fn build(
+        tag: u64,
+        op: Op,
+        offset: u64,
+        len: u64,
+        mut buf: Option<AlignedBuf>,
+        reply: ReplyTo,
+        route: u32,
+        parts: u32,
+        started: std::time::Instant,
+    ) -> Parent {
         let data = buf
             .as_mut()
             .map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
-        Arc::new(Parent {
+        Parent {
             tag,
             op,
             offset,
@@ -197,7 +214,7 @@ impl Parent {
             reply,
             route,
             started,
-        })
+        }
     }
 
     /// The caller's buffer bytes `off..off+len` (byte offsets from the request's start).
@@ -264,6 +281,41 @@ impl Parent {
             buf,
             extents: merged,
         })
+    }
+}
+
+/// Finished requests kept by a reactor to hold its next ones: once warm, a request costs
+/// no allocation and no free (glibc keeps only 7 chunks of a size per thread cache, fewer
+/// than a queue depth's worth, and the rest took its slow paths).
+#[derive(Default)]
+pub(crate) struct ParentPool(Vec<Arc<Parent>>);
+
+impl ParentPool {
+    /// Requests kept at most.
+    const KEEP: usize = 256;
+
+    /// Keep `p` for reuse if this is its last reference; drop it otherwise. Only requests
+    /// of reactor pollers are kept: one of a client thread holds the client's sink.
+    pub(crate) fn put(&mut self, p: Arc<Parent>) {
+        if self.0.len() < Self::KEEP
+            && matches!(p.reply, ReplyTo::Reactor(_))
+            && Arc::strong_count(&p) == 1
+            && Arc::weak_count(&p) == 0
+        {
+            self.0.push(p);
+        }
+    }
+
+    /// Share `p`, in a kept allocation when there is one.
+    pub(crate) fn make(&mut self, p: Parent) -> Arc<Parent> {
+        if let Some(mut a) = self.0.pop() {
+            // Always unique: `put` keeps only last references and nothing clones them.
+            if let Some(slot) = Arc::get_mut(&mut a) {
+                *slot = p;
+                return a;
+            }
+        }
+        Arc::new(p)
     }
 }
 
