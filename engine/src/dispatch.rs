@@ -47,7 +47,9 @@ fn check(req: &Request, block_size: u32, size: u64, read_only: bool) -> Result<(
 }
 
 /// Validate `req` and send its pieces through `send(reactor, msg)`; failures are answered
-/// through `reply` at once.
+/// through `reply` at once. `share` makes the request shareable by its pieces (a reactor
+/// reuses finished requests for it).
+#[allow(clippy::too_many_arguments)] // the request, where it answers, and the two hooks
 pub fn dispatch(
     shared: &Shared,
     cache: &mut MetaCache,
