@@ -1105,10 +1105,13 @@ impl Reactor {
             }
             return;
         }
+        // Every cluster this commit frees is free from now on, also one of a group another
+        // reactor owns: the pool stops counting it here, before any waiter of the commit
+        // (a flush) is answered, and its owner only marks it reusable (`Msg::Free`).
         let (released, foreign) = self.alloc.commit_done();
         self.shared
             .used_clusters
-            .fetch_sub(released, Ordering::Relaxed);
+            .fetch_sub(released + foreign.len() as u64, Ordering::Relaxed);
         for c in foreign {
             let g = (c / self.shared.group_size) as usize;
             let to = self.shared.group_owner[g].load(Ordering::Acquire) as usize;

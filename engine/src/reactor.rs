@@ -562,10 +562,9 @@ impl Reactor {
             Msg::Piece(p) => self.start_piece(p),
             Msg::Task(f) => f(self),
             Msg::Free(cs) => {
+                // Durably freed by another reactor's commit, which counted them as free.
                 for c in cs {
-                    if self.alloc.release_now(c) {
-                        self.shared.used_clusters.fetch_sub(1, Ordering::Relaxed);
-                    } else {
+                    if !self.alloc.release_now(c) {
                         // The group moved on; pass the cluster to whoever took it.
                         let to = (self.id + 1) % self.shared.inboxes.len();
                         if to != self.id {
