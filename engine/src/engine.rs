@@ -546,6 +546,27 @@ impl Engine {
             * cs
     }
 
+    /// Deleted volumes and snapshots whose clusters are still being released: a delete is
+    /// durable when it returns, but its clusters are released in the background, a few map
+    /// pages per reactor pass (`drop_image`). Once this is 0, the next flush (a journal
+    /// commit on every reactor) makes all of their space free.
+    pub fn releases_pending(&self) -> usize {
+        let mut ids: Vec<u64> = self
+            .on_all(|r| {
+                r.vols
+                    .iter()
+                    .filter(|(_, v)| v.deleting)
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>()
+            })
+            .into_iter()
+            .flatten()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
     /// Bytes of map pages held in memory, and allocated clusters (metadata cost per cluster).
     pub fn map_memory(&self) -> (u64, u64) {
         let v = self.on_all(|r| {
