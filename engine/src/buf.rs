@@ -101,6 +101,38 @@ impl Clone for AlignedBuf {
     }
 }
 
+/// Buffers of one length kept for reuse, up to a byte budget: a cluster operation's bounce
+/// buffer comes from here rather than from a fresh zeroed allocation (allocating and
+/// zeroing 64 KiB per read-modify-write was most of the reactor's time after a snapshot).
+/// A reused buffer holds whatever its last user left in it: its next user must write
+/// every byte it later reads (DESIGN.md section 3, read-modify-write).
+#[derive(Default)]
+pub(crate) struct BufPool(Vec<AlignedBuf>);
+
+impl BufPool {
+    /// Bytes kept at most (a few dozen 64 KiB clusters: a reactor's queue depth).
+    const KEEP_BYTES: usize = 4 << 20;
+
+    /// A buffer of `len` bytes: a kept one (contents unspecified) or a fresh zeroed one.
+    pub(crate) fn take(&mut self, len: usize) -> AlignedBuf {
+        match self.0.pop() {
+            Some(mut b) if b.capacity() >= len => {
+                b.set_len(len);
+                b
+            }
+            _ => AlignedBuf::zeroed(len),
+        }
+    }
+
+    /// Keep `b` for reuse if the budget allows (at least four buffers); drop it otherwise.
+    pub(crate) fn put(&mut self, b: AlignedBuf) {
+        let keep = (Self::KEEP_BYTES / b.capacity().max(1)).max(4);
+        if self.0.len() < keep {
+            self.0.push(b);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +146,25 @@ mod tests {
             assert!(b.as_slice().iter().all(|&x| x == 0));
             assert_eq!(b.len(), len);
         }
+    }
+
+    #[test]
+    fn pool_reuses_buffers_up_to_its_budget() {
+        let mut pool = BufPool::default();
+        let mut b = pool.take(65536);
+        assert!(b.as_slice().iter().all(|&x| x == 0));
+        b.as_mut_slice()[0] = 7;
+        let p = b.as_ptr();
+        pool.put(b);
+        // The same allocation comes back, with what its last user left in it.
+        let b = pool.take(65536);
+        assert_eq!(b.as_ptr(), p);
+        assert_eq!(b.as_slice()[0], 7);
+        assert_eq!(b.len(), 65536);
+        let big: Vec<AlignedBuf> = (0..100).map(|_| pool.take(65536)).collect();
+        for x in big {
+            pool.put(x);
+        }
+        assert_eq!(pool.0.len(), BufPool::KEEP_BYTES / 65536);
     }
 }

@@ -597,8 +597,9 @@ impl Reactor {
         // current contents first, then the new bytes.
         let reads = edges.or(copy);
         {
+            let bounce = self.bounces.take(self.shared.layout.cluster_size as usize);
             let op = self.ops.get_mut(i).expect("op");
-            op.bounce = Some(AlignedBuf::zeroed(self.shared.layout.cluster_size as usize));
+            op.bounce = Some(bounce);
             op.write_set = touched.or(copy);
             op.stage = Stage::RmwRead;
         }
@@ -606,12 +607,20 @@ impl Reactor {
         self.maybe_advance(i);
     }
 
-    /// Read each block of `set` from where `e` says it lives into the bounce buffer.
+    /// Read each block of `set` from where `e` says it lives into the bounce buffer, and
+    /// zero those that live nowhere (they read as zeros). The bounce buffer is reused, not
+    /// freshly zeroed: every block of it that is later written to the device is one of
+    /// these, or lies wholly inside the caller's range, which `maybe_advance` fills.
     pub(crate) fn read_blocks_into_bounce(&mut self, i: usize, e: &MapEntry, set: Validity) {
         let bpc = self.shared.layout.blocks_per_cluster();
         for (b, n, src) in runs(set, bpc, |b| e.source(b)) {
-            if let Some(c) = src {
-                self.submit_bounce(i, false, c, b * B4K, n * B4K);
+            match src {
+                Some(c) => self.submit_bounce(i, false, c, b * B4K, n * B4K),
+                None => {
+                    let op = self.ops.get_mut(i).expect("op");
+                    let bounce = op.bounce.as_mut().expect("bounce").as_mut_slice();
+                    bounce[(b * B4K) as usize..((b + n) * B4K) as usize].fill(0);
+                }
             }
         }
     }
@@ -904,6 +913,10 @@ impl Reactor {
         };
         let (job, vol, kind) = (op.job, op.vol, op.kind);
         let parent = op.parent.take().expect("an operation finishes once");
+        if let Some(b) = op.bounce.take() {
+            // No I/O of the operation is in flight any more: the buffer is free.
+            self.bounces.put(b);
+        }
         // Dropped in place: a cluster operation is too large to move out cheaply.
         self.ops.discard(i);
         if self.reply(&parent, r) && job == Job::None {

@@ -359,6 +359,8 @@ pub struct Reactor {
     pub(crate) done_clock: Option<Instant>,
     /// Finished requests' allocations, for this reactor's pollers' next requests.
     pub(crate) parents: ParentPool,
+    /// Finished cluster operations' bounce buffers, for the next read-modify-writes.
+    pub(crate) bounces: crate::buf::BufPool,
     pub(crate) space_waiters: VecDeque<usize>,
     /// Redirected clusters of live volumes waiting for a background fill.
     pub(crate) fills: VecDeque<(u64, u64, u32)>,
@@ -411,6 +413,7 @@ impl Reactor {
             done_here: VecDeque::new(),
             done_clock: None,
             parents: ParentPool::default(),
+            bounces: crate::buf::BufPool::default(),
             space_waiters: VecDeque::new(),
             fills: VecDeque::new(),
             inflates: VecDeque::new(),

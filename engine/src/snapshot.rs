@@ -487,6 +487,7 @@ impl Reactor {
             Job::None => unreachable!("host operation in op_job"),
         };
         {
+            let bounce = self.bounces.take(self.shared.layout.cluster_size as usize);
             let op = self.ops.get_mut(i).expect("op");
             op.base = Some(Box::new(e));
             op.target = target;
@@ -494,9 +495,7 @@ impl Reactor {
             op.new_entry = Some(ne);
             op.drops = drops;
             op.write_set = set;
-            op.bounce = Some(crate::buf::AlignedBuf::zeroed(
-                self.shared.layout.cluster_size as usize,
-            ));
+            op.bounce = Some(bounce);
             op.stage = Stage::RmwRead;
         }
         self.read_blocks_into_bounce(i, &e, set);

@@ -242,6 +242,74 @@ fn a_parent_only_cluster_survives_snapshot_delete_and_reopen() {
     e.shutdown().unwrap();
 }
 
+#[test]
+fn partial_writes_into_new_and_redirected_clusters_read_zeros_where_nothing_was_written() {
+    // Bounce buffers are reused, not freshly zeroed: the blocks of a read-modify-write that
+    // live nowhere must be zeroed explicitly. Dirty the reactor's buffers first (fills of a
+    // volume full of 0xAB), then write pieces of blocks where nothing was written before.
+    let disk = MemDisk::new(64 << 20, false);
+    let opts = FormatOptions {
+        cluster_size: 64 << 10,
+        ..small_opts()
+    };
+    Engine::format(&[DeviceSpec::Mem(disk.clone())], &opts).expect("format");
+    let e = Engine::open(&[DeviceSpec::Mem(disk.clone())], cfg(1)).expect("open");
+    let mut c = e.client();
+    let cs = e.pool_info().cluster_size;
+    let dirty = e.create_volume("dirty", 16 * cs, 512).unwrap();
+    write(&mut c, dirty.id, 0, &vec![0xAB; 16 * cs as usize]);
+    e.snapshot_create("dirty", "s").unwrap();
+    for k in 0..16 {
+        // Redirects: each reads its edge block, then a fill copies the rest of the cluster.
+        write(&mut c, dirty.id, k * cs + 3 * 4096 + 512, &[0xCD; 512]);
+    }
+    flush(&mut c, dirty.id);
+    // Let the fills finish so that their buffers are back in the pool (the checks below
+    // hold either way).
+    std::thread::sleep(Duration::from_millis(50));
+
+    let v = e.create_volume("vol", 4 * cs, 512).unwrap();
+    let mut want = vec![0u8; 4 * cs as usize];
+    let put = |c: &mut Client, want: &mut Vec<u8>, off: u64, data: &[u8]| {
+        write(c, v.id, off, data);
+        want[off as usize..off as usize + data.len()].copy_from_slice(data);
+    };
+    // Cluster 0: a piece of one block of an unallocated cluster.
+    put(&mut c, &mut want, 4096 + 512, &[0x11; 512]);
+    // Cluster 1: two blocks written, snapshot, then pieces of unwritten blocks (redirect
+    // whose edge blocks have no source), twice, so that the second may find the cluster
+    // still reading from its parent (the fill not run yet).
+    put(&mut c, &mut want, cs, &pattern(cs, 8192, 1));
+    e.snapshot_create("vol", "a").unwrap();
+    put(&mut c, &mut want, cs + 5 * 4096 + 512, &[0x22; 1024]);
+    e.snapshot_create("vol", "b").unwrap();
+    put(&mut c, &mut want, cs + 9 * 4096 + 3072, &[0x33; 2048]);
+    // Cluster 2: fully written and shared by snapshots; zeroing part of a block redirects
+    // it through the write path with zeros for the caller's bytes.
+    put(&mut c, &mut want, 2 * cs, &pattern(2 * cs, cs as usize, 2));
+    e.snapshot_create("vol", "c").unwrap();
+    let r = run(
+        &mut c,
+        v.id,
+        Op::WriteZeroes { fua: false },
+        2 * cs + 7 * 4096 + 1024,
+        512,
+        None,
+    );
+    r.result.expect("write zeroes");
+    let at = (2 * cs + 7 * 4096 + 1024) as usize;
+    want[at..at + 512].fill(0);
+    // Cluster 3: an unaligned write spanning two blocks of an unallocated cluster.
+    put(&mut c, &mut want, 3 * cs + 4096 - 512, &[0x44; 1024]);
+    flush(&mut c, v.id);
+    assert!(read(&mut c, v.id, 0, 4 * cs) == want, "live volume");
+    drop(c);
+    let e = reopen(&disk, e, 1);
+    let mut c = e.client();
+    assert!(read(&mut c, v.id, 0, 4 * cs) == want, "after reopen");
+    e.shutdown().unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Point-in-time correctness under load
 // ---------------------------------------------------------------------------------------
