@@ -33,6 +33,16 @@ impl Drop for Scratch {
     }
 }
 
+/// Tests that run other programs hold this for writing, the others for reading. A child
+/// process inherits this process's open files (pool device locks included) from its fork
+/// until its exec closes them, so a pool closed by one test while another test starts
+/// `losetup` can look "in use by another process" to the next open for that moment.
+static SPAWNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn no_spawns() -> std::sync::RwLockReadGuard<'static, ()> {
+    SPAWNING.read().unwrap_or_else(|p| p.into_inner())
+}
+
 fn path_of(d: &DeviceSpec) -> PathBuf {
     d.display()
 }
@@ -66,6 +76,7 @@ fn check(e: &Engine, name: &str, chunk: u64, chunks: u64, gen: u8) {
 
 #[test]
 fn a_pool_spans_two_files_and_survives_reopen_in_any_order() {
+    let _guard = no_spawns();
     let s = Scratch::new("two");
     let a = s.file("a.img", 40 << 20);
     let b = s.file("b.img", 24 << 20);
@@ -89,6 +100,7 @@ fn a_pool_spans_two_files_and_survives_reopen_in_any_order() {
 
 #[test]
 fn a_missing_or_foreign_member_is_refused_naming_the_device() {
+    let _guard = no_spawns();
     let s = Scratch::new("members");
     let a = s.file("a.img", 32 << 20);
     let b = s.file("b.img", 16 << 20);
@@ -150,6 +162,7 @@ fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn a_filesystem_signature_needs_force_to_format() {
+    let _guard = no_spawns();
     let s = Scratch::new("ext4");
     let dev = s.file("fs.img", 32 << 20);
     let p = path_of(&dev);
@@ -179,6 +192,7 @@ fn a_filesystem_signature_needs_force_to_format() {
 
 #[test]
 fn a_corrupted_superblock_is_refused_not_repaired() {
+    let _guard = no_spawns();
     let s = Scratch::new("sb");
     let dev = s.file("pool.img", 32 << 20);
     let p = path_of(&dev);
@@ -215,6 +229,7 @@ fn a_corrupted_superblock_is_refused_not_repaired() {
 
 #[test]
 fn an_unknown_format_version_is_refused() {
+    let _guard = no_spawns();
     let s = Scratch::new("ver");
     let dev = s.file("pool.img", 32 << 20);
     let p = path_of(&dev);
@@ -240,6 +255,7 @@ fn an_unknown_format_version_is_refused() {
 
 #[test]
 fn a_device_too_small_for_the_metadata_is_refused() {
+    let _guard = no_spawns();
     let s = Scratch::new("small");
     let dev = s.file("tiny.img", 8 << 20);
     assert!(matches!(
@@ -290,6 +306,7 @@ impl Drop for Loop {
 
 #[test]
 fn a_pool_on_a_loop_device() {
+    let _guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
     let s = Scratch::new("loop");
     let backing = s.0.join("backing.img");
     std::fs::File::create(&backing)
