@@ -101,35 +101,67 @@ impl Clone for AlignedBuf {
     }
 }
 
-/// Buffers of one length kept for reuse, up to a byte budget: a cluster operation's bounce
-/// buffer comes from here rather than from a fresh zeroed allocation (allocating and
-/// zeroing 64 KiB per read-modify-write was most of the reactor's time after a snapshot).
-/// A reused buffer holds whatever its last user left in it: its next user must write
-/// every byte it later reads (DESIGN.md section 3, read-modify-write).
-#[derive(Default)]
-pub(crate) struct BufPool(Vec<AlignedBuf>);
+/// Buffers kept for reuse, up to a byte budget: an engine operation's bounce buffer or a
+/// target connection's request buffer comes from here rather than from a fresh zeroed
+/// allocation (allocating and zeroing 64 KiB per read-modify-write was most of the
+/// reactor's time after a snapshot). A reused buffer holds whatever its last user left in
+/// it: its next user must write every byte it later reads (DESIGN.md section 3,
+/// read-modify-write).
+pub struct BufPool {
+    bufs: Vec<AlignedBuf>,
+    budget: usize,
+    max_capacity: usize,
+}
+
+impl Default for BufPool {
+    /// A pool of a reactor's queue depth of 64 KiB clusters.
+    fn default() -> BufPool {
+        BufPool::new(4 << 20, usize::MAX)
+    }
+}
 
 impl BufPool {
-    /// Bytes kept at most (a few dozen 64 KiB clusters: a reactor's queue depth).
-    const KEEP_BYTES: usize = 4 << 20;
+    /// A pool keeping about `budget` bytes (at least four buffers), of buffers no larger
+    /// than `max_capacity` bytes.
+    pub fn new(budget: usize, max_capacity: usize) -> BufPool {
+        BufPool {
+            bufs: Vec::new(),
+            budget,
+            max_capacity,
+        }
+    }
 
     /// A buffer of `len` bytes: a kept one (contents unspecified) or a fresh zeroed one.
-    pub(crate) fn take(&mut self, len: usize) -> AlignedBuf {
-        match self.0.pop() {
+    pub fn take(&mut self, len: usize) -> AlignedBuf {
+        match self.bufs.pop() {
             Some(mut b) if b.capacity() >= len => {
                 b.set_len(len);
                 b
             }
-            _ => AlignedBuf::zeroed(len),
+            other => {
+                // Too small for this request: kept for a later one.
+                self.bufs.extend(other);
+                AlignedBuf::zeroed(len)
+            }
         }
     }
 
-    /// Keep `b` for reuse if the budget allows (at least four buffers); drop it otherwise.
-    pub(crate) fn put(&mut self, b: AlignedBuf) {
-        let keep = (Self::KEEP_BYTES / b.capacity().max(1)).max(4);
-        if self.0.len() < keep {
-            self.0.push(b);
+    /// Keep `b` for reuse if it is small enough and the budget allows; drop it otherwise.
+    pub fn put(&mut self, b: AlignedBuf) {
+        let keep = (self.budget / b.capacity().max(1)).max(4);
+        if b.capacity() <= self.max_capacity && self.bufs.len() < keep {
+            self.bufs.push(b);
         }
+    }
+
+    /// Buffers kept now.
+    pub fn len(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// True when no buffer is kept.
+    pub fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
     }
 }
 
@@ -165,6 +197,6 @@ mod tests {
         for x in big {
             pool.put(x);
         }
-        assert_eq!(pool.0.len(), BufPool::KEEP_BYTES / 65536);
+        assert_eq!(pool.len(), (4 << 20) / 65536);
     }
 }

@@ -24,7 +24,7 @@ mod slab;
 mod snapshot;
 pub mod volume;
 
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, BufPool};
 pub use coordinator::{InflateProgress, SnapshotInfo};
 pub use engine::{percentile_us, Client, CoreCounters, Engine, EngineConfig, PoolInfo, VolumeInfo};
 pub use error::{ControlError, IoError, PoolError};

@@ -445,8 +445,13 @@ impl Reactor {
             local: &mut self.local,
             outbox: &mut self.outbox,
         };
-        let parts = (self.id, &*self.shared, &mut self.meta, &mut self.parents);
-        (parts.0, parts.1, parts.2, parts.3, sender)
+        (
+            self.id,
+            &*self.shared,
+            &mut self.meta,
+            &mut self.parents,
+            sender,
+        )
     }
 
     /// A request part is done: the last one delivers the completion. One for a poller of

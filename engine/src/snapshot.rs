@@ -408,7 +408,8 @@ impl Reactor {
         let cs = self.shared.layout.cluster_size;
         let reply = ReplyTo::Reactor(self.id);
         let now = std::time::Instant::now();
-        let parent = Parent::new(
+        // In a kept request allocation, as a poller's requests are (`ParentPool`).
+        let parent = self.parents.make(Parent::build(
             0,
             Op::Write { fua: false },
             0,
@@ -418,7 +419,7 @@ impl Reactor {
             JOB_ROUTE,
             1,
             now,
-        );
+        ));
         let span = crate::datapath::Span {
             vol,
             shard,

@@ -1,7 +1,7 @@
 //! One NBD connection as a state machine: received bytes and engine completions in, bytes to
 //! send and engine requests out. All state changes go through `step`.
 
-use tessel_engine::{AlignedBuf, Completion, Op, Request};
+use tessel_engine::{AlignedBuf, BufPool, Completion, Op, Request};
 
 use super::handshake::{self, Negotiation, OptionContext, OptionOutcome};
 use super::proto::{Errno, OPT_EXPORT_NAME, REP_ERR_TOO_BIG};
@@ -56,9 +56,9 @@ struct InFlight {
     structured: bool,
 }
 
-/// Buffers a connection keeps for reuse: at most this many ...
-const POOL_BUFFERS: usize = 64;
-/// ... of at most this capacity (larger ones go back to the allocator).
+/// Bytes of request buffers a connection keeps for reuse ...
+const POOL_BYTES: usize = 8 << 20;
+/// ... each of at most this capacity (larger ones go back to the allocator).
 const POOL_BUF_CAP: usize = 128 << 10;
 
 /// One NBD connection.
@@ -74,7 +74,7 @@ pub struct NbdSession {
     /// Engine buffers handed back by completions, reused for the next reads and writes
     /// (no allocation or zeroing per request: a write's payload and a read's data, or
     /// the engine's zero fill, cover every byte of the buffer).
-    pool: Vec<AlignedBuf>,
+    pool: BufPool,
     shutting_down: bool,
 }
 
@@ -88,7 +88,7 @@ impl NbdSession {
             in_flight: Vec::new(),
             free_tags: Vec::new(),
             busy: 0,
-            pool: Vec::new(),
+            pool: BufPool::new(POOL_BYTES, POOL_BUF_CAP),
             shutting_down: false,
         }
     }
@@ -145,7 +145,7 @@ impl NbdSession {
             }
         }
         if let Some(buf) = completion.buf {
-            self.recycle(buf);
+            self.pool.put(buf);
         }
         if matches!(self.state, State::Disconnecting) && self.busy == 0 {
             actions.close = true;
@@ -160,29 +160,6 @@ impl NbdSession {
     /// Number of engine requests in flight (the driver waits for 0 before closing).
     pub fn in_flight(&self) -> usize {
         self.busy
-    }
-
-    /// A buffer of `len` bytes with unspecified contents, from the pool when one fits.
-    fn buffer(&mut self, len: usize) -> AlignedBuf {
-        match self.pool.pop() {
-            Some(mut b) if b.capacity() >= len => {
-                b.set_len(len);
-                b
-            }
-            other => {
-                if let Some(b) = other {
-                    self.pool.push(b);
-                }
-                AlignedBuf::zeroed(len)
-            }
-        }
-    }
-
-    /// Keep a buffer the engine handed back, if the pool has room for it.
-    fn recycle(&mut self, buf: AlignedBuf) {
-        if self.pool.len() < POOL_BUFFERS && buf.capacity() <= POOL_BUF_CAP {
-            self.pool.push(buf);
-        }
     }
 
     /// The one transition function: consume a prefix of `input` (0 = wait for more bytes,
@@ -337,7 +314,7 @@ impl NbdSession {
         }
         let next = match tx.admit(&h, &self.config, self.shutting_down) {
             Admission::Submit(work) if h.payload_len() > 0 => {
-                let buf = self.buffer(h.payload_len() as usize);
+                let buf = self.pool.take(h.payload_len() as usize);
                 let write = PendingWrite {
                     cookie: h.cookie,
                     work,
@@ -347,7 +324,7 @@ impl NbdSession {
                 State::WritePayload { tx, write }
             }
             Admission::Submit(work) => {
-                let buf = matches!(work.op, Op::Read).then(|| self.buffer(work.len as usize));
+                let buf = matches!(work.op, Op::Read).then(|| self.pool.take(work.len as usize));
                 self.submit(&tx, h.cookie, work, buf, actions);
                 State::Requests(tx)
             }
