@@ -69,6 +69,8 @@ pub struct EngineConfig {
     pub ring_entries: u32,
     /// Adaptive polling: microseconds to spin before sleeping.
     pub spin_us: u64,
+    /// Device I/Os a reactor queues before it submits them mid-pass (1 = each at once).
+    pub submit_batch: u32,
     /// A tracing filter: a level ("info") or directives ("info,tessel_engine=debug").
     pub log_level: String,
 }
@@ -80,6 +82,7 @@ impl Default for EngineConfig {
             poll: PollMode::Adaptive,
             ring_entries: 256,
             spin_us: 50,
+            submit_batch: 1,
             log_level: "info".to_string(),
         }
     }

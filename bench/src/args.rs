@@ -75,6 +75,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Poll::Adaptive)]
     pub poll: Poll,
 
+    /// Device I/Os a reactor queues before it enters the kernel to submit them (the rest go
+    /// at the end of its pass). 1 submits each at once, like fio's default; larger values
+    /// save syscalls where the device prefers batches (like fio's iodepth_batch_submit).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub submit_batch: u32,
+
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]
     pub json: bool,

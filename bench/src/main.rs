@@ -173,6 +173,7 @@ fn run(args: &Args) -> Result<bool, String> {
             (page_bytes as f64 / clusters as f64 * 10.0).round() / 10.0
         },
         poll: format!("{:?}", args.poll).to_lowercase(),
+        submit_batch: args.submit_batch,
         device: args.device.clone(),
     };
     let report = Report::new(base, &stats);
@@ -506,6 +507,7 @@ fn open_engine(args: &Args) -> Result<Engine, String> {
             Poll::Adaptive => PollMode::Adaptive,
         },
         ring_entries: 256u32.max((args.qd * 2).next_power_of_two()),
+        submit_batch: args.submit_batch,
         ..EngineConfig::default()
     };
     let mut opts = FormatOptions {

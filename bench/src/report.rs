@@ -99,6 +99,8 @@ pub struct Report {
     pub metadata_bytes_per_cluster: f64,
     /// Polling mode of the reactors.
     pub poll: String,
+    /// Device I/Os queued before a mid-pass submit (`--submit-batch`).
+    pub submit_batch: u32,
     /// The pool device.
     pub device: String,
 }
@@ -168,7 +170,7 @@ impl Report {
             );
         }
         let base = format!(
-            "{} bs={} qd={} cores={} poll={} device={}\n\
+            "{} bs={} qd={} cores={} poll={} submit_batch={} device={}\n\
              {:>12.0} IOPS {:>10.1} MiB/s {:>10} ops in {:.2}s, {} errors\n\
              latency (us): min {:.1} avg {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}\n\
              metadata: {:.1} bytes per allocated cluster\n",
@@ -177,6 +179,7 @@ impl Report {
             self.qd,
             self.cores,
             self.poll,
+            self.submit_batch,
             self.device,
             self.iops,
             self.mib_s,
@@ -300,6 +303,7 @@ mod tests {
             background_iops: 0.0,
             metadata_bytes_per_cluster: 0.0,
             poll: "adaptive".into(),
+            submit_batch: 1,
             device: "null".into(),
         }
     }
@@ -341,6 +345,7 @@ mod tests {
             "snapshot_create_us_max",
             "background_seconds",
             "metadata_bytes_per_cluster",
+            "submit_batch",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }

@@ -797,6 +797,9 @@ impl Reactor {
                     .build()
             };
             self.push_sqe(e, Cont::Data { op: i, len });
+            if self.ring.submission().len() >= self.shared.submit_batch {
+                let _ = self.ring.submit();
+            }
             return;
         }
         let member = &self.shared.members[m];

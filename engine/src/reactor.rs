@@ -119,6 +119,8 @@ pub struct Shared {
     pub poll: PollMode,
     pub spin: Duration,
     pub ring_entries: u32,
+    /// Device I/O entries queued before they are submitted mid-pass.
+    pub submit_batch: usize,
 }
 
 impl Shared {

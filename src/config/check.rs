@@ -147,6 +147,15 @@ impl EngineConfig {
                 ),
             ));
         }
+        if self.submit_batch == 0 || self.submit_batch > self.ring_entries {
+            return Err(Problem::new(
+                at("submit_batch"),
+                format!(
+                    "{} is not from 1 to ring_entries ({})",
+                    self.submit_batch, self.ring_entries
+                ),
+            ));
+        }
         if !is_log_filter(&self.log_level) {
             return Err(Problem::new(
                 at("log_level"),

@@ -101,6 +101,16 @@ fn wrong_type_names_the_key_and_the_expected_type() {
 }
 
 #[test]
+fn submit_batch_beyond_the_ring_is_refused() {
+    let e = refuse("[engine]\nring_entries = 64\nsubmit_batch = 65\n");
+    assert_eq!(e.key.as_deref(), Some("engine.submit_batch"));
+    assert_eq!(e.line, Some(3));
+    assert!(e.message.contains("1 to ring_entries (64)"), "{}", e.message);
+    let e = refuse("[engine]\nsubmit_batch = 0\n");
+    assert_eq!(e.key.as_deref(), Some("engine.submit_batch"));
+}
+
+#[test]
 fn bad_size_names_the_key_and_the_unit() {
     let e = refuse(&MINIMAL.replace("size = \"1G\"", "size = \"4Q\""));
     assert_eq!(e.key.as_deref(), Some("volume[0].size"));

@@ -116,6 +116,7 @@ fn engine_config(c: &Config) -> EngineConfig {
         ring_entries: c.engine.ring_entries,
         spin: Duration::from_micros(c.engine.spin_us),
         pin: true,
+        submit_batch: c.engine.submit_batch,
     }
 }
 

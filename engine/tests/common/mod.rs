@@ -12,6 +12,7 @@ pub fn cfg(n: usize) -> EngineConfig {
         ring_entries: 64,
         spin: Duration::from_micros(20),
         pin: false,
+        submit_batch: 1,
     }
 }
 
