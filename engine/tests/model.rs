@@ -75,15 +75,15 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         2 => (0..6u8, 16..2600u32, any::<bool>())
             .prop_map(|(name, kib, bs4k)| Step::Create { name, kib, bs4k }),
-        10 => (any::<u8>(), at.clone(), blocks.clone(), any::<bool>(), prop_oneof![
+        10 => (any::<u8>(), at, blocks.clone(), any::<bool>(), prop_oneof![
             any::<u64>().prop_map(Fill::Random),
             any::<u8>().prop_map(Fill::Byte),
             Just(Fill::Byte(0)),
         ])
             .prop_map(|(vol, at, blocks, fua, fill)| Step::Write { vol, at, blocks, fua, fill }),
-        6 => (any::<u8>(), at.clone(), blocks.clone())
+        6 => (any::<u8>(), at, blocks.clone())
             .prop_map(|(vol, at, blocks)| Step::Read { vol, at, blocks }),
-        3 => (any::<u8>(), at.clone(), blocks.clone())
+        3 => (any::<u8>(), at, blocks.clone())
             .prop_map(|(vol, at, blocks)| Step::Trim { vol, at, blocks }),
         3 => (any::<u8>(), at, blocks, any::<bool>())
             .prop_map(|(vol, at, blocks, fua)| Step::Zero { vol, at, blocks, fua }),

@@ -87,11 +87,11 @@ fn step() -> impl Strategy<Value = Step> {
     // Up to 40 blocks of 4 KiB: up to 11 clusters.
     let blocks = 1..40u8;
     prop_oneof![
-        12 => (any::<u8>(), at.clone(), blocks.clone(), any::<u64>(), any::<bool>())
+        12 => (any::<u8>(), at, blocks.clone(), any::<u64>(), any::<bool>())
             .prop_map(|(img, at, blocks, seed, fua)| Step::Write { img, at, blocks, seed, fua }),
-        6 => (any::<u8>(), at.clone(), blocks.clone())
+        6 => (any::<u8>(), at, blocks.clone())
             .prop_map(|(img, at, blocks)| Step::Read { img, at, blocks }),
-        2 => (any::<u8>(), at.clone(), blocks.clone())
+        2 => (any::<u8>(), at, blocks.clone())
             .prop_map(|(img, at, blocks)| Step::Trim { img, at, blocks }),
         2 => (any::<u8>(), at, blocks).prop_map(|(img, at, blocks)| Step::Zero { img, at, blocks }),
         1 => Just(Step::Create),

@@ -216,7 +216,7 @@ impl Transmission {
                 shape,
             }));
         }
-        if h.offset % block != 0 || u64::from(h.len) % block != 0 {
+        if !h.offset.is_multiple_of(block) || !u64::from(h.len).is_multiple_of(block) {
             return Err((
                 Errno::Inval,
                 "offset or length not a multiple of the block size",
