@@ -899,10 +899,12 @@ impl Reactor {
     fn fail_write(&mut self, i: usize, e: IoError) {
         let op = self.ops.get(i).expect("op");
         if op.fresh {
-            // Nothing points to it yet: reusable at once.
+            // Nothing points to it yet: free at once, also when its group was given to
+            // another reactor while the write flew (then its owner marks it reusable).
             let c = op.target;
-            if self.alloc.release_now(c) {
-                self.shared.used_clusters.fetch_sub(1, Ordering::Relaxed);
+            self.shared.used_clusters.fetch_sub(1, Ordering::Relaxed);
+            if !self.alloc.release_now(c) {
+                self.send_free(c);
             }
         }
         self.finish_op(i, Err(e))
@@ -954,6 +956,13 @@ impl Reactor {
         }
     }
 
+    /// Mark free a cluster of a group this reactor does not own (any more): its owner does.
+    fn send_free(&mut self, c: u64) {
+        let g = (c / self.shared.group_size) as usize;
+        let to = self.shared.group_owner[g].load(Ordering::Acquire) as usize;
+        self.send(to, Msg::Free(vec![c]));
+    }
+
     pub(crate) fn alloc_cluster(&mut self) -> Option<u64> {
         let c = self.alloc.alloc()?;
         self.shared.used_clusters.fetch_add(1, Ordering::Relaxed);
@@ -995,6 +1004,22 @@ impl Reactor {
         self.ready.extend(ws);
     }
 
+    /// Answer reactor `to`'s group request with `group` (None: none to spare). The group is
+    /// `to`'s from now on: frees of its clusters this reactor sends after it reach `to`
+    /// after it (one sent from elsewhere before it arrives goes round, see `Msg::Free`).
+    pub(crate) fn give_group(&mut self, to: usize, group: Option<crate::alloc::AllocGroup>) {
+        if let Some(g) = &group {
+            self.shared.group_owner[g.index as usize].store(to as u32, Ordering::Release);
+        }
+        self.send(
+            to,
+            Msg::GroupGive {
+                group,
+                from: self.id,
+            },
+        );
+    }
+
     /// Answer to a group request.
     pub(crate) fn on_group(&mut self, group: Option<crate::alloc::AllocGroup>, from: usize) {
         if let Some(g) = group {
@@ -1004,7 +1029,6 @@ impl Reactor {
                 free = g.free(),
                 "borrowed an allocation group"
             );
-            self.shared.group_owner[g.index as usize].store(self.id as u32, Ordering::Release);
             self.alloc.groups.push(g);
             self.asking = None;
             return self.retry_space_waiters();
@@ -1129,9 +1153,7 @@ impl Reactor {
             .used_clusters
             .fetch_sub(released + foreign.len() as u64, Ordering::Relaxed);
         for c in foreign {
-            let g = (c / self.shared.group_size) as usize;
-            let to = self.shared.group_owner[g].load(Ordering::Acquire) as usize;
-            self.send(to, Msg::Free(vec![c]));
+            self.send_free(c);
         }
         if self.journal.commit_was_cut() {
             // The ring was full: these records wait for a checkpoint to make room. Records
@@ -1163,6 +1185,79 @@ impl Reactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::{DeviceSpec, MemDisk};
+    use crate::request::{ReplyTo, Sink};
+    use crate::{Engine, EngineConfig, FormatOptions, PollMode};
+    use std::time::{Duration, Instant};
+
+    fn two_reactors() -> Engine {
+        let dev = [DeviceSpec::Mem(MemDisk::new(64 << 20, false))];
+        let opts = FormatOptions {
+            cluster_size: 16 << 10,
+            shard_size: 1 << 20,
+            journal_regions: 4,
+            force: false,
+        };
+        Engine::format(&dev, &opts).expect("format");
+        let cfg = EngineConfig {
+            cores: vec![0, 1],
+            poll: PollMode::Adaptive,
+            ring_entries: 64,
+            spin: Duration::from_micros(20),
+            pin: false,
+            submit_batch: 1,
+        };
+        Engine::open(&dev, cfg).expect("open")
+    }
+
+    #[test]
+    fn a_failed_write_frees_its_cluster_at_once_after_its_group_moved() {
+        let e = two_reactors();
+        let used = e.pool_info().used_bytes;
+        let (tx, rx) = std::sync::mpsc::channel();
+        e.inner.shared.send_blocking(
+            0,
+            Msg::Task(Box::new(move |r: &mut Reactor| {
+                // A write allocates a cluster on reactor 0...
+                let c = r.alloc_cluster().expect("a free cluster");
+                let write = Op::Write { fua: false };
+                let reply = ReplyTo::Sink(Sink::for_thread());
+                let parent = Parent::new(1, write, 0, 4096, None, reply, 0, 1, Instant::now());
+                let span = Span {
+                    vol: u64::MAX,
+                    shard: 0,
+                    idx: 0,
+                    coff: 0,
+                    clen: 4096,
+                    buf_off: 0,
+                    vol_off: 0,
+                };
+                let i = r.ops.insert(ClusterOp::new(parent, write, Job::None, span));
+                let op = r.ops.get_mut(i).expect("op");
+                (op.target, op.fresh, op.stage) = (c, true, Stage::Write);
+                // ... reactor 1 is given the cluster's group while the write is in flight...
+                let k = r
+                    .alloc
+                    .groups
+                    .iter()
+                    .position(|g| g.holds(c))
+                    .expect("group");
+                let g = r.alloc.groups.swap_remove(k);
+                let free = g.free();
+                r.give_group(1, Some(g));
+                // ... and the device fails the write.
+                r.fail_write(i, IoError::Device(libc::EIO));
+                tx.send((c, free)).expect("test waits");
+            })),
+        );
+        let (c, free) = rx.recv().expect("task ran");
+        assert_eq!(e.pool_info().used_bytes, used, "counted free at once");
+        // Reactor 1 got the group, then the cluster back (both sent by reactor 0, in order).
+        let free_now =
+            e.on_all(move |r| r.alloc.groups.iter().find(|g| g.holds(c)).map(|g| g.free()));
+        assert_eq!(free_now, vec![None, Some(free + 1)]);
+        e.shutdown().expect("shutdown");
+    }
 
     #[test]
     fn runs_split_on_gaps_and_on_key_changes() {

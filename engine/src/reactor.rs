@@ -168,7 +168,7 @@ pub enum Msg {
     Piece(Piece),
     /// Run a closure on the reactor (control operations: volume table, checkpoint, stats).
     Task(Box<dyn FnOnce(&mut Reactor) + Send>),
-    /// Clusters of groups the receiver owns, freed durably elsewhere.
+    /// Clusters of groups the receiver owns, freed elsewhere (and counted free there).
     Free(Vec<u64>),
     /// Reactor `from` ran out of space: give it a group if you can.
     GroupAsk { from: usize },
@@ -572,7 +572,8 @@ impl Reactor {
             Msg::Piece(p) => self.start_piece(p),
             Msg::Task(f) => f(self),
             Msg::Free(cs) => {
-                // Durably freed by another reactor's commit, which counted them as free.
+                // Freed by another reactor (a durable commit's frees, a failed write's
+                // cluster), which counted them as free.
                 for c in cs {
                     if !self.alloc.release_now(c) {
                         // The group moved on; pass the cluster to whoever took it.
@@ -585,13 +586,7 @@ impl Reactor {
             }
             Msg::GroupAsk { from } => {
                 let group = self.alloc.donate();
-                self.send(
-                    from,
-                    Msg::GroupGive {
-                        group,
-                        from: self.id,
-                    },
-                );
+                self.give_group(from, group);
             }
             Msg::GroupGive { group, from } => self.on_group(group, from),
         }
