@@ -1185,34 +1185,12 @@ impl Reactor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::{DeviceSpec, MemDisk};
     use crate::request::{ReplyTo, Sink};
-    use crate::{Engine, EngineConfig, FormatOptions, PollMode};
-    use std::time::{Duration, Instant};
-
-    fn two_reactors() -> Engine {
-        let dev = [DeviceSpec::Mem(MemDisk::new(64 << 20, false))];
-        let opts = FormatOptions {
-            cluster_size: 16 << 10,
-            shard_size: 1 << 20,
-            journal_regions: 4,
-            force: false,
-        };
-        Engine::format(&dev, &opts).expect("format");
-        let cfg = EngineConfig {
-            cores: vec![0, 1],
-            poll: PollMode::Adaptive,
-            ring_entries: 64,
-            spin: Duration::from_micros(20),
-            pin: false,
-            submit_batch: 1,
-        };
-        Engine::open(&dev, cfg).expect("open")
-    }
+    use std::time::Instant;
 
     #[test]
     fn a_failed_write_frees_its_cluster_at_once_after_its_group_moved() {
-        let e = two_reactors();
+        let e = crate::engine::mem_engine(2);
         let used = e.pool_info().used_bytes;
         let (tx, rx) = std::sync::mpsc::channel();
         e.inner.shared.send_blocking(

@@ -937,3 +937,26 @@ impl Client {
         }
     }
 }
+
+/// A pool of 64 MiB in memory (16 KiB clusters, 1 MiB shards) opened with `reactors`
+/// unpinned adaptive reactors, for the crate's unit tests that work on reactor state.
+#[cfg(test)]
+pub(crate) fn mem_engine(reactors: usize) -> Engine {
+    let dev = [DeviceSpec::Mem(crate::media::MemDisk::new(64 << 20, false))];
+    let opts = FormatOptions {
+        cluster_size: 16 << 10,
+        shard_size: 1 << 20,
+        journal_regions: 4,
+        force: false,
+    };
+    Engine::format(&dev, &opts).expect("format");
+    let cfg = EngineConfig {
+        cores: (0..reactors).collect(),
+        poll: PollMode::Adaptive,
+        ring_entries: 64,
+        spin: Duration::from_micros(20),
+        pin: false,
+        submit_batch: 1,
+    };
+    Engine::open(&dev, cfg).expect("open")
+}

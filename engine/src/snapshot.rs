@@ -62,12 +62,19 @@ fn clone_shards(from: &FxHashMap<u64, Shard>) -> FxHashMap<u64, Shard> {
 }
 
 impl Reactor {
-    /// Does any image here still point at cluster `c` (as its cluster or its parent) at
-    /// this cluster position? Clusters never move between positions, and every image of a
-    /// family keeps shard `s` on the same reactor, so this is the whole question.
-    pub(crate) fn needed(&self, shard: u64, idx: u32, c: u64, except: Option<u64>) -> bool {
+    /// Does any image here that `by` picks still point at cluster `c` (as its cluster or
+    /// its parent) at this cluster position? Clusters never move between positions, and
+    /// every image of a family keeps shard `s` on the same reactor, so this is the whole
+    /// question.
+    pub(crate) fn needed(
+        &self,
+        shard: u64,
+        idx: u32,
+        c: u64,
+        by: impl Fn(u64, &VolState) -> bool,
+    ) -> bool {
         self.vols.iter().any(|(id, v)| {
-            Some(*id) != except
+            by(*id, v)
                 && v.shards.get(&shard).is_some_and(|s| {
                     let e = s.map.get(idx as usize);
                     e.phys == c || e.parent == c
@@ -75,9 +82,10 @@ impl Reactor {
         })
     }
 
-    /// A reference to `c` at this position was dropped: free it if it was the last.
+    /// A reference to `c` at this position was dropped: free it if it was the last (an
+    /// image being released still counts: whoever lets go of `c` last frees it).
     pub(crate) fn release_ref(&mut self, shard: u64, idx: u32, c: u64) {
-        if c != NONE && !self.needed(shard, idx, c, None) {
+        if c != NONE && !self.needed(shard, idx, c, |_, _| true) {
             self.free_cluster(c);
         }
     }
@@ -324,7 +332,10 @@ impl Reactor {
         self.commit_wanted(Some(Waiter::Call(done)));
     }
 
-    /// Clusters an image references here, and those no other image references.
+    /// Clusters an image references here, and those no other image references. An image
+    /// being released does not count: its clusters are on their way out, and one it shares
+    /// with this image is freed by whichever of the two lets go last (what deleting this
+    /// image frees, in time).
     pub(crate) fn image_space(&self, id: u64) -> (u64, u64) {
         let Some(v) = self.vols.get(&id) else {
             return (0, 0);
@@ -334,7 +345,7 @@ impl Reactor {
         for (s, sh) in &v.shards {
             for (i, e) in sh.map.allocated() {
                 all += 1;
-                if !self.needed(*s, i as u32, e.phys, Some(id)) {
+                if !self.needed(*s, i as u32, e.phys, |o, v| o != id && !v.deleting) {
                     own += 1;
                 }
             }
@@ -517,5 +528,73 @@ impl Reactor {
                     .count() as u64
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::io::{Op, Request};
+    use crate::AlignedBuf;
+
+    #[test]
+    fn a_snapshot_shares_nothing_with_one_being_deleted() {
+        let e = crate::engine::mem_engine(2);
+        // Two shards, one on each reactor, written whole.
+        let len = 2u64 << 20;
+        let v = e.create_volume("v", len, 4096).expect("volume");
+        let mut c = e.client();
+        let mut write = |byte: u8| {
+            let r = c.run(Request {
+                tag: 1,
+                volume: v.id,
+                op: Op::Write { fua: false },
+                offset: 0,
+                len,
+                buf: Some(AlignedBuf::from_slice(&vec![byte; len as usize])),
+            });
+            assert_eq!(r.result, Ok(()));
+        };
+        write(1);
+        let s1 = e.snapshot_create("v", "s1").expect("s1").id.0;
+        let s2 = e.snapshot_create("v", "s2").expect("s2").id.0;
+        // The volume moves to new clusters: s1 and s2 hold the old ones, between them.
+        write(2);
+        let clusters = len / (16 << 10);
+        let space = |e: &crate::Engine| {
+            e.on_all(move |r| r.image_space(s2))
+                .into_iter()
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        };
+        assert_eq!(space(&e), (clusters, 0));
+        // Each reactor's part of deleting s1 (as `snapshot_delete`), and s2's space asked
+        // before any of s1 is released (a pass of the reactor releases, not a task).
+        let during = e
+            .on_all(move |r| {
+                if let Some(v) = r.vols.get_mut(&s1) {
+                    v.deleting = true;
+                }
+                r.drop_image(s1);
+                let releasing = r.drops.iter().any(|d| d.id == s1) && r.vols.contains_key(&s1);
+                (releasing, r.image_space(s2))
+            })
+            .into_iter()
+            .fold((true, (0, 0)), |a, (rel, sp)| {
+                (a.0 && rel, (a.1 .0 + sp.0, a.1 .1 + sp.1))
+            });
+        assert_eq!(during, (true, (clusters, clusters)));
+        // The pool's own delete (already under way on the reactors) and its listing agree.
+        e.snapshot_delete("v", "s1").expect("delete s1");
+        let listed = e.snapshots(Some("v")).expect("list");
+        let cs = 16 << 10;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (
+                listed[0].allocated_bytes,
+                listed[0].exclusive_bytes,
+                listed[0].shared_bytes
+            ),
+            (clusters * cs, clusters * cs, 0)
+        );
+        e.shutdown().expect("shutdown");
     }
 }
