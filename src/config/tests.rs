@@ -105,7 +105,11 @@ fn submit_batch_beyond_the_ring_is_refused() {
     let e = refuse("[engine]\nring_entries = 64\nsubmit_batch = 65\n");
     assert_eq!(e.key.as_deref(), Some("engine.submit_batch"));
     assert_eq!(e.line, Some(3));
-    assert!(e.message.contains("1 to ring_entries (64)"), "{}", e.message);
+    assert!(
+        e.message.contains("1 to ring_entries (64)"),
+        "{}",
+        e.message
+    );
     let e = refuse("[engine]\nsubmit_batch = 0\n");
     assert_eq!(e.key.as_deref(), Some("engine.submit_batch"));
 }
