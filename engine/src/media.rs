@@ -218,12 +218,19 @@ impl Member {
     }
 }
 
-/// The null device: keeps what is written below the data region (superblocks, journals,
-/// checkpoints: the first write at offset 0 that is a superblock says where data starts),
-/// drops data writes and leaves data read buffers untouched.
+/// The null device, the engine's stand-in for an infinitely fast disk (SPDK's null bdev):
+/// keeps what is written to the superblocks, the control log and the checkpoint slots (the
+/// first write at offset 0 that is a superblock gives the layout), so that a pool can be
+/// formatted and opened; drops data and journal writes, reads data as the buffer was and
+/// journals as zeros. A reopened null pool is its last checkpoint, and its data is gone
+/// anyway. Journal commits thus cost the reactor the engine's work only: on a null pool
+/// they are synchronous, and storing up to 128 journal blocks (an allocation, a page fault
+/// and a copy each) held the reactor for 0.5-1.3 ms every few milliseconds under redirects.
 pub struct NullDisk {
     size: u64,
     data_start: std::sync::atomic::AtomicU64,
+    /// The journal regions, `[start, end)`; empty until a superblock is written.
+    journal: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
     meta: Mutex<std::collections::HashMap<u64, Box<[u8; 4096]>>>,
 }
 
@@ -239,15 +246,24 @@ impl NullDisk {
         Arc::new(NullDisk {
             size,
             data_start: std::sync::atomic::AtomicU64::new(u64::MAX),
+            journal: Default::default(),
             meta: Mutex::new(Default::default()),
         })
     }
 
+    /// True for bytes the device drops: data and journals.
     fn data(&self, off: u64) -> bool {
-        off >= self.data_start.load(std::sync::atomic::Ordering::Relaxed)
+        use std::sync::atomic::Ordering::Relaxed;
+        off >= self.data_start.load(Relaxed)
+            || (self.journal.0.load(Relaxed)..self.journal.1.load(Relaxed)).contains(&off)
     }
 
     fn read(&self, off: u64, out: &mut [u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if (self.journal.0.load(Relaxed)..self.journal.1.load(Relaxed)).contains(&off) {
+            out.fill(0);
+            return;
+        }
         if self.data(off) {
             // Like SPDK's null bdev: data reads leave the buffer as it is.
             return;
@@ -267,8 +283,11 @@ impl NullDisk {
         }
         if off == 0 {
             if let Ok(sb) = crate::format::Superblock::decode(data) {
-                self.data_start
-                    .store(sb.data_start, std::sync::atomic::Ordering::Relaxed);
+                use std::sync::atomic::Ordering::Relaxed;
+                self.data_start.store(sb.data_start, Relaxed);
+                let end = sb.journal_start + sb.journal_region_bytes * sb.journal_regions as u64;
+                self.journal.0.store(sb.journal_start, Relaxed);
+                self.journal.1.store(end, Relaxed);
             }
         }
         // The lock is taken per block: a checkpoint of hundreds of MiB written by the
@@ -414,6 +433,33 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn null_keeps_superblocks_and_checkpoints_and_drops_journals_and_data() {
+        let size = 4u64 << 30;
+        let sb = crate::format::plan(&[size], &Default::default(), [7; 16]).unwrap()[0].clone();
+        let d = NullDisk::new(size);
+        d.write(0, &sb.encode());
+        let mut back = [0u8; 4096];
+        d.read(0, &mut back);
+        assert_eq!(crate::format::Superblock::decode(&back), Ok(sb.clone()));
+        d.write(sb.ckpt_start, &[5u8; 8192]);
+        d.write(sb.journal_start, &[6u8; 4096]);
+        d.write(sb.data_start, &[7u8; 4096]);
+        let mut b = [1u8; 8192];
+        d.read(sb.ckpt_start, &mut b);
+        assert!(b.iter().all(|&x| x == 5), "checkpoint kept");
+        let mut b = [1u8; 4096];
+        d.read(sb.journal_start, &mut b);
+        assert!(b.iter().all(|&x| x == 0), "journal reads as zeros");
+        let mut b = [1u8; 4096];
+        d.read(sb.data_start, &mut b);
+        assert!(b.iter().all(|&x| x == 1), "data reads leave the buffer");
+        assert!(
+            d.meta.lock().unwrap().len() <= 3,
+            "journal and data blocks not stored"
+        );
+    }
 
     #[test]
     fn crash_keeps_flushed_writes_and_maybe_later_ones() {
