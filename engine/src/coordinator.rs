@@ -9,7 +9,7 @@ use crate::error::{ControlError, IoError};
 use crate::journal::{ImageKind, Record, VolumeRecord};
 use crate::map::NONE;
 use crate::reactor::Reactor;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,19 @@ pub struct InflateProgress {
 }
 
 type Done = Box<dyn FnOnce(Result<(), IoError>) + Send>;
+
+/// A snapshot barrier in flight: reactors count down as they drain; the last one and the
+/// coordinator's deadline race (compare-and-swap on `state`) to commit or abort it.
+struct Barrier {
+    remaining: AtomicUsize,
+    state: AtomicU8,
+    /// When the last reactor drained, in nanoseconds since the barrier began (for the log).
+    drained_ns: AtomicU64,
+}
+
+const PREPARING: u8 = 0;
+const COMMITTING: u8 = 1;
+const ABORTED: u8 = 2;
 
 impl Engine {
     /// Checkpoint now if a journal asked for one. Operations that wait for a reactor's
@@ -109,6 +122,7 @@ impl Engine {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if self.checkpoint_wanted() {
+                        tracing::info!("checkpoint while waiting for reactors");
                         if let Err(e) = self.checkpoint_locked(c) {
                             tracing::error!("checkpoint while waiting for reactors failed: {e}");
                         }
@@ -140,33 +154,117 @@ impl Engine {
         c.state.next_volume_id += 1;
         let vol = v.id;
         let started = Instant::now();
+        let n = self.reactors();
         // Prepare: every reactor holds new writes to the volume and drains admitted ones.
-        let prepared = self.on_all_until(&mut c, BARRIER_DEADLINE, move |r, done| {
-            r.hold(vol, false, Box::new(move |_| done(Ok(()))));
+        // The last reactor to drain commits: it takes the epoch (entries written so far
+        // are born at or before it and belong to the snapshot; every write from now on is
+        // born after it) and sends the freeze to every reactor itself. The held writes thus
+        // wait for reactor-to-reactor messages only, never for this thread to be woken and
+        // scheduled (on a busy core that took up to milliseconds).
+        let barrier = Arc::new(Barrier {
+            remaining: AtomicUsize::new(n),
+            state: AtomicU8::new(PREPARING),
+            drained_ns: AtomicU64::new(0),
         });
-        let drained = started.elapsed();
-        if prepared.is_err() {
-            self.on_all(move |r| r.release_hold(vol));
-            tracing::warn!(
-                volume,
-                snapshot = name,
-                "snapshot barrier timed out; released"
+        let (tx, rx) = mpsc::channel::<(u64, Result<(), IoError>)>();
+        for r in 0..n {
+            let (barrier, tx) = (barrier.clone(), tx.clone());
+            let on_drained = move |re: &mut Reactor| {
+                if barrier.remaining.fetch_sub(1, Ordering::AcqRel) != 1
+                    || barrier
+                        .state
+                        .compare_exchange(
+                            PREPARING,
+                            COMMITTING,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_err()
+                {
+                    return;
+                }
+                let ns = started.elapsed().as_nanos() as u64;
+                barrier.drained_ns.store(ns, Ordering::Release);
+                let epoch = re.shared.epoch.fetch_add(1, Ordering::AcqRel);
+                for to in 0..re.shared.inboxes.len() {
+                    let tx = tx.clone();
+                    re.send(
+                        to,
+                        crate::reactor::Msg::Task(Box::new(move |re: &mut Reactor| {
+                            re.freeze(
+                                vol,
+                                snap,
+                                epoch,
+                                Box::new(move |res| {
+                                    let _ = tx.send((epoch, res));
+                                }),
+                            )
+                        })),
+                    );
+                }
+            };
+            self.inner.shared.send_blocking(
+                r,
+                crate::reactor::Msg::Task(Box::new(move |re: &mut Reactor| {
+                    re.hold(vol, false, Box::new(on_drained))
+                })),
             );
-            return Err(ControlError::BarrierTimeout);
         }
-        // Commit: entries written so far are born at or before `epoch` and belong to the
-        // snapshot; every write from now on is born after it.
-        let shared = &self.inner.shared;
-        let epoch = shared.epoch.fetch_add(1, Ordering::AcqRel);
-        let frozen = self.on_all_until(&mut c, Duration::from_secs(60), move |r, done| {
-            r.freeze(vol, snap, epoch, done)
-        });
+        drop(tx);
+        let (mut answered, mut epoch, mut result) = (0, 0, Ok(()));
+        let end = started + Duration::from_secs(60);
+        while answered < n {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok((e, r)) => {
+                    answered += 1;
+                    epoch = e;
+                    if let (Err(e), true) = (r, result.is_ok()) {
+                        result = Err(e);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // A reactor that has not drained by the deadline aborts the snapshot,
+                    // unless the last one to drain is committing it already.
+                    if started.elapsed() >= BARRIER_DEADLINE
+                        && barrier
+                            .state
+                            .compare_exchange(
+                                PREPARING,
+                                ABORTED,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            )
+                            .is_ok()
+                    {
+                        self.on_all(move |r| r.release_hold(vol));
+                        tracing::warn!(
+                            volume,
+                            snapshot = name,
+                            "snapshot barrier timed out; released"
+                        );
+                        return Err(ControlError::BarrierTimeout);
+                    }
+                    if Instant::now() >= end {
+                        return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT)));
+                    }
+                    // A freeze whose commit finds its journal ring full waits for a
+                    // checkpoint, which needs the control lock we hold: write it here.
+                    if self.checkpoint_wanted() {
+                        tracing::info!("checkpoint while waiting for reactors");
+                        if let Err(e) = self.checkpoint_locked(&mut c) {
+                            tracing::error!("checkpoint while waiting for reactors failed: {e}");
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT)))
+                }
+            }
+        }
+        let drained = Duration::from_nanos(barrier.drained_ns.load(Ordering::Acquire));
         let paused = started.elapsed();
-        match frozen {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(ControlError::Io(e)),
-            Err(()) => return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT))),
-        }
+        result.map_err(ControlError::Io)?;
+        let shared = &self.inner.shared;
         let rec = VolumeRecord {
             id: snap,
             name: name.into(),

@@ -755,6 +755,7 @@ impl Engine {
         (state, images): (PoolState, Vec<ReactorMaps>),
     ) -> Result<(), ControlError> {
         let s = &self.inner.shared;
+        let started = Instant::now();
         let bytes: Vec<Vec<u8>> = images
             .iter()
             .map(|(maps, _)| pool::encode_maps(maps.iter().map(|(i, s, m)| (*i, *s, m))))
@@ -769,9 +770,10 @@ impl Engine {
         self.inner
             .control_tail
             .store(state.control_seq, Ordering::Release);
-        tracing::debug!(
+        tracing::info!(
             generation = state.gen,
-            reactors = bytes.len(),
+            bytes = bytes.iter().map(Vec::len).sum::<usize>(),
+            ms = started.elapsed().as_millis() as u64,
             "checkpoint written"
         );
         Ok(())
