@@ -249,7 +249,7 @@ pub fn plan(
     let max_clusters = raw_total / cs;
     let control_bytes = 4 * MIB;
     let ckpt_slot_bytes = align_up(max_clusters * 128 + 8 * MIB, MIB);
-    let journal_region_bytes = align_up((raw_total / 1024).clamp(MIB, 64 * MIB), MIB);
+    let journal_region_bytes = align_up((raw_total / 1024).clamp(MIB, 256 * MIB), MIB);
     let control_start = MIB;
     let ckpt_start = control_start + control_bytes;
     let journal_start = ckpt_start + 2 * ckpt_slot_bytes;
