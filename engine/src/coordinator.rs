@@ -59,6 +59,8 @@ struct Barrier {
     state: AtomicU8,
     /// When the last reactor drained, in nanoseconds since the barrier began (for the log).
     drained_ns: AtomicU64,
+    /// The snapshot's epoch, taken by the last reactor to drain.
+    epoch: AtomicU64,
 }
 
 const PREPARING: u8 = 0;
@@ -105,7 +107,21 @@ impl Engine {
             );
         }
         drop(tx);
-        let end = Instant::now() + deadline;
+        self.wait_answers(c, &rx, n, Instant::now() + deadline, || false)
+    }
+
+    /// Wait for `n` answers on `rx` until `end`, returning the first error; Err(()) at
+    /// `end`, when the senders are gone, or when `give_up` (asked every 20 ms without an
+    /// answer) says so. Checkpoints a reactor waits for are written here meanwhile (see
+    /// `on_all_until`).
+    fn wait_answers(
+        &self,
+        c: &mut ControlState,
+        rx: &mpsc::Receiver<Result<(), IoError>>,
+        n: usize,
+        end: Instant,
+        mut give_up: impl FnMut() -> bool,
+    ) -> Result<Result<(), IoError>, ()> {
         let mut result = Ok(());
         let mut answered = 0;
         while answered < n {
@@ -121,6 +137,9 @@ impl Engine {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if give_up() {
+                        return Err(());
+                    }
                     if self.checkpoint_wanted() {
                         tracing::info!("checkpoint while waiting for reactors");
                         if let Err(e) = self.checkpoint_locked(c) {
@@ -165,8 +184,9 @@ impl Engine {
             remaining: AtomicUsize::new(n),
             state: AtomicU8::new(PREPARING),
             drained_ns: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         });
-        let (tx, rx) = mpsc::channel::<(u64, Result<(), IoError>)>();
+        let (tx, rx) = mpsc::channel::<Result<(), IoError>>();
         for r in 0..n {
             let (barrier, tx) = (barrier.clone(), tx.clone());
             let on_drained = move |re: &mut Reactor| {
@@ -186,6 +206,7 @@ impl Engine {
                 let ns = started.elapsed().as_nanos() as u64;
                 barrier.drained_ns.store(ns, Ordering::Release);
                 let epoch = re.shared.epoch.fetch_add(1, Ordering::AcqRel);
+                barrier.epoch.store(epoch, Ordering::Release);
                 for to in 0..re.shared.inboxes.len() {
                     let tx = tx.clone();
                     re.send(
@@ -196,7 +217,7 @@ impl Engine {
                                 snap,
                                 epoch,
                                 Box::new(move |res| {
-                                    let _ = tx.send((epoch, res));
+                                    let _ = tx.send(res);
                                 }),
                             )
                         })),
@@ -211,59 +232,34 @@ impl Engine {
             );
         }
         drop(tx);
-        let (mut answered, mut epoch, mut result) = (0, 0, Ok(()));
-        let end = started + Duration::from_secs(60);
-        while answered < n {
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok((e, r)) => {
-                    answered += 1;
-                    epoch = e;
-                    if let (Err(e), true) = (r, result.is_ok()) {
-                        result = Err(e);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // A reactor that has not drained by the deadline aborts the snapshot,
-                    // unless the last one to drain is committing it already.
-                    if started.elapsed() >= BARRIER_DEADLINE
-                        && barrier
-                            .state
-                            .compare_exchange(
-                                PREPARING,
-                                ABORTED,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            )
-                            .is_ok()
-                    {
-                        self.on_all(move |r| r.release_hold(vol));
-                        tracing::warn!(
-                            volume,
-                            snapshot = name,
-                            "snapshot barrier timed out; released"
-                        );
-                        return Err(ControlError::BarrierTimeout);
-                    }
-                    if Instant::now() >= end {
-                        return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT)));
-                    }
-                    // A freeze whose commit finds its journal ring full waits for a
-                    // checkpoint, which needs the control lock we hold: write it here.
-                    if self.checkpoint_wanted() {
-                        tracing::info!("checkpoint while waiting for reactors");
-                        if let Err(e) = self.checkpoint_locked(&mut c) {
-                            tracing::error!("checkpoint while waiting for reactors failed: {e}");
-                        }
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT)))
-                }
-            }
+        // A reactor that has not drained by the deadline aborts the snapshot, unless the
+        // last one to drain is committing it already (then its freezes are waited for).
+        let mut aborted = false;
+        let frozen = self.wait_answers(&mut c, &rx, n, started + Duration::from_secs(60), || {
+            aborted = started.elapsed() >= BARRIER_DEADLINE
+                && barrier
+                    .state
+                    .compare_exchange(PREPARING, ABORTED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            aborted
+        });
+        if aborted {
+            self.on_all(move |r| r.release_hold(vol));
+            tracing::warn!(
+                volume,
+                snapshot = name,
+                "snapshot barrier timed out; released"
+            );
+            return Err(ControlError::BarrierTimeout);
         }
+        match frozen {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(ControlError::Io(e)),
+            Err(()) => return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT))),
+        }
+        let epoch = barrier.epoch.load(Ordering::Acquire);
         let drained = Duration::from_nanos(barrier.drained_ns.load(Ordering::Acquire));
         let paused = started.elapsed();
-        result.map_err(ControlError::Io)?;
         let shared = &self.inner.shared;
         let rec = VolumeRecord {
             id: snap,
