@@ -537,6 +537,54 @@ mod tests {
     use crate::AlignedBuf;
 
     #[test]
+    fn a_barrier_that_cannot_drain_is_abandoned_and_releases_everything() {
+        let e = crate::engine::mem_engine(2);
+        let len = 2u64 << 20;
+        let v = e.create_volume("v", len, 4096).expect("volume").id.0;
+        let write = |e: &crate::Engine| {
+            e.client()
+                .run(Request {
+                    tag: 1,
+                    volume: crate::io::VolumeId(v),
+                    op: Op::Write { fua: false },
+                    offset: 0,
+                    len,
+                    buf: Some(AlignedBuf::from_slice(&vec![3; len as usize])),
+                })
+                .result
+        };
+        // A write on reactor 1 that never completes, as a device that stopped answering
+        // would leave one: that reactor never drains.
+        let stuck = |e: &crate::Engine, d: i64| {
+            e.on_all(move |r| {
+                if r.id == 1 {
+                    let vs = r.vols.get_mut(&v).expect("volume state");
+                    vs.writes_inflight = (vs.writes_inflight as i64 + d) as _;
+                }
+            })
+        };
+        stuck(&e, 1);
+        let r = e.snapshot_create("v", "s");
+        assert!(
+            matches!(r, Err(crate::ControlError::BarrierTimeout)),
+            "{r:?}"
+        );
+        // Nothing stays held or half made: no hold on any reactor, writes go through on
+        // both reactors' shards, and the snapshot does not exist.
+        assert_eq!(
+            e.on_all(move |r| r.vols[&v].hold.is_none()),
+            vec![true, true]
+        );
+        assert_eq!(write(&e), Ok(()));
+        assert!(e.snapshots(Some("v")).expect("list").is_empty());
+        // Once the stuck write is gone, the same snapshot can be taken.
+        stuck(&e, -1);
+        e.snapshot_create("v", "s")
+            .expect("snapshot after the abort");
+        assert_eq!(e.snapshots(Some("v")).expect("list").len(), 1);
+    }
+
+    #[test]
     fn a_snapshot_shares_nothing_with_one_being_deleted() {
         let e = crate::engine::mem_engine(2);
         // Two shards, one on each reactor, written whole.
