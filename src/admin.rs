@@ -13,7 +13,7 @@ use tessel_targets::control::{ClientError, ControlClient, ControlRequest, Contro
 use crate::cli::{
     CloneCommand, Command, ExportCommand, ScheduleCommand, SnapshotCommand, VolumeCommand,
 };
-use crate::size::{format_duration, format_size};
+use crate::size::{format_duration, format_remaining, format_size};
 use crate::table::{self, fields, Align, Table};
 
 /// Why an admin command failed; printed as one line after "tessel: ".
@@ -325,7 +325,7 @@ fn schedule_table(schedules: &[ScheduleInfo]) -> String {
             Some(at) => format!(
                 "{} (in {})",
                 table::format_unix(at),
-                format_duration(at.saturating_sub(now))
+                format_remaining(at.saturating_sub(now))
             ),
             None => "-".into(),
         };

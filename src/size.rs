@@ -169,9 +169,37 @@ pub fn format_duration(secs: u64) -> String {
     format!("{secs}s")
 }
 
+/// A time left, for people: the two largest non-zero units ("59m 59s", "1h", "2d 3h").
+pub fn format_remaining(secs: u64) -> String {
+    let parts: Vec<String> = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")]
+        .iter()
+        .scan(secs, |left, &(per, unit)| {
+            let n = *left / per;
+            *left %= per;
+            Some((n, unit))
+        })
+        .filter(|&(n, _)| n > 0)
+        .take(2)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    if parts.is_empty() {
+        "0s".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_left_shows_two_units() {
+        assert_eq!(format_remaining(3600), "1h");
+        assert_eq!(format_remaining(3599), "59m 59s");
+        assert_eq!(format_remaining(90_061), "1d 1h");
+        assert_eq!(format_remaining(0), "0s");
+    }
 
     #[test]
     fn sizes_use_binary_units_whatever_the_spelling() {
