@@ -380,6 +380,10 @@ pub struct Reactor {
     bell_buf: Box<u64>,
     last_commit: Instant,
     pub(crate) uring_files: bool,
+    /// The ring was set up with deferred task work (completions are run by this thread's
+    /// own `io_uring_enter` with GETEVENTS, never by interrupting it) and starts disabled:
+    /// `run` enables it on the reactor's thread, its single issuer.
+    deferred: bool,
 }
 
 impl Reactor {
@@ -390,7 +394,20 @@ impl Reactor {
         alloc: Allocator,
         journal: Journal,
     ) -> std::io::Result<Reactor> {
-        let ring = IoUring::builder().build(shared.ring_entries.max(8))?;
+        // Completions as fio sets up its rings: deferred task work run by the reactor's own
+        // enters (no interrupting signal while it spins), one issuer. Kernels before 6.1
+        // refuse the flags and get a plain ring.
+        let entries = shared.ring_entries.max(8);
+        let (ring, deferred) = match IoUring::builder()
+            .setup_r_disabled()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+        {
+            Ok(r) => (r, true),
+            Err(_) => (IoUring::builder().build(entries)?, false),
+        };
         let fds: Vec<i32> = shared.members.iter().filter_map(|m| m.raw_fd()).collect();
         let uring_files = !fds.is_empty() && fds.len() == shared.members.len();
         if uring_files {
@@ -429,6 +446,7 @@ impl Reactor {
             bell_buf: Box::new(0),
             last_commit: Instant::now(),
             uring_files,
+            deferred,
         })
     }
 
@@ -643,12 +661,12 @@ impl Reactor {
             .in_flight
             .store(self.ops.len() as u64, Ordering::Relaxed);
         // An empty submit is a wasted syscall on every spinning pass: completions are
-        // reaped from the shared ring without one (their task work runs at the next
-        // syscall or on the kernel's notification signal). An overflowed completion
-        // queue still needs the enter that flushes it.
+        // reaped from the shared ring without one. The enter is needed when the kernel
+        // holds deferred completions for us (TASKRUN flag: they are run by an enter with
+        // GETEVENTS, which `submit` then passes) or an overflowed completion queue.
         let flush = {
             let sq = self.ring.submission();
-            !sq.is_empty() || sq.cq_overflow()
+            !sq.is_empty() || sq.cq_overflow() || sq.taskrun()
         };
         if flush {
             let _ = self.ring.submit();
@@ -742,6 +760,12 @@ impl Reactor {
 
     /// The loop: runs until the engine stops and nothing is in flight.
     pub fn run(mut self) {
+        if self.deferred {
+            if let Err(e) = self.ring.submitter().register_enable_rings() {
+                tracing::error!(reactor = self.id, "cannot enable the io_uring ring: {e}");
+                return;
+            }
+        }
         let mut idle_since: Option<Instant> = None;
         let mut idle_passes = 0u32;
         loop {
