@@ -251,16 +251,18 @@ impl NullDisk {
         })
     }
 
+    fn journal(&self, off: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.journal.0.load(Relaxed)..self.journal.1.load(Relaxed)).contains(&off)
+    }
+
     /// True for bytes the device drops: data and journals.
     fn data(&self, off: u64) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        off >= self.data_start.load(Relaxed)
-            || (self.journal.0.load(Relaxed)..self.journal.1.load(Relaxed)).contains(&off)
+        off >= self.data_start.load(std::sync::atomic::Ordering::Relaxed) || self.journal(off)
     }
 
     fn read(&self, off: u64, out: &mut [u8]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if (self.journal.0.load(Relaxed)..self.journal.1.load(Relaxed)).contains(&off) {
+        if self.journal(off) {
             out.fill(0);
             return;
         }
