@@ -139,9 +139,7 @@ impl ClusterOp {
             base: None,
         }
     }
-}
 
-impl ClusterOp {
     /// The request this operation is part of.
     pub(crate) fn parent(&self) -> &Parent {
         self.parent

@@ -32,6 +32,7 @@ pub use format::FormatOptions;
 pub use io::{Completion, Extent, Op, Request, VolumeId};
 pub use media::{DeviceSpec, MemDisk};
 pub use reactor::{PollCtx, PollMode, Poller};
+pub use slab::Slab;
 
 /// Largest volume size accepted (64 TiB).
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;

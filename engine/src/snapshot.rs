@@ -533,29 +533,31 @@ impl Reactor {
 
 #[cfg(test)]
 mod tests {
-    use crate::io::{Op, Request};
-    use crate::AlignedBuf;
+    use crate::io::{Op, Request, VolumeId};
+    use crate::{AlignedBuf, Engine, IoError};
+
+    /// Write `byte` over the first `len` bytes of volume `v`.
+    fn write_all(e: &Engine, v: u64, len: u64, byte: u8) -> Result<(), IoError> {
+        e.client()
+            .run(Request {
+                tag: 1,
+                volume: VolumeId(v),
+                op: Op::Write { fua: false },
+                offset: 0,
+                len,
+                buf: Some(AlignedBuf::from_slice(&vec![byte; len as usize])),
+            })
+            .result
+    }
 
     #[test]
     fn a_barrier_that_cannot_drain_is_abandoned_and_releases_everything() {
         let e = crate::engine::mem_engine(2);
         let len = 2u64 << 20;
         let v = e.create_volume("v", len, 4096).expect("volume").id.0;
-        let write = |e: &crate::Engine| {
-            e.client()
-                .run(Request {
-                    tag: 1,
-                    volume: crate::io::VolumeId(v),
-                    op: Op::Write { fua: false },
-                    offset: 0,
-                    len,
-                    buf: Some(AlignedBuf::from_slice(&vec![3; len as usize])),
-                })
-                .result
-        };
         // A write on reactor 1 that never completes, as a device that stopped answering
         // would leave one: that reactor never drains.
-        let stuck = |e: &crate::Engine, d: i64| {
+        let stuck = |e: &Engine, d: i64| {
             e.on_all(move |r| {
                 if r.id == 1 {
                     let vs = r.vols.get_mut(&v).expect("volume state");
@@ -575,7 +577,7 @@ mod tests {
             e.on_all(move |r| r.vols[&v].hold.is_none()),
             vec![true, true]
         );
-        assert_eq!(write(&e), Ok(()));
+        assert_eq!(write_all(&e, v, len, 3), Ok(()));
         assert!(e.snapshots(Some("v")).expect("list").is_empty());
         // Once the stuck write is gone, the same snapshot can be taken.
         stuck(&e, -1);
@@ -589,26 +591,14 @@ mod tests {
         let e = crate::engine::mem_engine(2);
         // Two shards, one on each reactor, written whole.
         let len = 2u64 << 20;
-        let v = e.create_volume("v", len, 4096).expect("volume");
-        let mut c = e.client();
-        let mut write = |byte: u8| {
-            let r = c.run(Request {
-                tag: 1,
-                volume: v.id,
-                op: Op::Write { fua: false },
-                offset: 0,
-                len,
-                buf: Some(AlignedBuf::from_slice(&vec![byte; len as usize])),
-            });
-            assert_eq!(r.result, Ok(()));
-        };
-        write(1);
+        let v = e.create_volume("v", len, 4096).expect("volume").id.0;
+        assert_eq!(write_all(&e, v, len, 1), Ok(()));
         let s1 = e.snapshot_create("v", "s1").expect("s1").id.0;
         let s2 = e.snapshot_create("v", "s2").expect("s2").id.0;
         // The volume moves to new clusters: s1 and s2 hold the old ones, between them.
-        write(2);
+        assert_eq!(write_all(&e, v, len, 2), Ok(()));
         let clusters = len / (16 << 10);
-        let space = |e: &crate::Engine| {
+        let space = |e: &Engine| {
             e.on_all(move |r| r.image_space(s2))
                 .into_iter()
                 .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))

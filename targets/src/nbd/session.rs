@@ -1,7 +1,7 @@
 //! One NBD connection as a state machine: received bytes and engine completions in, bytes to
 //! send and engine requests out. All state changes go through `step`.
 
-use tessel_engine::{AlignedBuf, BufPool, Completion, Op, Request};
+use tessel_engine::{AlignedBuf, BufPool, Completion, Op, Request, Slab};
 
 use super::handshake::{self, Negotiation, OptionContext, OptionOutcome};
 use super::proto::{Errno, OPT_EXPORT_NAME, REP_ERR_TOO_BIG};
@@ -65,12 +65,8 @@ const POOL_BUF_CAP: usize = 128 << 10;
 pub struct NbdSession {
     config: NbdConfig,
     state: State,
-    /// Requests in the engine, indexed by their tag (a slot reused once answered).
-    in_flight: Vec<Option<InFlight>>,
-    /// Free slots of `in_flight`.
-    free_tags: Vec<u64>,
-    /// Number of occupied slots.
-    busy: usize,
+    /// Requests in the engine, keyed by their tag (a slot reused once answered).
+    in_flight: Slab<InFlight>,
     /// Engine buffers handed back by completions, reused for the next reads and writes
     /// (no allocation or zeroing per request: a write's payload and a read's data, or
     /// the engine's zero fill, cover every byte of the buffer).
@@ -85,9 +81,7 @@ impl NbdSession {
         NbdSession {
             config,
             state: State::ClientFlags,
-            in_flight: Vec::new(),
-            free_tags: Vec::new(),
-            busy: 0,
+            in_flight: Slab::default(),
             pool: BufPool::new(POOL_BYTES, POOL_BUF_CAP),
             shutting_down: false,
         }
@@ -114,18 +108,14 @@ impl NbdSession {
 
     /// An engine request finished (tag = the tag the session put in the Request).
     pub fn complete(&mut self, completion: Completion, actions: &mut Actions) {
-        let slot = usize::try_from(completion.tag)
-            .ok()
-            .and_then(|t| self.in_flight.get_mut(t));
-        let Some(req) = slot.and_then(Option::take) else {
+        let slot = usize::try_from(completion.tag).ok();
+        let Some(req) = slot.and_then(|t| self.in_flight.remove(t)) else {
             tracing::warn!(
                 tag = completion.tag,
                 "nbd: completion for an unknown tag ignored"
             );
             return;
         };
-        self.free_tags.push(completion.tag);
-        self.busy -= 1;
         let out = &mut actions.send;
         match (completion.result, req.shape, &completion.buf) {
             (Err(e), _, _) => {
@@ -147,7 +137,7 @@ impl NbdSession {
         if let Some(buf) = completion.buf {
             self.pool.put(buf);
         }
-        if matches!(self.state, State::Disconnecting) && self.busy == 0 {
+        if matches!(self.state, State::Disconnecting) && self.in_flight.is_empty() {
             actions.close = true;
         }
     }
@@ -159,7 +149,7 @@ impl NbdSession {
 
     /// Number of engine requests in flight (the driver waits for 0 before closing).
     pub fn in_flight(&self) -> usize {
-        self.busy
+        self.in_flight.len()
     }
 
     /// The one transition function: consume a prefix of `input` (0 = wait for more bytes,
@@ -343,7 +333,7 @@ impl NbdSession {
                 State::Requests(tx)
             }
             Admission::Disconnect => {
-                actions.close |= self.busy == 0;
+                actions.close |= self.in_flight.is_empty();
                 State::Disconnecting
             }
         };
@@ -365,17 +355,7 @@ impl NbdSession {
             shape,
             structured,
         };
-        let tag = match self.free_tags.pop() {
-            Some(tag) => {
-                self.in_flight[tag as usize] = Some(entry);
-                tag
-            }
-            None => {
-                self.in_flight.push(Some(entry));
-                (self.in_flight.len() - 1) as u64
-            }
-        };
-        self.busy += 1;
+        let tag = self.in_flight.insert(entry) as u64;
         actions.submit.push(Request {
             tag,
             volume: tx.export.volume,
@@ -489,9 +469,7 @@ mod tests {
     #[test]
     fn reused_buffers_carry_no_old_bytes_into_replies() {
         let mut c = Client::go("vol0", false, false);
-        let mut bytes = request_bytes(CMD_WRITE, 0, 1, 0, 4096);
-        bytes.extend_from_slice(&[0xee; 4096]);
-        c.send(&bytes);
+        c.write(1, 0, &[0xee; 4096]);
         c.run_engine();
         c.request(CMD_READ, 0, 2, 0, 4096);
         c.run_engine();
@@ -500,9 +478,7 @@ mod tests {
         // through it must see only their own bytes.
         c.request(CMD_READ, 0, 3, 8192, 4096);
         c.run_engine();
-        let mut short = request_bytes(CMD_WRITE, 0, 4, 16384, 512);
-        short.extend_from_slice(&[0x11; 512]);
-        c.send(&short);
+        c.write(4, 16384, &[0x11; 512]);
         c.run_engine();
         c.request(CMD_READ, 0, 5, 16384, 1024);
         c.run_engine();

@@ -174,6 +174,13 @@ impl Client {
         self.send(&request_bytes(kind, flags, cookie, offset, len));
     }
 
+    /// Send one write request with its payload.
+    pub fn write(&mut self, cookie: u64, offset: u64, payload: &[u8]) {
+        let mut b = request_bytes(CMD_WRITE, 0, cookie, offset, payload.len() as u32);
+        b.extend_from_slice(payload);
+        self.send(&b);
+    }
+
     /// Complete every submitted request in submission order.
     pub fn run_engine(&mut self) {
         for r in std::mem::take(&mut self.actions.submit) {
