@@ -354,6 +354,8 @@ pub struct Reactor {
     outbox: Vec<VecDeque<Msg>>,
     /// Completions of operations on synchronous media (memory, null), reaped like CQEs.
     pub(crate) inline_done: VecDeque<(u64, i32)>,
+    /// Completions being handled by `reap`, kept between passes for its capacity.
+    reaped: Vec<(u64, i32)>,
     /// Completions of requests this reactor's pollers submitted, finished here.
     pub(crate) done_here: VecDeque<(u32, Completion)>,
     /// The time the requests finishing now completed at, read at most once per stage of a
@@ -429,6 +431,7 @@ impl Reactor {
             local: VecDeque::new(),
             outbox: (0..n).map(|_| VecDeque::new()).collect(),
             inline_done: VecDeque::new(),
+            reaped: Vec::new(),
             done_here: VecDeque::new(),
             done_clock: None,
             parents: ParentPool::default(),
@@ -675,12 +678,12 @@ impl Reactor {
     }
 
     fn reap(&mut self) -> bool {
-        let mut done: Vec<(u64, i32)> = self.inline_done.drain(..).collect();
-        for cqe in self.ring.completion() {
-            done.push((cqe.user_data(), cqe.result()));
-        }
+        // Handlers may queue new inline completions; those wait for the next pass.
+        let mut done = std::mem::take(&mut self.reaped);
+        done.extend(self.inline_done.drain(..));
+        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         let progress = !done.is_empty();
-        for (ud, res) in done {
+        for &(ud, res) in &done {
             let Some(c) = self.conts.remove(ud as usize) else {
                 continue;
             };
@@ -696,6 +699,8 @@ impl Reactor {
                 Cont::Cancel => {}
             }
         }
+        done.clear();
+        self.reaped = done;
         progress
     }
 
