@@ -154,7 +154,9 @@ pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> 
     let mut ids: HashMap<*const MapPage, u32> = HashMap::new();
     // Last page written for each (shard, page slot): the base of the next one's diff.
     let mut last: HashMap<(u64, usize), (u32, &MapPage)> = HashMap::new();
-    let mut pages = Vec::new();
+    // The page count goes first, filled in at the end; the pages are encoded in place
+    // after it (a part is hundreds of MiB on a large pool: no second copy of them).
+    let mut out = vec![0u8; 4];
     let mut npages = 0u32;
     let mut index = Vec::new();
     for (img, shard, map) in &maps {
@@ -172,7 +174,7 @@ pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> 
                         npages += 1;
                         ids.insert(Arc::as_ptr(p), id);
                         let base = last.get(&(*shard, slot)).copied();
-                        encode_page(&mut pages, p, base);
+                        encode_page(&mut out, p, base);
                         last.insert((*shard, slot), (id, p));
                         id
                     }
@@ -181,9 +183,8 @@ pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> 
             index.extend_from_slice(&id.to_le_bytes());
         }
     }
-    let mut out = Vec::with_capacity(8 + pages.len() + index.len());
-    out.extend_from_slice(&npages.to_le_bytes());
-    out.extend_from_slice(&pages);
+    out[..4].copy_from_slice(&npages.to_le_bytes());
+    out.reserve_exact(4 + index.len());
     out.extend_from_slice(&(maps.len() as u32).to_le_bytes());
     out.extend_from_slice(&index);
     out
@@ -266,6 +267,59 @@ fn decode_maps(b: &[u8], layout: &Layout, maps: &mut HashMap<(u64, u64), ShardMa
     Some(())
 }
 
+/// Bytes written through this buffer at a time by `SlotWriter`.
+const SLOT_CHUNK: usize = 4 << 20;
+
+/// Sequential writer of a checkpoint payload: one aligned buffer of `SLOT_CHUNK` bytes,
+/// written out as it fills, the last piece padded with zeros to a block; computes the
+/// payload's CRC-32C on the way.
+struct SlotWriter<'a> {
+    member: &'a Member,
+    off: u64,
+    buf: AlignedBuf,
+    fill: usize,
+    crc: u32,
+}
+
+impl<'a> SlotWriter<'a> {
+    fn new(member: &'a Member, off: u64) -> SlotWriter<'a> {
+        SlotWriter {
+            member,
+            off,
+            buf: AlignedBuf::zeroed(SLOT_CHUNK),
+            fill: 0,
+            crc: 0,
+        }
+    }
+
+    fn put(&mut self, mut b: &[u8]) -> Result<(), PoolError> {
+        self.crc = crc32c::crc32c_append(self.crc, b);
+        while !b.is_empty() {
+            let n = (SLOT_CHUNK - self.fill).min(b.len());
+            self.buf.as_mut_slice()[self.fill..self.fill + n].copy_from_slice(&b[..n]);
+            self.fill += n;
+            b = &b[n..];
+            if self.fill == SLOT_CHUNK {
+                self.member.write_at(self.off, self.buf.as_slice())?;
+                self.off += SLOT_CHUNK as u64;
+                self.fill = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write what is left; returns the CRC-32C of everything put.
+    fn finish(mut self) -> Result<u32, PoolError> {
+        if self.fill > 0 {
+            let end = self.fill.div_ceil(BLOCK as usize) * BLOCK as usize;
+            self.buf.as_mut_slice()[self.fill..end].fill(0);
+            self.member
+                .write_at(self.off, &self.buf.as_slice()[..end])?;
+        }
+        Ok(self.crc)
+    }
+}
+
 /// Write a checkpoint into the slot `state.gen % 2`: data syncs first (entries point at it),
 /// then the payload, then the header that makes it the newest.
 pub fn write_checkpoint(
@@ -292,30 +346,29 @@ pub fn write_checkpoint(
     for v in state.volumes.values() {
         journal::put_volume(&mut p, v);
     }
-    let mut maps = Vec::new();
-    for part in parts {
-        maps.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        maps.extend_from_slice(part);
-    }
-    p.extend_from_slice(&(maps.len() as u64).to_le_bytes());
-    p.extend_from_slice(&maps);
-    if p.len() as u64 + BLOCK > sb.ckpt_slot_bytes {
+    // The payload is this head, the maps' length, then each part with its length. It is
+    // streamed through one bounded buffer: on a large pool the parts are hundreds of MiB,
+    // and building the payload whole took four more copies of them.
+    let maps_len: u64 = parts.iter().map(|p| 8 + p.len() as u64).sum();
+    p.extend_from_slice(&maps_len.to_le_bytes());
+    let len = p.len() as u64 + maps_len;
+    if len + BLOCK > sb.ckpt_slot_bytes {
         return Err(PoolError::Corrupt(format!(
-            "checkpoint of {} bytes does not fit its slot of {} bytes",
-            p.len(),
+            "checkpoint of {len} bytes does not fit its slot of {} bytes",
             sb.ckpt_slot_bytes
         )));
     }
     let slot = sb.ckpt_start + (state.gen % 2) * sb.ckpt_slot_bytes;
-    let payload = AlignedBuf::from_slice(&{
-        let mut v = p.clone();
-        v.resize(p.len().div_ceil(BLOCK as usize) * BLOCK as usize, 0);
-        v
-    });
     for m in members {
         m.sync()?;
     }
-    members[0].write_at(slot + BLOCK, payload.as_slice())?;
+    let mut w = SlotWriter::new(&members[0], slot + BLOCK);
+    w.put(&p)?;
+    for part in parts {
+        w.put(&(part.len() as u64).to_le_bytes())?;
+        w.put(part)?;
+    }
+    let payload_crc = w.finish()?;
     members[0].sync()?;
     let mut h = AlignedBuf::zeroed(BLOCK as usize);
     {
@@ -324,8 +377,8 @@ pub fn write_checkpoint(
         hb[8..24].copy_from_slice(&sb.pool_uuid);
         hb[24..32].copy_from_slice(&state.gen.to_le_bytes());
         hb[32..40].copy_from_slice(&state.run.to_le_bytes());
-        hb[40..48].copy_from_slice(&(p.len() as u64).to_le_bytes());
-        hb[48..52].copy_from_slice(&crc32c::crc32c(&p).to_le_bytes());
+        hb[40..48].copy_from_slice(&len.to_le_bytes());
+        hb[48..52].copy_from_slice(&payload_crc.to_le_bytes());
         let crc = crc32c::crc32c(hb);
         hb[4..8].copy_from_slice(&crc.to_le_bytes());
     }
@@ -623,6 +676,36 @@ mod tests {
             valid: Validity::range(0, 4),
             pvalid: Validity::default(),
         }
+    }
+
+    #[test]
+    fn slot_writer_streams_across_chunks_and_pads_the_end() {
+        let disk = crate::media::MemDisk::new(16 << 20, false);
+        let m = Member::Mem(disk);
+        // Pieces of odd sizes that cross two chunk boundaries; the end is not a block.
+        let pieces: Vec<Vec<u8>> = [5usize, SLOT_CHUNK - 3, 7, SLOT_CHUNK + 4090, 1]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (0..n).map(|i| (i * 31 + k * 7) as u8).collect())
+            .collect();
+        let at = 3 * BLOCK;
+        let whole = pieces.concat();
+        let padded = whole.len().div_ceil(BLOCK as usize) * BLOCK as usize;
+        // Bytes after the payload's last block must stay untouched.
+        let tail = AlignedBuf::from_slice(&[0xAB; BLOCK as usize]);
+        m.write_at(at + padded as u64, tail.as_slice()).unwrap();
+        let mut w = SlotWriter::new(&m, at);
+        for p in &pieces {
+            w.put(p).unwrap();
+        }
+        let crc = w.finish().unwrap();
+        assert_eq!(crc, crc32c::crc32c(&whole));
+        let mut back = AlignedBuf::zeroed(padded + BLOCK as usize);
+        m.read_at(at, &mut back).unwrap();
+        let b = back.as_slice();
+        assert_eq!(&b[..whole.len()], &whole[..]);
+        assert!(b[whole.len()..padded].iter().all(|&x| x == 0));
+        assert!(b[padded..].iter().all(|&x| x == 0xAB));
     }
 
     #[test]
