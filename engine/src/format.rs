@@ -12,8 +12,9 @@ use std::path::Path;
 
 /// Identifies a tessel superblock.
 pub const MAGIC: [u8; 8] = *b"TESSELPL";
-/// The only format version this build reads and writes.
-pub const VERSION: u32 = 1;
+/// The only format version this build reads and writes. 2: map entries store their
+/// block bitmaps without trailing zero bytes (docs/format.md).
+pub const VERSION: u32 = 2;
 /// Size of one superblock copy; the second copy follows the first.
 pub const SB_SIZE: usize = 4096;
 /// Unit of metadata I/O and validity tracking.

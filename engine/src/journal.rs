@@ -77,9 +77,8 @@ pub(crate) fn put_entry(out: &mut Vec<u8>, e: &MapEntry) {
     out.extend_from_slice(&e.phys.to_le_bytes());
     out.extend_from_slice(&e.born.to_le_bytes());
     out.extend_from_slice(&e.parent.to_le_bytes());
-    for w in e.valid.0.iter().chain(e.pvalid.0.iter()) {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
+    put_validity(out, &e.valid);
+    put_validity(out, &e.pvalid);
 }
 
 pub(crate) fn get_entry(r: &mut Reader) -> Option<MapEntry> {
@@ -87,9 +86,36 @@ pub(crate) fn get_entry(r: &mut Reader) -> Option<MapEntry> {
         phys: r.u64()?,
         born: r.u64()?,
         parent: r.u64()?,
-        valid: Validity([r.u64()?, r.u64()?, r.u64()?, r.u64()?]),
-        pvalid: Validity([r.u64()?, r.u64()?, r.u64()?, r.u64()?]),
+        valid: get_validity(r)?,
+        pvalid: get_validity(r)?,
     })
+}
+
+/// A block bitmap as its bytes up to the last one that is not zero, after their count:
+/// a 64 KiB cluster's 16 blocks take at most 3 bytes rather than 32, so entry records
+/// and checkpoint pages are a third of their fixed-width size.
+fn put_validity(out: &mut Vec<u8>, v: &Validity) {
+    let mut bytes = [0u8; 32];
+    for (k, w) in v.0.iter().enumerate() {
+        bytes[k * 8..k * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let n = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    out.push(n as u8);
+    out.extend_from_slice(&bytes[..n]);
+}
+
+fn get_validity(r: &mut Reader) -> Option<Validity> {
+    let n = r.u8()? as usize;
+    if n > 32 {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    bytes[..n].copy_from_slice(r.take(n)?);
+    let mut v = Validity::default();
+    for (k, w) in v.0.iter_mut().enumerate() {
+        *w = u64::from_le_bytes(bytes[k * 8..k * 8 + 8].try_into().ok()?);
+    }
+    Some(v)
 }
 
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -417,6 +443,44 @@ mod tests {
     use super::*;
     use crate::map::NONE;
 
+    proptest::proptest! {
+        #[test]
+        fn entries_round_trip_in_their_compact_form(
+            phys: u64, born: u64, parent: u64, valid: [u64; 4], pvalid: [u64; 4],
+            clear_high in 0usize..5,
+        ) {
+            // Bitmaps of every width: all four words, and with the top words zero as a
+            // cluster of fewer than 256 blocks has them.
+            let cut = |mut w: [u64; 4]| {
+                w[4 - clear_high..].fill(0);
+                Validity(w)
+            };
+            let e = MapEntry { phys, born, parent, valid: cut(valid), pvalid: cut(pvalid) };
+            let mut out = Vec::new();
+            put_entry(&mut out, &e);
+            let mut r = Reader::new(&out);
+            proptest::prop_assert_eq!(get_entry(&mut r), Some(e));
+            proptest::prop_assert_eq!(r.remaining(), 0);
+        }
+    }
+
+    #[test]
+    fn a_64k_cluster_entry_is_compact_and_a_bad_bitmap_length_is_refused() {
+        let e = MapEntry {
+            phys: 7,
+            born: 3,
+            parent: NONE,
+            valid: Validity::range(0, 16),
+            pvalid: Validity::default(),
+        };
+        let mut out = Vec::new();
+        put_entry(&mut out, &e);
+        // Three u64, the valid bitmap in 1 + 2 bytes, the empty one in 1.
+        assert_eq!(out.len(), 24 + 3 + 1);
+        out[24] = 33;
+        assert_eq!(get_entry(&mut Reader::new(&out)), None);
+    }
+
     fn entry_rec(i: u32) -> Record {
         Record::Entry {
             vol: 7,
@@ -522,7 +586,7 @@ mod tests {
         let mut j = Journal::new(0, 5, 0, 8 * BLOCK);
         j.next_seq = 5;
         j.tail_seq = 5;
-        let recs: Vec<Record> = (0..150).map(entry_rec).collect();
+        let recs: Vec<Record> = (0..400).map(entry_rec).collect();
         for r in &recs {
             j.append(r);
         }
