@@ -38,6 +38,9 @@ pub struct EngineConfig {
     /// device convoys that cost up to a third of its IOPS at QD32 (docs/benchmarks.md).
     /// Larger batches save syscalls on devices that prefer them.
     pub submit_batch: u32,
+    /// Test hook: this reactor fails to start as if its ring could not be enabled.
+    #[cfg(test)]
+    pub(crate) fail_start: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +53,8 @@ impl Default for EngineConfig {
             spin: Duration::from_micros(50),
             pin: true,
             submit_batch: 1,
+            #[cfg(test)]
+            fail_start: None,
         }
     }
 }
@@ -343,25 +348,74 @@ impl Engine {
             }
             reactors.push(reactor);
         }
+        // Each reactor reports whether it could start (enable its ring) before it runs;
+        // the engine opens only when every one did, and otherwise stops the others.
+        let (started_tx, started) = std::sync::mpsc::channel::<(usize, std::io::Result<()>)>();
         let mut threads = Vec::new();
-        for (reactor, &core) in reactors
+        let mut failed: Option<PoolError> = None;
+        for (mut reactor, &core) in reactors
             .into_iter()
             .zip(cfg.cores.iter().chain(std::iter::repeat(&0)))
         {
             let pin = cfg.pin;
-            let t = std::thread::Builder::new()
+            let tx = started_tx.clone();
+            #[cfg(test)]
+            let fail = cfg.fail_start == Some(reactor.id);
+            let spawned = std::thread::Builder::new()
                 .name(format!("reactor-{}", reactor.id))
                 .spawn(move || {
                     if pin && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
                         tracing::warn!(core, "could not pin reactor to its core");
                     }
-                    reactor.run()
-                })
-                .map_err(|e| PoolError::Io {
-                    device: shared.members[0].path(),
-                    source: e,
-                })?;
-            threads.push(t);
+                    let r = reactor.start();
+                    #[cfg(test)]
+                    let r = if fail {
+                        Err(std::io::Error::from_raw_os_error(libc::EBADFD))
+                    } else {
+                        r
+                    };
+                    let ok = r.is_ok();
+                    let _ = tx.send((reactor.id, r));
+                    if ok {
+                        reactor.run()
+                    }
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    failed = Some(PoolError::Io {
+                        device: shared.members[0].path(),
+                        source: e,
+                    });
+                    break;
+                }
+            }
+        }
+        drop(started_tx);
+        for _ in 0..threads.len() {
+            match started.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((id, Err(e))) => {
+                    failed.get_or_insert(PoolError::Io {
+                        device: shared.members[0].path(),
+                        source: std::io::Error::new(
+                            e.kind(),
+                            format!("reactor {id} could not enable its io_uring ring: {e}"),
+                        ),
+                    });
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(e) = failed {
+            shared.stopping.store(true, Ordering::Release);
+            for inbox in &shared.inboxes {
+                inbox.bell.ring();
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e);
         }
         tracing::info!(reactors = n, poll = ?cfg.poll, "engine started");
         let inner = Arc::new(Inner {
@@ -971,6 +1025,11 @@ impl Client {
 /// unpinned adaptive reactors, for the crate's unit tests that work on reactor state.
 #[cfg(test)]
 pub(crate) fn mem_engine(reactors: usize) -> Engine {
+    mem_engine_with(reactors, None).expect("open")
+}
+
+#[cfg(test)]
+fn mem_engine_with(reactors: usize, fail_start: Option<usize>) -> Result<Engine, PoolError> {
     let dev = [DeviceSpec::Mem(crate::media::MemDisk::new(64 << 20, false))];
     let opts = FormatOptions {
         cluster_size: 16 << 10,
@@ -986,6 +1045,29 @@ pub(crate) fn mem_engine(reactors: usize) -> Engine {
         spin: Duration::from_micros(20),
         pin: false,
         submit_batch: 1,
+        fail_start,
     };
-    Engine::open(&dev, cfg).expect("open")
+    Engine::open(&dev, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_reactor_that_cannot_start_fails_the_open_and_stops_the_others() {
+        let t = std::time::Instant::now();
+        match super::mem_engine_with(3, Some(1)) {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("reactor 1 could not enable its io_uring ring"),
+                    "{msg}"
+                );
+            }
+            Ok(_) => panic!("opened with a reactor that did not start"),
+        }
+        // The started reactors were stopped and joined, not left spinning or waited on.
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        let e = super::mem_engine(3);
+        assert_eq!(e.reactors(), 3);
+    }
 }

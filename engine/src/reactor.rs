@@ -763,14 +763,17 @@ impl Reactor {
         }
     }
 
-    /// The loop: runs until the engine stops and nothing is in flight.
-    pub fn run(mut self) {
+    /// Make the reactor ready to run on this thread: a ring set up disabled for deferred
+    /// task work is enabled by the thread that will be its only issuer.
+    pub fn start(&mut self) -> std::io::Result<()> {
         if self.deferred {
-            if let Err(e) = self.ring.submitter().register_enable_rings() {
-                tracing::error!(reactor = self.id, "cannot enable the io_uring ring: {e}");
-                return;
-            }
+            self.ring.submitter().register_enable_rings()?;
         }
+        Ok(())
+    }
+
+    /// The loop, after `start`: runs until the engine stops and nothing is in flight.
+    pub fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
         let mut idle_passes = 0u32;
         loop {
