@@ -666,7 +666,8 @@ pub(crate) fn spawn_housekeeper(
 /// Move the calling thread off `cpus` (pinned reactors' CPUs). A pinned reactor spins on
 /// its CPU; a checkpoint (encoding and writing hundreds of MiB on a large pool) that the
 /// scheduler puts beside it takes its time slices from that reactor's I/O. When reactors
-/// hold every CPU the thread stays where it may run and yields to them (nice 10).
+/// hold every CPU the thread stays where it is, at normal priority: a starved checkpoint
+/// would let the journals fill, and full journals hold up flushes.
 pub(crate) fn keep_off_cpus(cpus: &[usize]) {
     use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
@@ -684,16 +685,12 @@ pub(crate) fn keep_off_cpus(cpus: &[usize]) {
             any = true;
         }
     }
-    if any {
-        if let Err(e) = sched_setaffinity(me, &spare) {
-            tracing::warn!(error = %e, "could not move a background thread off the reactors' CPUs");
-        }
+    if !any {
+        tracing::debug!("reactors hold every CPU: the housekeeper shares theirs");
         return;
     }
-    // SAFETY: setpriority with this thread's id changes only its own scheduling weight.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
-    if r != 0 {
-        tracing::warn!("could not lower the priority of a background thread");
+    if let Err(e) = sched_setaffinity(me, &spare) {
+        tracing::warn!(error = %e, "could not move a background thread off the reactors' CPUs");
     }
 }
 

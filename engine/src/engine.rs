@@ -353,10 +353,15 @@ impl Engine {
         let (started_tx, started) = std::sync::mpsc::channel::<(usize, std::io::Result<()>)>();
         let mut threads = Vec::new();
         let mut failed: Option<PoolError> = None;
-        for (mut reactor, &core) in reactors
-            .into_iter()
-            .zip(cfg.cores.iter().chain(std::iter::repeat(&0)))
-        {
+        // Reactor i's CPU (the first when none are configured).
+        let cpus: Vec<usize> = cfg
+            .cores
+            .iter()
+            .chain(std::iter::repeat(&0))
+            .take(n)
+            .copied()
+            .collect();
+        for (mut reactor, &core) in reactors.into_iter().zip(&cpus) {
             let pin = cfg.pin;
             let tx = started_tx.clone();
             #[cfg(test)]
@@ -429,17 +434,7 @@ impl Engine {
             checkpointing: Mutex::new(()),
             control_tail: AtomicU64::new(0),
         });
-        // The reactors' CPUs, as pinned above (none when they float).
-        let pinned: Vec<usize> = if cfg.pin {
-            cfg.cores
-                .iter()
-                .chain(std::iter::repeat(&0))
-                .take(n)
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let pinned = if cfg.pin { cpus } else { Vec::new() };
         crate::coordinator::spawn_housekeeper(Arc::downgrade(&inner), pinned);
         Ok(Engine { inner })
     }
