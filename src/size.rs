@@ -159,9 +159,12 @@ pub fn format_size(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// Seconds per unit of the duration formats, largest first.
+const TIME_UNITS: [(u64, &str); 4] = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")];
+
 /// Formats a whole number of seconds the way `parse_duration` reads it back: "1h", "90s".
 pub fn format_duration(secs: u64) -> String {
-    for (per, unit) in [(86_400, "d"), (3600, "h"), (60, "m")] {
+    for &(per, unit) in &TIME_UNITS[..3] {
         if secs != 0 && secs.rem_euclid(per) == 0 {
             return format!("{}{unit}", secs / per);
         }
@@ -171,7 +174,7 @@ pub fn format_duration(secs: u64) -> String {
 
 /// A time left, for people: the two largest non-zero units ("59m 59s", "1h", "2d 3h").
 pub fn format_remaining(secs: u64) -> String {
-    let parts: Vec<String> = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")]
+    let parts: Vec<String> = TIME_UNITS
         .iter()
         .scan(secs, |left, &(per, unit)| {
             let n = *left / per;

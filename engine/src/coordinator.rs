@@ -668,7 +668,7 @@ pub(crate) fn spawn_housekeeper(
 /// scheduler puts beside it takes its time slices from that reactor's I/O. When reactors
 /// hold every CPU the thread stays where it is, at normal priority: a starved checkpoint
 /// would let the journals fill, and full journals hold up flushes.
-pub(crate) fn keep_off_cpus(cpus: &[usize]) {
+fn keep_off_cpus(cpus: &[usize]) {
     use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
     use nix::unistd::Pid;
     if cpus.is_empty() {

@@ -256,18 +256,17 @@ impl NullDisk {
         (self.journal.0.load(Relaxed)..self.journal.1.load(Relaxed)).contains(&off)
     }
 
-    /// True for bytes the device drops: data and journals.
     fn data(&self, off: u64) -> bool {
-        off >= self.data_start.load(std::sync::atomic::Ordering::Relaxed) || self.journal(off)
+        off >= self.data_start.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn read(&self, off: u64, out: &mut [u8]) {
-        if self.journal(off) {
-            out.fill(0);
-            return;
-        }
         if self.data(off) {
             // Like SPDK's null bdev: data reads leave the buffer as it is.
+            return;
+        }
+        if self.journal(off) {
+            out.fill(0);
             return;
         }
         let meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -280,7 +279,7 @@ impl NullDisk {
     }
 
     fn write(&self, off: u64, data: &[u8]) {
-        if self.data(off) {
+        if self.data(off) || self.journal(off) {
             return;
         }
         if off == 0 {
@@ -292,11 +291,11 @@ impl NullDisk {
                 self.journal.1.store(end, Relaxed);
             }
         }
-        // The lock is taken per block: a checkpoint of hundreds of MiB written by the
-        // control thread must not hold up a reactor's journal commit for its whole length.
-        // A block written before (a journal ring's next lap) is overwritten in place.
+        // Only control-plane threads get here (reactors' journal writes are dropped above).
+        // A block written before (a checkpoint slot's or the control log's next use) is
+        // overwritten in place.
+        let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         for (i, chunk) in data.chunks(4096).enumerate() {
-            let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
             let b = meta
                 .entry(off / 4096 + i as u64)
                 .or_insert_with(|| Box::new([0u8; 4096]));

@@ -384,7 +384,7 @@ pub struct Reactor {
     pub(crate) uring_files: bool,
     /// The ring was set up with deferred task work (completions are run by this thread's
     /// own `io_uring_enter` with GETEVENTS, never by interrupting it) and starts disabled:
-    /// `run` enables it on the reactor's thread, its single issuer.
+    /// `start` enables it on the reactor's thread, its single issuer.
     deferred: bool,
 }
 
