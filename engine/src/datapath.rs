@@ -15,7 +15,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-const B4K: u32 = 4096;
+/// Device alignment of an in-place write (O_DIRECT).
+const DEV_ALIGN: u32 = 4096;
 
 /// Readers and writers of one cluster. Reads and in-place writes share it; anything that
 /// changes the cluster's map entry holds it alone. Waiters are served in arrival order.
@@ -182,9 +183,10 @@ fn runs<K: PartialEq>(
     })
 }
 
-fn blocks(coff: u32, clen: u32) -> (u32, u32) {
-    let first = coff / B4K;
-    let end = (coff + clen).div_ceil(B4K);
+/// (first grain, grains) that bytes `coff..coff + clen` of a cluster touch.
+fn blocks(coff: u32, clen: u32, g: u32) -> (u32, u32) {
+    let first = coff / g;
+    let end = (coff + clen).div_ceil(g);
     (first, end - first)
 }
 
@@ -432,12 +434,13 @@ impl Reactor {
             (op.coff, op.clen, op.buf_off)
         };
         let end = coff + clen;
-        // Runs of blocks read from one cluster (this one or the parent); others are zeros.
+        let g = self.shared.layout.grain();
+        // Runs of grains read from one cluster (this one or the parent); others are zeros.
         let mut run: Option<(u64, u32, u32)> = None;
-        let mut b = coff / B4K;
-        while b * B4K < end {
-            let s = (b * B4K).max(coff);
-            let t = ((b + 1) * B4K).min(end);
+        let mut b = coff / g;
+        while b * g < end {
+            let s = (b * g).max(coff);
+            let t = ((b + 1) * g).min(end);
             let src = e.source(b);
             match (run, src) {
                 (Some((c, rs, _)), Some(x)) if c == x => run = Some((c, rs, t)),
@@ -500,10 +503,12 @@ impl Reactor {
             )
         };
         let owned = e.is_allocated() && e.born > snap;
-        let aligned = coff % B4K == 0 && clen % B4K == 0;
-        let (fb, nb) = blocks(coff, clen);
+        let g = self.shared.layout.grain();
+        let aligned = coff % g == 0 && clen % g == 0;
+        let (fb, nb) = blocks(coff, clen, g);
         let touched = Validity::range(fb, nb);
-        if !zeros && owned && aligned && e.valid.contains(touched) {
+        let dev_aligned = coff % DEV_ALIGN == 0 && clen % DEV_ALIGN == 0;
+        if !zeros && owned && dev_aligned && e.valid.contains(touched) {
             // In place: the live volume owns the cluster and every block is valid.
             if !self.acquire(i, false) {
                 return;
@@ -566,10 +571,10 @@ impl Reactor {
             }
         };
         let mut edges = Validity::default();
-        if coff % B4K != 0 {
+        if coff % g != 0 {
             edges.set(fb);
         }
-        if (coff + clen) % B4K != 0 {
+        if (coff + clen) % g != 0 {
             edges.set(fb + nb - 1);
         }
         {
@@ -611,13 +616,14 @@ impl Reactor {
     /// these, or lies wholly inside the caller's range, which `maybe_advance` fills.
     pub(crate) fn read_blocks_into_bounce(&mut self, i: usize, e: &MapEntry, set: Validity) {
         let bpc = self.shared.layout.blocks_per_cluster();
+        let g = self.shared.layout.grain();
         for (b, n, src) in runs(set, bpc, |b| e.source(b)) {
             match src {
-                Some(c) => self.submit_bounce(i, false, c, b * B4K, n * B4K),
+                Some(c) => self.submit_bounce(i, false, c, b * g, n * g),
                 None => {
                     let op = self.ops.get_mut(i).expect("op");
                     let bounce = op.bounce.as_mut().expect("bounce").as_mut_slice();
-                    bounce[(b * B4K) as usize..((b + n) * B4K) as usize].fill(0);
+                    bounce[(b * g) as usize..((b + n) * g) as usize].fill(0);
                 }
             }
         }
@@ -630,8 +636,9 @@ impl Reactor {
             (op.write_set, op.target)
         };
         let bpc = self.shared.layout.blocks_per_cluster();
+        let g = self.shared.layout.grain();
         for (b, n, ()) in runs(set, bpc, |_| ()) {
-            self.submit_bounce(i, true, target, b * B4K, n * B4K);
+            self.submit_bounce(i, true, target, b * g, n * g);
         }
     }
 
@@ -655,9 +662,10 @@ impl Reactor {
             self.ops.get_mut(i).expect("op").drops = [e.phys, e.parent];
             return self.set_entry_and_finish(i, e, MapEntry::UNALLOCATED);
         }
-        let first_full = coff.div_ceil(B4K);
-        let end_full = (coff + clen) / B4K;
-        let aligned = coff % B4K == 0 && clen % B4K == 0;
+        let g = self.shared.layout.grain();
+        let first_full = coff.div_ceil(g);
+        let end_full = (coff + clen) / g;
+        let aligned = coff % g == 0 && clen % g == 0;
         if owned && end_full > first_full && (aligned || matches!(kind, Op::Trim)) {
             // Metadata only: the covered blocks read as zeros from now on.
             let r = Validity::range(first_full, end_full - first_full);

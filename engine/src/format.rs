@@ -13,11 +13,12 @@ use std::path::Path;
 /// Identifies a tessel superblock.
 pub const MAGIC: [u8; 8] = *b"TESSELPL";
 /// The only format version this build reads and writes. 2: map entries store their
-/// block bitmaps without trailing zero bytes (docs/format.md).
-pub const VERSION: u32 = 2;
+/// block bitmaps without trailing zero bytes. 3: a bitmap has at most 64 bits, one per
+/// grain of max(4 KiB, cluster size / 64) (docs/format.md).
+pub const VERSION: u32 = 3;
 /// Size of one superblock copy; the second copy follows the first.
 pub const SB_SIZE: usize = 4096;
-/// Unit of metadata I/O and validity tracking.
+/// Unit of metadata I/O (journal and checkpoint blocks).
 pub const BLOCK: u64 = 4096;
 const MIB: u64 = 1 << 20;
 

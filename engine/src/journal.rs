@@ -95,10 +95,7 @@ pub(crate) fn get_entry(r: &mut Reader) -> Option<MapEntry> {
 /// a 64 KiB cluster's 16 blocks take at most 3 bytes rather than 32, so entry records
 /// and checkpoint pages are a third of their fixed-width size.
 fn put_validity(out: &mut Vec<u8>, v: &Validity) {
-    let mut bytes = [0u8; 32];
-    for (k, w) in v.0.iter().enumerate() {
-        bytes[k * 8..k * 8 + 8].copy_from_slice(&w.to_le_bytes());
-    }
+    let bytes = v.0.to_le_bytes();
     let n = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     out.push(n as u8);
     out.extend_from_slice(&bytes[..n]);
@@ -106,16 +103,12 @@ fn put_validity(out: &mut Vec<u8>, v: &Validity) {
 
 fn get_validity(r: &mut Reader) -> Option<Validity> {
     let n = r.u8()? as usize;
-    if n > 32 {
+    if n > 8 {
         return None;
     }
-    let mut bytes = [0u8; 32];
+    let mut bytes = [0u8; 8];
     bytes[..n].copy_from_slice(r.take(n)?);
-    let mut v = Validity::default();
-    for (k, w) in v.0.iter_mut().enumerate() {
-        *w = u64::from_le_bytes(bytes[k * 8..k * 8 + 8].try_into().ok()?);
-    }
-    Some(v)
+    Some(Validity(u64::from_le_bytes(bytes)))
 }
 
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -446,15 +439,12 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn entries_round_trip_in_their_compact_form(
-            phys: u64, born: u64, parent: u64, valid: [u64; 4], pvalid: [u64; 4],
-            clear_high in 0usize..5,
+            phys: u64, born: u64, parent: u64, valid: u64, pvalid: u64,
+            bits in 0u32..=64,
         ) {
-            // Bitmaps of every width: all four words, and with the top words zero as a
-            // cluster of fewer than 256 blocks has them.
-            let cut = |mut w: [u64; 4]| {
-                w[4 - clear_high..].fill(0);
-                Validity(w)
-            };
+            // Bitmaps of every width: all 64 grains, and with the top bits zero as a
+            // cluster of fewer grains has them.
+            let cut = |w: u64| Validity(if bits == 64 { w } else { w & ((1u64 << bits) - 1) });
             let e = MapEntry { phys, born, parent, valid: cut(valid), pvalid: cut(pvalid) };
             let mut out = Vec::new();
             put_entry(&mut out, &e);
@@ -462,6 +452,14 @@ mod tests {
             proptest::prop_assert_eq!(get_entry(&mut r), Some(e));
             proptest::prop_assert_eq!(r.remaining(), 0);
         }
+    }
+
+    #[test]
+    fn a_bitmap_wider_than_64_grains_is_refused() {
+        // Version 2 allowed 32-byte bitmaps; this format never writes more than 8 bytes.
+        let mut out = vec![9u8];
+        out.extend_from_slice(&[0xff; 9]);
+        assert_eq!(get_validity(&mut Reader::new(&out)), None);
     }
 
     #[test]

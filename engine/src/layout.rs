@@ -2,6 +2,11 @@
 
 use crate::format::Superblock;
 
+/// The validity grain of a cluster size (see `Layout::grain`).
+pub fn grain_of(cluster_size: u64) -> u32 {
+    (cluster_size / crate::map::Validity::BITS as u64).max(4096) as u32
+}
+
 /// The geometry every reactor reads (immutable while the pool is open).
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -40,9 +45,16 @@ impl Layout {
         }
     }
 
-    /// 4 KiB blocks per cluster.
+    /// Bytes per validity bit (a "block" of the datapath): 4 KiB, or cluster size / 64 for
+    /// clusters above 256 KiB, so that a cluster holds at most 64 (`Validity::BITS`).
+    #[inline]
+    pub fn grain(&self) -> u32 {
+        grain_of(self.cluster_size)
+    }
+
+    /// Grains per cluster (at most 64).
     pub fn blocks_per_cluster(&self) -> u32 {
-        (self.cluster_size / 4096) as u32
+        (self.cluster_size / self.grain() as u64) as u32
     }
 
     /// The shard holding byte `off` of a volume (a shift on the request path, not a

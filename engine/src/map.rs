@@ -5,51 +5,46 @@ use std::sync::Arc;
 
 /// "No cluster": an unallocated entry's `phys`, or an entry without a parent.
 pub const NONE: u64 = u64::MAX;
-/// Entries per map page (64 × 88 bytes).
+/// Entries per map page (64 × 40 bytes).
 pub const ENTRIES_PER_PAGE: usize = 64;
 
-/// One bit per 4 KiB block of a cluster (clusters hold at most 256 blocks).
+/// One bit per grain of a cluster: a cluster holds at most 64 grains (`Layout::grain`,
+/// 4 KiB up to 256 KiB clusters, cluster size / 64 above), so a map entry stays 40 bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Validity(pub [u64; 4]);
+pub struct Validity(pub u64);
 
 impl Validity {
+    /// Most grains a cluster holds.
+    pub const BITS: u32 = 64;
+
     /// Bits `first..first + count` set.
     pub fn range(first: u32, count: u32) -> Validity {
-        let mut v = Validity::default();
-        for b in first..first + count {
-            v.set(b);
+        debug_assert!(first + count <= Self::BITS);
+        if count == 0 {
+            return Validity(0);
         }
-        v
+        Validity((u64::MAX >> (Self::BITS - count)) << first)
     }
-    /// Is block `b` valid?
+    /// Is grain `b` valid?
+    #[inline]
     pub fn get(&self, b: u32) -> bool {
-        self.0[(b / 64) as usize] & (1 << (b % 64)) != 0
+        self.0 & (1 << b) != 0
     }
-    /// Mark block `b` valid.
+    /// Mark grain `b` valid.
     pub fn set(&mut self, b: u32) {
-        self.0[(b / 64) as usize] |= 1 << (b % 64);
+        self.0 |= 1 << b;
     }
-    /// Mark block `b` invalid.
+    /// Mark grain `b` invalid.
     pub fn clear(&mut self, b: u32) {
-        self.0[(b / 64) as usize] &= !(1 << (b % 64));
+        self.0 &= !(1 << b);
     }
     /// Union.
     pub fn or(self, o: Validity) -> Validity {
-        Validity([
-            self.0[0] | o.0[0],
-            self.0[1] | o.0[1],
-            self.0[2] | o.0[2],
-            self.0[3] | o.0[3],
-        ])
+        Validity(self.0 | o.0)
     }
-    /// Blocks of `self` not in `o`.
+    /// Grains of `self` not in `o`.
     pub fn minus(self, o: Validity) -> Validity {
-        Validity([
-            self.0[0] & !o.0[0],
-            self.0[1] & !o.0[1],
-            self.0[2] & !o.0[2],
-            self.0[3] & !o.0[3],
-        ])
+        Validity(self.0 & !o.0)
     }
     /// True when every bit of `o` is set here.
     pub fn contains(&self, o: Validity) -> bool {
@@ -57,11 +52,11 @@ impl Validity {
     }
     /// No bit set.
     pub fn is_empty(&self) -> bool {
-        self.0 == [0; 4]
+        self.0 == 0
     }
     /// Number of bits set.
     pub fn count(&self) -> u32 {
-        self.0.iter().map(|w| w.count_ones()).sum()
+        self.0.count_ones()
     }
 }
 
@@ -88,8 +83,8 @@ impl MapEntry {
         phys: NONE,
         born: 0,
         parent: NONE,
-        valid: Validity([0; 4]),
-        pvalid: Validity([0; 4]),
+        valid: Validity(0),
+        pvalid: Validity(0),
     };
 
     /// True when a cluster backs this entry.
@@ -273,10 +268,15 @@ mod tests {
 
     #[test]
     fn validity_ranges_and_sets() {
-        let v = Validity::range(60, 10);
-        assert!(v.get(60) && v.get(69) && !v.get(70) && !v.get(59));
+        let v = Validity::range(50, 10);
+        assert!(v.get(50) && v.get(59) && !v.get(60) && !v.get(49));
         assert_eq!(v.count(), 10);
-        assert!(Validity::range(0, 256).contains(v));
-        assert!(v.minus(Validity::range(60, 10)).is_empty());
+        assert!(Validity::range(0, 64).contains(v));
+        assert!(v.minus(Validity::range(50, 10)).is_empty());
+        assert_eq!(Validity::range(0, 64).count(), 64);
+        assert!(Validity::range(3, 0).is_empty());
+        assert_eq!(Validity::range(63, 1).0, 1 << 63);
+        // A map entry stays small: pages copied after a snapshot are 2.5 KiB.
+        assert_eq!(std::mem::size_of::<MapEntry>(), 40);
     }
 }

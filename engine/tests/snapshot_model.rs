@@ -145,10 +145,10 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 impl Harness {
-    fn new(reactors: usize) -> Harness {
-        let disk = MemDisk::new(POOL, true);
+    fn new(reactors: usize, geometry: &Geometry) -> Harness {
+        let disk = MemDisk::new(geometry.pool, true);
         let dev = [DeviceSpec::Mem(disk.clone())];
-        Engine::format(&dev, &small_opts()).expect("format");
+        Engine::format(&dev, &geometry.opts).expect("format");
         let engine = Engine::open(&dev, cfg(reactors)).expect("open");
         let client = engine.client();
         let mut h = Harness {
@@ -605,8 +605,38 @@ impl Harness {
     }
 }
 
+/// The pool a run formats.
+struct Geometry {
+    opts: FormatOptions,
+    pool: u64,
+}
+
+/// 16 KiB clusters: one validity grain per 4 KiB block.
+fn small() -> Geometry {
+    Geometry {
+        opts: small_opts(),
+        pool: POOL,
+    }
+}
+
+/// 512 KiB clusters, two per 1 MiB shard: a grain (validity bit) is 8 KiB, so every 4 KiB
+/// write to a fresh or redirected cluster merges with the other half of its grain.
+fn large() -> Geometry {
+    Geometry {
+        opts: FormatOptions {
+            cluster_size: 512 << 10,
+            ..small_opts()
+        },
+        pool: 2 * POOL,
+    }
+}
+
 fn run_steps(reactors: usize, steps: &[Step]) {
-    let mut h = Harness::new(reactors);
+    run_steps_on(&small(), reactors, steps)
+}
+
+fn run_steps_on(geometry: &Geometry, reactors: usize, steps: &[Step]) {
+    let mut h = Harness::new(reactors, geometry);
     for s in steps {
         h.apply(s);
         h.check_space();
@@ -632,6 +662,14 @@ proptest! {
         steps in prop::collection::vec(step(), 1..70),
     ) {
         run_steps(reactors, &steps);
+    }
+
+    #[test]
+    fn snapshots_and_clones_on_large_clusters_behave_like_the_model(
+        reactors in 1..=3usize,
+        steps in prop::collection::vec(step(), 1..70),
+    ) {
+        run_steps_on(&large(), reactors, &steps);
     }
 }
 
@@ -674,6 +712,7 @@ fn every_snapshot_operation_in_one_sequence() {
         w(0, 600, 4),
     ];
     run_steps(2, &steps);
+    run_steps_on(&large(), 2, &steps);
 }
 
 /// Regression: a clone's own snapshot deleted, then a crash. Recovery set the pool epoch
