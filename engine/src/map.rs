@@ -110,39 +110,74 @@ impl MapEntry {
 /// A page of entries, shared between a shard and its snapshots until one side changes it.
 pub type MapPage = [MapEntry; ENTRIES_PER_PAGE];
 
-/// A shard's map: pages allocated on first write (thin), shared by `Arc` at two levels.
-/// A clone (a snapshot's freeze, a checkpoint's cut, a writable clone) shares the whole
-/// page table in one step, whatever the number of pages: a 1 TiB volume has 1,024 shards
-/// of 256 pages, and taking a reference to every page one by one held a freeze on the
-/// reactor for 10-20 ms. The first change after a clone copies the table (one shard's
-/// references), then the page it changes.
+/// Pages per group: the second level of a shard's page table.
+pub const PAGES_PER_GROUP: usize = 16;
+
+/// A group of page references, shared like the pages themselves.
+type Group = [Option<Arc<MapPage>>; PAGES_PER_GROUP];
+
+/// A shard's map: pages allocated on first write (thin), shared by `Arc` at three levels
+/// (the table of groups, each group of 16 page references, each page). A clone (a
+/// snapshot's freeze, a checkpoint's cut, a writable clone) shares the whole table in one
+/// step, whatever the number of pages: a 1 TiB volume has 1,024 shards of 256 pages, and
+/// taking a reference to every page one by one held a freeze on the reactor for 10-20 ms.
+/// The first change after a clone copies the table (16 group references for a 1 GiB
+/// shard), then the group (16 page references), then the page it changes. With one flat
+/// table of 256 page references per shard, the first write to each shard after a snapshot
+/// took 256 references, a cache miss each: the writes held by the barrier, released
+/// together onto different shards, paid that one after another.
 #[derive(Clone, Debug, Default)]
 pub struct ShardMap {
-    pages: Arc<[Option<Arc<MapPage>>]>,
+    groups: Arc<[Option<Arc<Group>>]>,
+    /// Page slots (the last group may have fewer in use).
+    pages: usize,
+}
+
+fn empty_group() -> Group {
+    std::array::from_fn(|_| None)
 }
 
 impl ShardMap {
     /// An empty map of `clusters` entries.
     pub fn new(clusters: usize) -> ShardMap {
+        let pages = clusters.div_ceil(ENTRIES_PER_PAGE);
         ShardMap {
-            pages: vec![None; clusters.div_ceil(ENTRIES_PER_PAGE)].into(),
+            groups: vec![None; pages.div_ceil(PAGES_PER_GROUP)].into(),
+            pages,
         }
     }
 
     /// Number of entry slots.
     pub fn len(&self) -> usize {
-        self.pages.len() * ENTRIES_PER_PAGE
+        self.pages * ENTRIES_PER_PAGE
     }
 
     /// True when the map covers no cluster.
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.pages == 0
+    }
+
+    /// Number of page slots.
+    pub fn page_count(&self) -> usize {
+        self.pages
+    }
+
+    /// Page `pi`, if any entry of it was ever written.
+    #[inline]
+    pub fn page(&self, pi: usize) -> Option<&Arc<MapPage>> {
+        self.groups.get(pi / PAGES_PER_GROUP)?.as_ref()?[pi % PAGES_PER_GROUP].as_ref()
+    }
+
+    /// Every page slot in order (shared pages are the same `Arc`: checkpoints write each
+    /// distinct page once).
+    pub fn pages(&self) -> impl Iterator<Item = Option<&Arc<MapPage>>> + '_ {
+        (0..self.pages).map(|pi| self.page(pi))
     }
 
     /// The entry of cluster `i`.
     #[inline]
     pub fn get(&self, i: usize) -> MapEntry {
-        match &self.pages[i / ENTRIES_PER_PAGE] {
+        match self.page(i / ENTRIES_PER_PAGE) {
             Some(p) => p[i % ENTRIES_PER_PAGE],
             None => MapEntry::UNALLOCATED,
         }
@@ -153,7 +188,7 @@ impl ShardMap {
     #[inline]
     pub fn prefetch(&self, i: usize) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(Some(p)) = self.pages.get(i / ENTRIES_PER_PAGE) {
+        if let Some(p) = self.page(i / ENTRIES_PER_PAGE) {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
             let first = &p[i % ENTRIES_PER_PAGE] as *const MapEntry as *const i8;
             let last = first.wrapping_add(std::mem::size_of::<MapEntry>() - 1);
@@ -166,20 +201,16 @@ impl ShardMap {
         }
     }
 
-    /// Replace the entry of cluster `i`, copying the page table and then the page first if
-    /// a snapshot (or a checkpoint) shares them.
+    /// Replace the entry of cluster `i`, copying the table, the group and then the page
+    /// first where a snapshot (or a checkpoint) shares them.
     pub fn set(&mut self, i: usize, e: MapEntry) {
         let pi = i / ENTRIES_PER_PAGE;
-        if self.pages[pi].is_none() && e == MapEntry::UNALLOCATED {
+        if e == MapEntry::UNALLOCATED && self.page(pi).is_none() {
             return;
         }
-        if Arc::get_mut(&mut self.pages).is_none() {
-            self.prefetch_page_counts();
-        }
-        let slot = &mut Arc::make_mut(&mut self.pages)[pi];
+        let slot = self.page_slot(pi);
         match slot {
             Some(p) => Arc::make_mut(p)[i % ENTRIES_PER_PAGE] = e,
-            None if e == MapEntry::UNALLOCATED => {}
             None => {
                 let mut page = [MapEntry::UNALLOCATED; ENTRIES_PER_PAGE];
                 page[i % ENTRIES_PER_PAGE] = e;
@@ -188,47 +219,49 @@ impl ShardMap {
         }
     }
 
-    /// Copying a shared page table takes a reference to each of its pages: one atomic
-    /// increment per page, each on a line of its own that is rarely cached, and x86 waits
-    /// for every locked increment in turn. Asking for all the lines first lets their
-    /// misses overlap (the first write to each shard after a snapshot copies its table).
-    #[cold]
-    fn prefetch_page_counts(&self) {
-        #[cfg(target_arch = "x86_64")]
-        for p in self.pages.iter().flatten() {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            // The counts lie just before the page in its allocation (std's ArcInner today;
-            // a wrong guess costs a wasted prefetch, nothing else).
-            let count = (Arc::as_ptr(p) as *const i8).wrapping_sub(16);
-            // SAFETY: a prefetch is only a hint: it never faults and changes no memory.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(count) };
+    /// The slot of page `pi`, owned by this map alone (the table and its group copied
+    /// first if shared; a missing group is made).
+    fn page_slot(&mut self, pi: usize) -> &mut Option<Arc<MapPage>> {
+        if Arc::get_mut(&mut self.groups).is_none() {
+            prefetch_counts(self.groups.iter().flatten());
         }
-    }
-
-    /// The pages, shared by `Arc` (checkpoints write each distinct page once).
-    pub fn pages(&self) -> &[Option<Arc<MapPage>>] {
-        &self.pages
+        let group = Arc::make_mut(&mut self.groups)[pi / PAGES_PER_GROUP]
+            .get_or_insert_with(|| Arc::new(empty_group()));
+        if Arc::get_mut(group).is_none() {
+            prefetch_counts(group.iter().flatten());
+        }
+        &mut Arc::make_mut(group)[pi % PAGES_PER_GROUP]
     }
 
     /// Take page `pi` out of the map (its entries read as unallocated from now on).
     pub fn take_page(&mut self, pi: usize) -> Option<Arc<MapPage>> {
-        self.pages.get(pi)?.as_ref()?;
-        Arc::make_mut(&mut self.pages)[pi].take()
+        self.page(pi)?;
+        self.page_slot(pi).take()
     }
 
     /// A map made of these pages.
     pub fn from_pages(pages: Vec<Option<Arc<MapPage>>>) -> ShardMap {
+        let n = pages.len();
+        let mut groups = Vec::with_capacity(n.div_ceil(PAGES_PER_GROUP));
+        let mut it = pages.into_iter();
+        for _ in 0..n.div_ceil(PAGES_PER_GROUP) {
+            let mut g = empty_group();
+            for (slot, p) in g.iter_mut().zip(it.by_ref()) {
+                *slot = p;
+            }
+            groups.push(g.iter().any(Option::is_some).then(|| Arc::new(g)));
+        }
         ShardMap {
-            pages: pages.into(),
+            groups: groups.into(),
+            pages: n,
         }
     }
 
     /// Every allocated entry with its index, in index order.
     pub fn allocated(&self) -> impl Iterator<Item = (usize, MapEntry)> + '_ {
-        self.pages
-            .iter()
+        self.pages()
             .enumerate()
-            .filter_map(|(pi, p)| p.as_ref().map(|p| (pi, p)))
+            .filter_map(|(pi, p)| p.map(|p| (pi, p)))
             .flat_map(|(pi, p)| {
                 p.iter()
                     .enumerate()
@@ -237,11 +270,30 @@ impl ShardMap {
             })
     }
 
-    /// Heap bytes held by this map's pages (shared pages counted once per map).
+    /// Heap bytes held by this map's pages and tables (shared ones counted once per map).
     pub fn page_bytes(&self) -> usize {
-        self.pages.iter().flatten().count() * std::mem::size_of::<MapPage>()
-            + self.pages.len() * std::mem::size_of::<Option<Arc<MapPage>>>()
+        self.pages().flatten().count() * std::mem::size_of::<MapPage>()
+            + self.groups.iter().flatten().count() * std::mem::size_of::<Group>()
+            + self.groups.len() * std::mem::size_of::<Option<Arc<Group>>>()
     }
+}
+
+/// Copying a shared table or group takes a reference to each item it holds: one atomic
+/// increment each, on lines of their own that are rarely cached, and x86 waits for every
+/// locked increment in turn. Asking for all the lines first lets their misses overlap.
+#[cold]
+fn prefetch_counts<'a, T: 'a>(items: impl Iterator<Item = &'a Arc<T>>) {
+    #[cfg(target_arch = "x86_64")]
+    for p in items {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // The counts lie just before the value in its allocation (std's ArcInner today; a
+        // wrong guess costs a wasted prefetch, nothing else).
+        let count = (Arc::as_ptr(p) as *const i8).wrapping_sub(16);
+        // SAFETY: a prefetch is only a hint: it never faults and changes no memory.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(count) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = items;
 }
 
 #[cfg(test)]
@@ -272,18 +324,57 @@ mod tests {
         assert_eq!(snap.get(3).phys, 5);
         assert_eq!(live.get(3).phys, 9);
         // The untouched page is still shared; the changed one is not.
-        assert!(Arc::ptr_eq(
-            live.pages()[1].as_ref().unwrap(),
-            snap.pages()[1].as_ref().unwrap()
-        ));
-        assert!(!Arc::ptr_eq(
-            live.pages()[0].as_ref().unwrap(),
-            snap.pages()[0].as_ref().unwrap()
-        ));
+        assert!(Arc::ptr_eq(live.page(1).unwrap(), snap.page(1).unwrap()));
+        assert!(!Arc::ptr_eq(live.page(0).unwrap(), snap.page(0).unwrap()));
         // Writing an unallocated entry where no page exists changes nothing of the clone.
         let before = live.clone();
         live.set(200, MapEntry::UNALLOCATED);
-        assert!(Arc::ptr_eq(&live.pages, &before.pages));
+        assert!(Arc::ptr_eq(&live.groups, &before.groups));
+    }
+
+    #[test]
+    fn a_write_after_a_clone_copies_one_group_and_one_page() {
+        let e = MapEntry {
+            phys: 5,
+            born: 1,
+            parent: NONE,
+            valid: Validity::range(0, 16),
+            pvalid: Validity::default(),
+        };
+        // 40 pages: groups of 16, 16 and 8.
+        let mut live = ShardMap::new(40 * ENTRIES_PER_PAGE);
+        for pi in 0..40 {
+            live.set(
+                pi * ENTRIES_PER_PAGE,
+                MapEntry {
+                    phys: pi as u64,
+                    ..e
+                },
+            );
+        }
+        let snap = live.clone();
+        live.set(17 * ENTRIES_PER_PAGE + 3, e);
+        let g = |m: &ShardMap, k: usize| m.groups[k].as_ref().map(Arc::as_ptr);
+        assert_eq!(g(&live, 0), g(&snap, 0), "group 0 still shared");
+        assert_eq!(g(&live, 2), g(&snap, 2), "group 2 still shared");
+        assert_ne!(g(&live, 1), g(&snap, 1), "group 1 copied");
+        // In the copied group only page 17 is a copy; its neighbours are the same pages.
+        assert!(Arc::ptr_eq(live.page(16).unwrap(), snap.page(16).unwrap()));
+        assert!(!Arc::ptr_eq(live.page(17).unwrap(), snap.page(17).unwrap()));
+        assert_eq!(snap.get(17 * ENTRIES_PER_PAGE + 3), MapEntry::UNALLOCATED);
+        assert_eq!(live.get(17 * ENTRIES_PER_PAGE + 3), e);
+        // Pages out and back in: the same map, sharing the same pages.
+        let again = ShardMap::from_pages(live.pages().map(|p| p.cloned()).collect());
+        assert_eq!(again.page_count(), 40);
+        assert_eq!(again.len(), live.len());
+        assert!(live.allocated().eq(again.allocated()));
+        assert!(Arc::ptr_eq(again.page(39).unwrap(), live.page(39).unwrap()));
+        // Taking a page out leaves the snapshot's copy alone.
+        let mut taken = snap.clone();
+        assert_eq!(taken.take_page(39).unwrap()[0].phys, 39);
+        assert_eq!(taken.page(39), None);
+        assert_eq!(snap.get(39 * ENTRIES_PER_PAGE).phys, 39);
+        assert_eq!(taken.take_page(39), None);
     }
 
     #[test]

@@ -162,8 +162,8 @@ pub fn encode_maps<'a>(maps: impl Iterator<Item = (u64, u64, &'a ShardMap)>) -> 
     for (img, shard, map) in &maps {
         index.extend_from_slice(&img.to_le_bytes());
         index.extend_from_slice(&shard.to_le_bytes());
-        index.extend_from_slice(&(map.pages().len() as u32).to_le_bytes());
-        for (slot, p) in map.pages().iter().enumerate() {
+        index.extend_from_slice(&(map.page_count() as u32).to_le_bytes());
+        for (slot, p) in map.pages().enumerate() {
             let id = match p {
                 None => u32::MAX,
                 Some(p) => {
@@ -743,14 +743,10 @@ mod tests {
         }
         // Pages equal in the source are one shared page after decoding.
         let (a, b) = (&maps[&(1, 0)], &maps[&(2, 0)]);
-        let shared = a
-            .pages()
-            .iter()
-            .zip(b.pages())
-            .filter(|(x, y)| match (x, y) {
-                (Some(x), Some(y)) => Arc::ptr_eq(x, y),
-                _ => false,
-            });
+        let shared = a.pages().zip(b.pages()).filter(|(x, y)| match (x, y) {
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+            _ => false,
+        });
         assert!(shared.count() > 0);
     }
 }

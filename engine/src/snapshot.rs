@@ -93,7 +93,7 @@ impl Reactor {
     /// Release every reference a map made, except through pages another image here still
     /// holds at the same place (those reference the same clusters).
     fn release_map(&mut self, shard: u64, map: ShardMap) {
-        for (pi, page) in map.pages().iter().enumerate() {
+        for (pi, page) in map.pages().enumerate() {
             if let Some(page) = page {
                 self.release_page(shard, pi, page);
             }
@@ -108,8 +108,8 @@ impl Reactor {
         let shared = self.vols.values().any(|v| {
             v.shards
                 .get(&shard)
-                .and_then(|s| s.map.pages().get(pi))
-                .is_some_and(|p| p.as_ref().is_some_and(|p| Arc::ptr_eq(p, page)))
+                .and_then(|s| s.map.page(pi))
+                .is_some_and(|p| Arc::ptr_eq(p, page))
         });
         if shared {
             return 1;
@@ -201,7 +201,7 @@ impl Reactor {
                 .get_mut(&id)
                 .and_then(|v| v.shards.get_mut(&shard))
                 .map(|sh| &mut sh.map)
-                .filter(|m| pi < m.pages().len())
+                .filter(|m| pi < m.page_count())
             else {
                 // This shard is done: go on with the next.
                 let d = self.drops.front_mut().expect("an image being dropped");
