@@ -91,9 +91,8 @@ pub(crate) fn get_entry(r: &mut Reader) -> Option<MapEntry> {
     })
 }
 
-/// A block bitmap as its bytes up to the last one that is not zero, after their count:
-/// a 64 KiB cluster's 16 blocks take at most 3 bytes rather than 32, so entry records
-/// and checkpoint pages are a third of their fixed-width size.
+/// A grain bitmap as its bytes up to the last one that is not zero, after their count:
+/// a 64 KiB cluster's 16 grains take at most 3 bytes rather than 8.
 fn put_validity(out: &mut Vec<u8>, v: &Validity) {
     let bytes = v.0.to_le_bytes();
     let n = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);

@@ -2,11 +2,6 @@
 
 use crate::format::Superblock;
 
-/// The validity grain of a cluster size (see `Layout::grain`).
-pub fn grain_of(cluster_size: u64) -> u32 {
-    (cluster_size / crate::map::Validity::BITS as u64).max(4096) as u32
-}
-
 /// The geometry every reactor reads (immutable while the pool is open).
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -49,7 +44,7 @@ impl Layout {
     /// clusters above 256 KiB, so that a cluster holds at most 64 (`Validity::BITS`).
     #[inline]
     pub fn grain(&self) -> u32 {
-        grain_of(self.cluster_size)
+        (self.cluster_size / crate::map::Validity::BITS as u64).max(4096) as u32
     }
 
     /// Grains per cluster (at most 64).
