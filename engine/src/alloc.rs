@@ -103,10 +103,14 @@ pub fn groups(total: u64, per_group: u64) -> Vec<AllocGroup> {
     v
 }
 
-/// Clusters per group for a pool: enough groups that every reactor owns several, at most
-/// 32 Ki clusters (2 GiB of 64 KiB clusters) each.
+/// Clusters per group for a pool: enough groups that every reactor owns several (eight
+/// when the pool has eight clusters per reactor), at most 32 Ki clusters (2 GiB of 64 KiB
+/// clusters) each. A reactor allocates only from groups it owns and a donor keeps its last
+/// one, so a pool of fewer groups than reactors (a 37-cluster pool of 1 MiB clusters made
+/// one group when groups had at least 64 clusters) answered "pool is full" to every write
+/// the group-less reactors owned.
 pub fn group_size(total: u64, reactors: usize) -> u64 {
-    (total / (reactors as u64 * 8)).clamp(64, 32 << 10)
+    (total / (reactors as u64 * 8)).clamp(1, 32 << 10)
 }
 
 /// A reactor's allocator: the groups it owns and the clusters waiting for a durable free.
@@ -216,6 +220,19 @@ mod tests {
         assert_eq!(seen.len(), 130);
         g.release(150);
         assert_eq!(g.alloc(), Some(150));
+    }
+
+    #[test]
+    fn every_reactor_gets_groups_even_in_a_small_pool() {
+        for (total, reactors) in [(37u64, 2usize), (37, 16), (64, 3), (1 << 20, 4), (5, 8)] {
+            let n = groups(total, group_size(total, reactors)).len();
+            assert!(
+                n >= reactors.min(total as usize),
+                "{total} clusters, {reactors} reactors: {n} groups"
+            );
+        }
+        assert_eq!(group_size(1 << 30, 2), 32 << 10);
+        assert_eq!(group_size(1600, 2), 100);
     }
 
     #[test]
