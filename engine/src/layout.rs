@@ -44,12 +44,20 @@ impl Layout {
     /// clusters above 256 KiB, so that a cluster holds at most 64 (`Validity::BITS`).
     #[inline]
     pub fn grain(&self) -> u32 {
-        (self.cluster_size / crate::map::Validity::BITS as u64).max(4096) as u32
+        1 << self.grain_shift()
     }
 
     /// Grains per cluster (at most 64).
     pub fn blocks_per_cluster(&self) -> u32 {
-        (self.cluster_size / self.grain() as u64) as u32
+        1 << (self.cluster_shift - self.grain_shift())
+    }
+
+    /// log2 of the grain: 12, or the cluster's shift less log2(`Validity::BITS`) = 6.
+    #[inline]
+    fn grain_shift(&self) -> u32 {
+        self.cluster_shift
+            .saturating_sub(crate::map::Validity::BITS.trailing_zeros())
+            .max(12)
     }
 
     /// The shard holding byte `off` of a volume (a shift on the request path, not a
@@ -89,5 +97,33 @@ impl Layout {
     /// Shards a volume of `size` bytes needs.
     pub fn shards_for(&self, size: u64) -> u64 {
         size.div_ceil(self.shard_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::format::{plan, FormatOptions};
+
+    #[test]
+    fn the_grain_is_4k_up_to_256k_clusters_then_a_64th() {
+        for (cluster, grain, per) in [
+            (4u32 << 10, 4096, 1),
+            (64 << 10, 4096, 16),
+            (256 << 10, 4096, 64),
+            (512 << 10, 8192, 64),
+            (1 << 20, 16384, 64),
+        ] {
+            let opts = FormatOptions {
+                cluster_size: cluster,
+                ..FormatOptions::default()
+            };
+            let sbs = plan(&[1 << 30], &opts, [7; 16]).expect("plan");
+            let l = super::Layout::new(&sbs);
+            assert_eq!(
+                (l.grain(), l.blocks_per_cluster()),
+                (grain, per),
+                "{cluster}"
+            );
+        }
     }
 }

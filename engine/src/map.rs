@@ -300,6 +300,17 @@ fn prefetch_counts<'a, T: 'a>(items: impl Iterator<Item = &'a Arc<T>>) {
 mod tests {
     use super::*;
 
+    /// An entry of a 64 KiB cluster written whole, no parent.
+    fn owned_entry() -> MapEntry {
+        MapEntry {
+            phys: 5,
+            born: 1,
+            parent: NONE,
+            valid: Validity::range(0, 16),
+            pvalid: Validity::default(),
+        }
+    }
+
     #[test]
     fn unwritten_entries_are_unallocated() {
         let m = ShardMap::new(1000);
@@ -310,13 +321,7 @@ mod tests {
     #[test]
     fn a_shared_page_is_copied_on_first_change() {
         let mut live = ShardMap::new(256);
-        let e = MapEntry {
-            phys: 5,
-            born: 1,
-            parent: NONE,
-            valid: Validity::range(0, 16),
-            pvalid: Validity::default(),
-        };
+        let e = owned_entry();
         live.set(3, e);
         live.set(70, e);
         let snap = live.clone();
@@ -334,13 +339,7 @@ mod tests {
 
     #[test]
     fn a_write_after_a_clone_copies_one_group_and_one_page() {
-        let e = MapEntry {
-            phys: 5,
-            born: 1,
-            parent: NONE,
-            valid: Validity::range(0, 16),
-            pvalid: Validity::default(),
-        };
+        let e = owned_entry();
         // 40 pages: groups of 16, 16 and 8.
         let mut live = ShardMap::new(40 * ENTRIES_PER_PAGE);
         for pi in 0..40 {
