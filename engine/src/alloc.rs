@@ -105,10 +105,10 @@ pub fn groups(total: u64, per_group: u64) -> Vec<AllocGroup> {
 
 /// Clusters per group for a pool: enough groups that every reactor owns several (eight
 /// when the pool has eight clusters per reactor), at most 32 Ki clusters (2 GiB of 64 KiB
-/// clusters) each. A reactor allocates only from groups it owns and a donor keeps its last
-/// one, so a pool of fewer groups than reactors (a 37-cluster pool of 1 MiB clusters made
-/// one group when groups had at least 64 clusters) answered "pool is full" to every write
-/// the group-less reactors owned.
+/// clusters) each. A reactor allocates only from groups it owns: in a pool of fewer groups
+/// than reactors (a 37-cluster pool of 1 MiB clusters made one group when groups had at
+/// least 64 clusters) the group-less reactors answered "pool is full" to every write they
+/// owned while donors kept their last group, and would now pass groups back and forth.
 pub fn group_size(total: u64, reactors: usize) -> u64 {
     (total / (reactors as u64 * 8)).clamp(1, 32 << 10)
 }
@@ -188,9 +188,11 @@ impl Allocator {
         }
     }
 
-    /// Give away the owned group with the most free clusters, keeping at least one group.
-    pub fn donate(&mut self) -> Option<AllocGroup> {
-        if self.groups.len() < 2 {
+    /// Give away the owned group with the most free clusters. The last group goes too when
+    /// `keep_last` is false: a reactor whose own writes do not need it lets a reactor that
+    /// ran dry use it, so a write load on one reactor's shards can fill the whole pool.
+    pub fn donate(&mut self, keep_last: bool) -> Option<AllocGroup> {
+        if self.groups.len() < 1 + usize::from(keep_last) {
             return None;
         }
         let (i, g) = self
@@ -233,6 +235,28 @@ mod tests {
         }
         assert_eq!(group_size(1 << 30, 2), 32 << 10);
         assert_eq!(group_size(1600, 2), 100);
+    }
+
+    #[test]
+    fn donors_give_the_freest_group_and_the_last_one_unless_told_to_keep_it() {
+        let mut a = Allocator {
+            groups: groups(20, 10),
+            ..Default::default()
+        };
+        for _ in 0..5 {
+            a.alloc();
+        }
+        // Groups now hold 5 and 10 free clusters.
+        assert_eq!(a.donate(true).map(|g| g.free()), Some(10));
+        assert!(a.donate(true).is_none());
+        assert_eq!(a.donate(false).map(|g| g.free()), Some(5));
+        assert!(a.groups.is_empty());
+        let mut full = Allocator {
+            groups: groups(10, 10),
+            ..Default::default()
+        };
+        while full.alloc().is_some() {}
+        assert!(full.donate(false).is_none(), "a full group is never given");
     }
 
     #[test]

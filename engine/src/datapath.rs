@@ -1037,6 +1037,7 @@ impl Reactor {
             );
             self.alloc.groups.push(g);
             self.asking = None;
+            self.fresh_group = true;
             return self.retry_space_waiters();
         }
         let n = self.shared.inboxes.len();

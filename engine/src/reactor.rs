@@ -374,6 +374,9 @@ pub struct Reactor {
     pub(crate) drops: VecDeque<crate::snapshot::Dropping>,
     pub(crate) jobs_in_flight: usize,
     pub(crate) asking: Option<usize>,
+    /// A borrowed group arrived this pass for writes waiting for space: it is not given
+    /// away before they ran.
+    pub(crate) fresh_group: bool,
     pub(crate) meta: MetaCache,
     pollers: Vec<Option<Box<dyn Poller>>>,
     /// Pollers with a POLL_ADD in flight: (fd, events, user_data).
@@ -442,6 +445,7 @@ impl Reactor {
             drops: VecDeque::new(),
             jobs_in_flight: 0,
             asking: None,
+            fresh_group: false,
             meta,
             pollers: Vec::new(),
             poll_armed: HashMap::new(),
@@ -606,7 +610,9 @@ impl Reactor {
                 }
             }
             Msg::GroupAsk { from } => {
-                let group = self.alloc.donate();
+                // The last group goes too (a write load on one reactor's shards can then
+                // use the whole pool), unless it arrived for writes that have not run yet.
+                let group = self.alloc.donate(self.fresh_group);
                 self.give_group(from, group);
             }
             Msg::GroupGive { group, from } => self.on_group(group, from),
@@ -644,6 +650,7 @@ impl Reactor {
             self.run_op(op);
             progress = true;
         }
+        self.fresh_group = false;
         self.done_clock = None;
         progress |= self.run_jobs();
         progress |= self.run_drops();
