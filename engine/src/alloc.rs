@@ -188,13 +188,9 @@ impl Allocator {
         }
     }
 
-    /// Give away the owned group with the most free clusters. The last group goes too when
-    /// `keep_last` is false: a reactor whose own writes do not need it lets a reactor that
-    /// ran dry use it, so a write load on one reactor's shards can fill the whole pool.
-    pub fn donate(&mut self, keep_last: bool) -> Option<AllocGroup> {
-        if self.groups.len() < 1 + usize::from(keep_last) {
-            return None;
-        }
+    /// Give away the owned group with the most free clusters, the last one too (the reactor
+    /// decides when it must keep its groups).
+    pub fn donate(&mut self) -> Option<AllocGroup> {
         let (i, g) = self
             .groups
             .iter()
@@ -238,25 +234,25 @@ mod tests {
     }
 
     #[test]
-    fn donors_give_the_freest_group_and_the_last_one_unless_told_to_keep_it() {
+    fn donors_give_the_freest_group_then_the_last_but_never_a_full_one() {
         let mut a = Allocator {
-            groups: groups(20, 10),
+            groups: groups(30, 10),
             ..Default::default()
         };
-        for _ in 0..5 {
+        for _ in 0..15 {
             a.alloc();
         }
-        // Groups now hold 5 and 10 free clusters.
-        assert_eq!(a.donate(true).map(|g| g.free()), Some(10));
-        assert!(a.donate(true).is_none());
-        assert_eq!(a.donate(false).map(|g| g.free()), Some(5));
-        assert!(a.groups.is_empty());
-        let mut full = Allocator {
+        // Groups now hold 5, 0 and 10 free clusters.
+        assert_eq!(a.donate().map(|g| g.free()), Some(10));
+        assert_eq!(a.donate().map(|g| g.free()), Some(5));
+        assert!(a.donate().is_none(), "a full group is never given");
+        assert_eq!(a.groups.len(), 1);
+        let mut last = Allocator {
             groups: groups(10, 10),
             ..Default::default()
         };
-        while full.alloc().is_some() {}
-        assert!(full.donate(false).is_none(), "a full group is never given");
+        assert_eq!(last.donate().map(|g| g.free()), Some(10));
+        assert!(last.groups.is_empty());
     }
 
     #[test]

@@ -374,7 +374,7 @@ pub struct Reactor {
     pub(crate) drops: VecDeque<crate::snapshot::Dropping>,
     pub(crate) jobs_in_flight: usize,
     pub(crate) asking: Option<usize>,
-    /// A borrowed group arrived this pass for writes waiting for space: it is not given
+    /// A borrowed group arrived this pass for writes waiting for space: no group is given
     /// away before they ran.
     pub(crate) fresh_group: bool,
     pub(crate) meta: MetaCache,
@@ -610,9 +610,16 @@ impl Reactor {
                 }
             }
             Msg::GroupAsk { from } => {
-                // The last group goes too (a write load on one reactor's shards can then
-                // use the whole pool), unless it arrived for writes that have not run yet.
-                let group = self.alloc.donate(self.fresh_group);
+                // Nothing goes while a group that just arrived waits for the writes it came
+                // for: it would be the freest and go straight back, and two dry reactors
+                // passed one group to and fro without either using it (a livelock near
+                // full). Otherwise the freest group goes, the last one too, so that a write
+                // load on one reactor's shards can use the whole pool.
+                let group = if self.fresh_group {
+                    None
+                } else {
+                    self.alloc.donate()
+                };
                 self.give_group(from, group);
             }
             Msg::GroupGive { group, from } => self.on_group(group, from),
