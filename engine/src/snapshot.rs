@@ -328,17 +328,12 @@ impl Reactor {
         // with their parents, and a snapshot is never filled: queue fills for them here, as
         // an open does for every writable image, or the parents stay pinned by this volume
         // after the snapshot is deleted (the model test found two such clusters).
-        let fills: Vec<(u64, u64, u32)> = v
-            .shards
-            .iter()
-            .flat_map(|(s, sh)| {
-                sh.map
-                    .allocated()
-                    .filter(|(_, e)| e.parent != NONE)
-                    .map(move |(i, _)| (vol, *s, i as u32))
-            })
-            .collect();
-        self.fills.extend(fills);
+        self.fills.extend(v.shards.iter().flat_map(|(s, sh)| {
+            sh.map
+                .allocated()
+                .filter(|(_, e)| e.parent != NONE)
+                .map(move |(i, _)| (vol, *s, i as u32))
+        }));
         self.journal.append(&Record::Rollback { vol, snap });
         for (s, map) in old {
             self.release_map(s, map);

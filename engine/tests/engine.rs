@@ -282,6 +282,54 @@ fn writes_owned_by_one_reactor_can_fill_the_whole_pool() {
     e.shutdown().unwrap();
 }
 
+/// Bytes per write of `fill_until_full`, and slots of that size in its 1 GiB volumes.
+const FILL_CHUNK: u64 = 64 << 10;
+const FILL_SLOTS: u64 = (1 << 30) / FILL_CHUNK;
+
+/// Write slots of `FILL_CHUNK` bytes with pattern generation `gen`, 32 in flight, visiting
+/// them in scattered order (a stride coprime with the slot count) from the `*next`th on,
+/// until one fails with NoSpace and the others in flight are answered. Returns the slots
+/// written and those refused. Fails after 60 s: two dry reactors once passed one group to
+/// and fro without using it (a livelock).
+fn fill_until_full(c: &mut Client, v: VolumeId, next: &mut u64, gen: u8) -> (Vec<u64>, Vec<u64>) {
+    let (mut ok, mut failed, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    let started = std::time::Instant::now();
+    while failed.is_empty() || c.in_flight() > 0 {
+        while failed.is_empty() && c.in_flight() < 32 {
+            let slot = *next * 7919 % FILL_SLOTS;
+            let off = slot * FILL_CHUNK;
+            c.submit(Request {
+                tag: slot,
+                volume: v,
+                op: Op::Write { fua: false },
+                offset: off,
+                len: FILL_CHUNK,
+                buf: Some(AlignedBuf::from_slice(&pattern(
+                    off,
+                    FILL_CHUNK as usize,
+                    gen,
+                ))),
+            });
+            *next += 1;
+        }
+        c.wait(std::time::Duration::from_millis(100));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "generation {gen}: writes stuck near full, {} in flight",
+            c.in_flight()
+        );
+        c.poll(&mut out);
+        for done in out.drain(..) {
+            match done.result {
+                Ok(()) => ok.push(done.tag),
+                Err(IoError::NoSpace) => failed.push(done.tag),
+                Err(e) => panic!("generation {gen}: unexpected {e}"),
+            }
+        }
+    }
+    (ok, failed)
+}
+
 #[test]
 fn both_reactors_filling_the_pool_at_once_use_it_all_and_lose_nothing() {
     // 32 writes in flight over every shard: both reactors run dry near the end and pass
@@ -291,52 +339,18 @@ fn both_reactors_filling_the_pool_at_once_use_it_all_and_lose_nothing() {
     let mut c = e.client();
     let info = e.pool_info();
     let free = info.total_bytes - info.used_bytes;
-    let chunk = 64u64 << 10;
-    let slots = (1u64 << 30) / chunk;
-    // A stride coprime with the slot count visits every slot once, in scattered order.
-    let offset = |k: u64| (k * 7919 % slots) * chunk;
-    let (mut next, mut ok, mut failed) = (0u64, Vec::new(), 0u64);
-    let mut out = Vec::new();
-    // Two dry reactors used to pass one group to and fro without using it (a livelock).
-    let started = std::time::Instant::now();
-    while failed == 0 || c.in_flight() > 0 {
-        while failed == 0 && c.in_flight() < 32 {
-            let off = offset(next);
-            c.submit(Request {
-                tag: next,
-                volume: v.id,
-                op: Op::Write { fua: false },
-                offset: off,
-                len: chunk,
-                buf: Some(AlignedBuf::from_slice(&pattern(off, chunk as usize, 5))),
-            });
-            next += 1;
-        }
-        c.wait(std::time::Duration::from_millis(100));
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "writes stuck near full: {} in flight",
-            c.in_flight()
-        );
-        c.poll(&mut out);
-        for done in out.drain(..) {
-            match done.result {
-                Ok(()) => ok.push(offset(done.tag)),
-                Err(IoError::NoSpace) => failed += 1,
-                Err(e) => panic!("unexpected {e}"),
-            }
-        }
-    }
-    let written = ok.len() as u64 * chunk;
+    let (ok, _) = fill_until_full(&mut c, v.id, &mut 0, 5);
+    let written = ok.len() as u64 * FILL_CHUNK;
     // The writes in flight when the first NoSpace came may each have taken part of a chunk.
     assert!(
-        written + 32 * chunk >= free,
+        written + 32 * FILL_CHUNK >= free,
         "{written} of {free} free bytes written before NoSpace"
     );
-    for off in ok {
+    for slot in ok {
+        let off = slot * FILL_CHUNK;
         assert_eq!(
-            read(&mut c, v.id, off, chunk),
-            pattern(off, chunk as usize, 5)
+            read(&mut c, v.id, off, FILL_CHUNK),
+            pattern(off, FILL_CHUNK as usize, 5)
         );
     }
     e.shutdown().unwrap();
@@ -351,9 +365,7 @@ fn fill_trim_refill_with_groups_changing_hands_loses_nothing() {
     let (_d, e) = mem_pool(48 << 20, 2);
     let v = e.create_volume("churn", 1 << 30, 4096).unwrap().id;
     let mut c = e.client();
-    let chunk = 64u64 << 10;
-    let slots = (1u64 << 30) / chunk;
-    let slot_at = |k: u64| k * 7919 % slots;
+    let chunk = FILL_CHUNK;
     // Slot -> generation written (0: trimmed); slots never touched are absent.
     let mut model = std::collections::BTreeMap::<u64, u8>::new();
     let mut next = 0u64;
@@ -362,40 +374,9 @@ fn fill_trim_refill_with_groups_changing_hands_loses_nothing() {
             let i = e.pool_info();
             i.total_bytes - i.used_bytes
         };
-        let (mut failed, mut written) = (Vec::new(), 0u64);
-        let mut out = Vec::new();
-        let started = std::time::Instant::now();
-        while failed.is_empty() || c.in_flight() > 0 {
-            while failed.is_empty() && c.in_flight() < 32 {
-                let off = slot_at(next) * chunk;
-                c.submit(Request {
-                    tag: slot_at(next),
-                    volume: v,
-                    op: Op::Write { fua: false },
-                    offset: off,
-                    len: chunk,
-                    buf: Some(AlignedBuf::from_slice(&pattern(off, chunk as usize, round))),
-                });
-                next += 1;
-            }
-            c.wait(std::time::Duration::from_millis(100));
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(60),
-                "round {round}: writes stuck near full, {} in flight",
-                c.in_flight()
-            );
-            c.poll(&mut out);
-            for done in out.drain(..) {
-                match done.result {
-                    Ok(()) => {
-                        model.insert(done.tag, round);
-                        written += chunk;
-                    }
-                    Err(IoError::NoSpace) => failed.push(done.tag),
-                    Err(e) => panic!("round {round}: unexpected {e}"),
-                }
-            }
-        }
+        let (ok, failed) = fill_until_full(&mut c, v, &mut next, round);
+        let written = ok.len() as u64 * chunk;
+        model.extend(ok.into_iter().map(|slot| (slot, round)));
         assert!(
             written + 32 * chunk >= free_before,
             "round {round}: {written} of {free_before} free bytes written"
