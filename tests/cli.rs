@@ -460,3 +460,81 @@ fn clone_rollback_export_and_schedule_commands_work() {
         serde_json::json!([])
     );
 }
+
+/// `tessel serve` on `data` with its control socket at `socket`, expected to refuse to
+/// start: its stderr (a daemon that starts anyway is killed after a while and fails).
+fn serve_refuses(data: &std::path::Path, socket: &std::path::Path) -> String {
+    let mut cmd = common::serve_command(data, common::free_port(), socket, &[]);
+    let out = common::run_timeout(&mut cmd, std::time::Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started: {stderr}");
+    stderr
+}
+
+#[test]
+fn a_control_socket_path_naming_a_pool_file_is_refused_and_the_file_kept() {
+    let dir = TestDir::new("cli-sock-pool");
+    let pool = dir.join("pool0.img");
+    let mut d = Daemon::start_in(&dir.path);
+    d.cli_ok(&["volume", "create", "kept", "64M"]);
+    assert!(d.stop().success());
+    let before = std::fs::metadata(&pool).unwrap();
+
+    let stderr = serve_refuses(&dir.path, &pool);
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    let after = std::fs::metadata(&pool).expect("the pool file is still there");
+    assert_eq!(
+        (after.len(), std::os::unix::fs::MetadataExt::ino(&after)),
+        (before.len(), std::os::unix::fs::MetadataExt::ino(&before))
+    );
+    let d = Daemon::start_in(&dir.path);
+    assert!(d.cli_ok(&["volume", "list"]).contains("kept"));
+}
+
+#[test]
+fn a_second_daemon_on_a_live_socket_fails_before_formatting_its_pool() {
+    let d = Daemon::start("cli-sock-live");
+    let other = TestDir::new("cli-sock-other");
+    let stderr = serve_refuses(&other.path, &d.socket);
+    assert!(stderr.contains("another tessel daemon answers"), "{stderr}");
+    assert!(
+        !other.join("pool0.img").exists(),
+        "the refused daemon created or formatted a pool"
+    );
+    assert!(common::control_answers(&d.socket));
+}
+
+#[test]
+fn data_directory_and_socket_are_private_under_umask_000() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = TestDir::new("cli-umask");
+    let data = dir.join("data");
+    let socket = data.join("tessel.sock");
+    let mut cmd = common::serve_command(&data, common::free_port(), &socket, &[]);
+    // SAFETY: umask(2) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !common::control_answers(&socket) {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let (dir_mode, socket_mode) = (mode(&data), mode(&socket));
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = common::wait_timeout(&mut child, std::time::Duration::from_secs(60));
+    assert_eq!(dir_mode, 0o700, "data directory mode {dir_mode:o}");
+    assert_eq!(socket_mode, 0o600, "control socket mode {socket_mode:o}");
+}

@@ -351,28 +351,86 @@ impl ControlServer {
     }
 }
 
-/// Bind the control socket, replacing a stale one (refusing if a daemon answers there).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!(
-                    "{}: another tessel daemon answers on this control socket",
-                    path.display()
-                ),
-            ));
+/// The control socket's file, removed when this is dropped (the daemon stops, or a later
+/// startup step fails).
+pub struct SocketFile {
+    path: PathBuf,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bind the control socket with mode 0600 whatever the umask, replacing a stale socket.
+///
+/// Refuses when a daemon answers there, and when the path is anything but a socket: a
+/// mistyped `control_socket` naming a pool file must not delete it.
+pub fn bind(path: &Path) -> std::io::Result<(UnixListener, SocketFile)> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another tessel daemon answers on this control socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
         }
-        std::fs::remove_file(path)?;
+        Ok(meta) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "the path exists and is not a socket ({}); refusing to replace it: \
+                     point daemon.control_socket elsewhere",
+                    kind_of(&meta.file_type())
+                ),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    UnixListener::bind(path)
+    // bind(2) creates the socket file with the umask's mode; narrow the umask for the call
+    // so there is no moment when another user may connect, then set 0600 explicitly. Only
+    // this thread runs at this point of startup, so the process-wide umask is ours to use.
+    // SAFETY: umask(2) only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    let file = SocketFile {
+        path: path.to_path_buf(),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok((listener, file))
+}
+
+/// "regular file", "directory", ... for the refusal above.
+fn kind_of(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "a fifo"
+    }
 }
 
 /// Serve clients until the listener is closed.
-pub fn serve(listener: UnixListener, server: Arc<ControlServer>, path: PathBuf) {
+pub fn serve(listener: UnixListener, server: Arc<ControlServer>) {
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
@@ -382,7 +440,7 @@ pub fn serve(listener: UnixListener, server: Arc<ControlServer>, path: PathBuf) 
                     .spawn(move || server.serve_client(s));
             }
             Err(e) => {
-                tracing::warn!(socket = %path.display(), "control accept failed: {e}");
+                tracing::warn!("control accept failed: {e}");
                 break;
             }
         }

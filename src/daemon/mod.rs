@@ -156,11 +156,44 @@ fn open_pool(config: &Config) -> Result<Engine, Box<dyn std::error::Error>> {
     }
 }
 
+/// Create the data directory (and missing parents) with mode 0700 whatever the umask: it
+/// holds the pool files and the control socket, which no other user may open.
+fn create_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Run the daemon with a resolved configuration.
 pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let signals = block_signals();
-    let data_dir = &config.daemon.data_dir;
-    std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    create_data_dir(&config.daemon.data_dir)
+        .map_err(|e| format!("{}: {e}", config.daemon.data_dir.display()))?;
+    // Every check that can refuse to start runs before the pool is opened or formatted:
+    // a daemon pointed at another's socket, or at a busy port, leaves no pool behind.
+    let sock = config.control_socket_path();
+    let (control_listener, _socket_file) =
+        control::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
+    let nbd_listener = match config.nbd.listen {
+        Some(addr) => Some((
+            TcpListener::bind(addr).map_err(|e| format!("NBD listen on {addr}: {e}"))?,
+            addr,
+        )),
+        None => None,
+    };
+    let iscsi_listener = match config.iscsi.listen {
+        Some(addr) => Some((
+            TcpListener::bind(addr).map_err(|e| format!("iSCSI listen on {addr}: {e}"))?,
+            addr,
+        )),
+        None => None,
+    };
     let engine = open_pool(&config)?;
     for v in &config.volumes {
         match engine.volume(&v.name) {
@@ -201,8 +234,7 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let mut listeners = Vec::new();
-    if let Some(addr) = config.nbd.listen {
-        let l = TcpListener::bind(addr).map_err(|e| format!("NBD listen on {addr}: {e}"))?;
+    if let Some((l, addr)) = nbd_listener {
         tracing::info!(%addr, "NBD target listening");
         listeners.push(addr);
         let (engine, exports, stop, count) = (
@@ -221,8 +253,7 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
                 })
             })?;
     }
-    if let Some(addr) = config.iscsi.listen {
-        let l = TcpListener::bind(addr).map_err(|e| format!("iSCSI listen on {addr}: {e}"))?;
+    if let Some((l, addr)) = iscsi_listener {
         tracing::info!(%addr, prefix = %config.iscsi.iqn_prefix, "iSCSI portal listening");
         listeners.push(addr);
         let icfg = Arc::new(iscsi_config(&config, addr));
@@ -241,8 +272,6 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             })?;
     }
 
-    let sock = config.control_socket_path();
-    let ul = control::bind(&sock).map_err(|e| format!("control socket {}: {e}", sock.display()))?;
     tracing::info!(socket = %sock.display(), "control socket listening");
     let server = Arc::new(control::ControlServer::new(
         engine.clone(),
@@ -251,10 +280,9 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         connections.clone(),
         tx.clone(),
     ));
-    let sock2 = sock.clone();
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || control::serve(ul, server, sock2))?;
+        .spawn(move || control::serve(control_listener, server))?;
 
     std::thread::Builder::new()
         .name("signals".into())
@@ -275,9 +303,7 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for addr in listeners {
         let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200));
     }
-    let r = engine.shutdown();
-    let _ = std::fs::remove_file(&sock);
-    r?;
+    engine.shutdown()?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
