@@ -9,7 +9,9 @@
 #[macro_use]
 mod common;
 
-use common::raw_iscsi::{self, cdb16, RawIscsi, BHS_LEN, OP_REJECT};
+use common::raw_iscsi::{
+    self, cdb16, RawIscsi, BHS_LEN, OP_DATA_IN, OP_LOGOUT_RESP, OP_REJECT, OP_SCSI_RESP,
+};
 use common::{pseudo_random, run, run_timeout, say, Daemon};
 use std::io::Write;
 use std::process::{Command, Output};
@@ -432,4 +434,67 @@ fn iscsi_perf_killed_mid_run_leaves_the_daemon_serving() {
     assert!(good.read16(0, 5000, 16, BS).data == pattern);
     tool(&["iscsi-inq", &url]).expect("a new session after killed clients");
     assert!(d.healthy(), "daemon unhealthy:\n{}", d.stderr());
+}
+
+#[test]
+fn hostile_data_out_is_refused_and_logout_still_closes_the_connection() {
+    let mut d = Daemon::start_iscsi("iscsi-hostile-data-out", &[]);
+    let mut s = RawIscsi::login_with(&d.iscsi_addr(), "vol0", false);
+
+    // WRITE(10) of one block with EDTL four blocks, then unsolicited Data-Out of two
+    // blocks and one more: the data past the block is legal and dropped (it used to panic
+    // the reactor).
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[2..6].copy_from_slice(&300u32.to_be_bytes());
+    cdb[8] = 1;
+    let mut h = s.command_header(0, &cdb, 0, 4 * BS);
+    h[1] &= !0x80; // not final: unsolicited Data-Out follows
+    let itt = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    s.send_pdu(h, &[]);
+    let block = pseudo_random(BS as usize, 41);
+    let mut first = block.clone();
+    first.extend_from_slice(&[0xee; BS as usize]);
+    s.send_pdu(
+        RawIscsi::data_out_header(itt, u32::MAX, 0, 0, false),
+        &first,
+    );
+    s.send_pdu(
+        RawIscsi::data_out_header(itt, u32::MAX, 1, 2 * BS, true),
+        &[0xee; BS as usize],
+    );
+    let r = s.recv().expect("a SCSI Response");
+    assert_eq!((r.opcode(), r.bhs[3]), (OP_SCSI_RESP, 0), "{r:?}");
+    s.exp_stat_sn = r.u32_at(24).wrapping_add(1);
+    assert!(s.read16(0, 300, 1, BS).data == block);
+
+    // READ(16) and a Data-Out with its ITT in one send: the Data-Out is rejected, the read
+    // is answered, and the logout after it is too.
+    let h = s.command_header(0, &cdb16(0x88, 300, 1), BS, 0);
+    let itt = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut bytes = h.to_vec();
+    let mut dout = RawIscsi::data_out_header(itt, u32::MAX, 0, 0, true);
+    dout[5..8].copy_from_slice(&BS.to_be_bytes()[1..]);
+    bytes.extend_from_slice(&dout);
+    bytes.extend_from_slice(&vec![0xdd; BS as usize]);
+    s.send_raw(&bytes).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let p = s.recv().expect("answers to the read and the Data-Out");
+        if p.opcode() == OP_DATA_IN {
+            s.exp_stat_sn = p.u32_at(24).wrapping_add(1);
+            assert!(p.data == block, "the read returned other data");
+        }
+        got.push(p.opcode());
+    }
+    got.sort();
+    assert_eq!(got, vec![OP_DATA_IN, OP_REJECT]);
+    let r = s.logout().expect("a Logout Response");
+    assert_eq!((r.opcode(), r.bhs[2]), (OP_LOGOUT_RESP, 0), "{r:?}");
+    assert!(
+        raw_iscsi::closed_by_peer(&mut s.stream),
+        "connection left open after logout"
+    );
+    assert!(d.healthy(), "daemon unhealthy:\n{}", d.stderr());
+    assert!(!d.stderr().contains("panicked"), "{}", d.stderr());
 }

@@ -12,10 +12,12 @@ const OP_NOP_OUT: u8 = 0x00;
 const OP_SCSI_CMD: u8 = 0x01;
 const OP_LOGIN: u8 = 0x03;
 const OP_DATA_OUT: u8 = 0x05;
+const OP_LOGOUT: u8 = 0x06;
 const OP_NOP_IN: u8 = 0x20;
-const OP_SCSI_RESP: u8 = 0x21;
+pub const OP_SCSI_RESP: u8 = 0x21;
 const OP_LOGIN_RESP: u8 = 0x23;
-const OP_DATA_IN: u8 = 0x25;
+pub const OP_DATA_IN: u8 = 0x25;
+pub const OP_LOGOUT_RESP: u8 = 0x26;
 const OP_R2T: u8 = 0x31;
 pub const OP_REJECT: u8 = 0x3f;
 pub const INITIATOR: &str = "iqn.2026-11.dev.tessel:raw-test";
@@ -63,7 +65,7 @@ impl Pdu {
     pub fn opcode(&self) -> u8 {
         self.bhs[0] & 0x3f
     }
-    fn u32_at(&self, at: usize) -> u32 {
+    pub fn u32_at(&self, at: usize) -> u32 {
         u32::from_be_bytes(self.bhs[at..at + 4].try_into().unwrap())
     }
 }
@@ -119,12 +121,19 @@ impl RawIscsi {
     /// Log in to `<prefix>:volume` straight into operational negotiation (no security
     /// stage: the volume must have no CHAP). Panics on a refused login.
     pub fn login(addr: &str, volume: &str) -> RawIscsi {
+        RawIscsi::login_with(addr, volume, true)
+    }
+
+    /// `login`, offering InitialR2T=`initial_r2t` (No lets unsolicited Data-Out follow a
+    /// write command).
+    pub fn login_with(addr: &str, volume: &str, initial_r2t: bool) -> RawIscsi {
         let mut s = RawIscsi::bare(addr);
+        let r2t = if initial_r2t { "Yes" } else { "No" };
         let keys = format!(
             "InitiatorName={INITIATOR}\0SessionType=Normal\0\
              TargetName=iqn.2026-11.dev.tessel:{volume}\0HeaderDigest=None\0\
              DataDigest=None\0MaxRecvDataSegmentLength=262144\0ImmediateData=Yes\0\
-             InitialR2T=Yes\0MaxBurstLength=262144\0FirstBurstLength=65536\0"
+             InitialR2T={r2t}\0MaxBurstLength=262144\0FirstBurstLength=65536\0"
         );
         let mut body = keys.into_bytes();
         for _ in 0..4 {
@@ -313,6 +322,33 @@ impl RawIscsi {
                 other => panic!("unexpected PDU {other:#04x} during a command: {p:?}"),
             }
         }
+    }
+
+    /// The header of a Data-Out for task `itt` (`ttt` 0xffffffff: unsolicited).
+    pub fn data_out_header(itt: u32, ttt: u32, data_sn: u32, offset: u32, last: bool) -> [u8; 48] {
+        let mut d = [0u8; BHS_LEN];
+        d[0] = OP_DATA_OUT;
+        if last {
+            d[1] = 0x80;
+        }
+        put_u32(&mut d, 16, itt);
+        put_u32(&mut d, 20, ttt);
+        put_u32(&mut d, 36, data_sn);
+        put_u32(&mut d, 40, offset);
+        d
+    }
+
+    /// Log out (close the session) and return the target's answer.
+    pub fn logout(&mut self) -> Option<Pdu> {
+        let mut b = [0u8; BHS_LEN];
+        b[0] = 0x40 | OP_LOGOUT;
+        b[1] = 0x80; // close the session
+        put_u32(&mut b, 16, self.itt);
+        put_u32(&mut b, 24, self.cmd_sn);
+        put_u32(&mut b, 28, self.exp_stat_sn);
+        self.itt = self.itt.wrapping_add(1);
+        self.send_pdu(b, &[]);
+        self.recv()
     }
 
     /// READ(16) of `blocks` blocks of `block_size` bytes at `lba`.

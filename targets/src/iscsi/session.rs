@@ -210,7 +210,7 @@ impl IscsiSession {
                     self.scsi_command(&cmd, frame.data, exports, actions)?;
                 }
             }
-            Bhs::DataOut(d) => self.data_out(&d, frame.data, actions),
+            Bhs::DataOut(d) => self.data_out(&d, &frame.header, frame.data, actions),
             Bhs::NopOut(n) => {
                 if n.itt == RESERVED_TAG {
                     // The answer to our ping (never consumes a CmdSN: it must be immediate).

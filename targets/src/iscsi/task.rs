@@ -100,6 +100,12 @@ impl Task {
         Ok(())
     }
 
+    /// True while Data-Out may still arrive: an unsolicited sequence or an R2T is open.
+    /// Such a task has not reached the engine yet.
+    fn awaits_data(&self) -> bool {
+        self.unsolicited_open || !self.r2ts.is_empty()
+    }
+
     fn data_complete(&self) -> bool {
         !self.unsolicited_open && self.r2ts.is_empty() && self.next_r2t_offset >= self.wanted
     }
@@ -119,10 +125,13 @@ impl Task {
                 self.received
             )));
         }
-        if let Some(buf) = self.buf.as_mut() {
-            let keep = (self.wanted.saturating_sub(offset) as usize).min(data.len());
-            buf.as_mut_slice()[offset as usize..offset as usize + keep]
-                .copy_from_slice(&data[..keep]);
+        // Data past `wanted` (the command needs less than EDTL) is legal to send and is
+        // dropped; only the part inside the buffer is copied.
+        let keep = u64::from(self.wanted)
+            .saturating_sub(u64::from(offset))
+            .min(data.len() as u64) as usize;
+        if let (Some(buf), true) = (self.buf.as_mut(), keep > 0) {
+            buf.as_mut_slice()[offset as usize..][..keep].copy_from_slice(&data[..keep]);
         }
         self.received = end as u32;
         Ok(())
@@ -226,12 +235,25 @@ impl IscsiSession {
 
     /// A Data-Out PDU. One out of sequence (DataSN, offset, TTT) ends its task with
     /// CHECK CONDITION, DATA PHASE ERROR; the connection stays up.
-    pub(super) fn data_out(&mut self, d: &pdu::DataOut, data: &[u8], actions: &mut Actions) {
+    pub(super) fn data_out(
+        &mut self,
+        d: &pdu::DataOut,
+        header: &[u8; pdu::BHS_LEN],
+        data: &[u8],
+        actions: &mut Actions,
+    ) {
         let Some(&id) = self.by_itt.get(&d.itt) else {
             // Data for a task that already ended (answered early, or aborted).
             return;
         };
         let task = self.tasks.get_mut(&id).expect("indexed task exists");
+        if !task.awaits_data() {
+            // A read, or a write whose data is complete and which may be in the engine:
+            // the PDU is refused and the task goes on untouched (RFC 7143 11.17.1: a
+            // Reject never ends a task).
+            self.reject(pdu::reject_reason::INVALID_PDU_FIELD, header, actions);
+            return;
+        }
         if let Err(e) = task.accept_data_out(d, data) {
             tracing::debug!(itt = d.itt, "iSCSI Data-Out refused: {e}");
             let mut task = self.tasks.remove(&id).expect("indexed task exists");
@@ -362,10 +384,11 @@ impl IscsiSession {
 
     /// An engine completion for one of this session's tasks.
     pub(super) fn task_completion(&mut self, c: Completion, actions: &mut Actions) {
+        // Every completion is for a request this session submitted, task or no task.
+        self.in_flight = self.in_flight.saturating_sub(1);
         let Some(task) = self.tasks.get_mut(&c.tag) else {
             return;
         };
-        self.in_flight = self.in_flight.saturating_sub(1);
         task.pending = task.pending.saturating_sub(1);
         let done = task.done.get_or_insert(Done {
             result: Ok(()),

@@ -661,3 +661,154 @@ proptest! {
         }
     }
 }
+
+/// A SCSI Command PDU for `cdb` with the F bit clear: unsolicited Data-Out follows.
+fn write_without_final(ini: &mut Initiator, itt: u32, cdb: &[u8], edtl: u32) -> Bhs {
+    let mut c = [0u8; 16];
+    c[..cdb.len()].copy_from_slice(cdb);
+    let cmd = pdu::ScsiCommand {
+        immediate: false,
+        final_: false,
+        read: false,
+        write: true,
+        attr: 1,
+        lun: 0,
+        itt,
+        edtl,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+        cdb: c,
+    };
+    ini.cmd_sn += 1;
+    Bhs::ScsiCommand(cmd)
+}
+
+fn unsolicited(itt: u32, data_sn: u32, offset: u32, final_: bool) -> Bhs {
+    Bhs::DataOut(pdu::DataOut {
+        final_,
+        lun: 0,
+        itt,
+        ttt: RESERVED_TAG,
+        exp_stat_sn: 0,
+        data_sn,
+        buffer_offset: offset,
+    })
+}
+
+#[test]
+fn unsolicited_data_past_what_the_command_needs_is_dropped() {
+    // WRITE(10) of one 512-byte block, EDTL 16384: the initiator may send up to EDTL
+    // unsolicited; the target keeps the block and drops the rest (this used to panic).
+    let mut ini = Initiator::new();
+    ini.normal_login(&[("InitialR2T", "No"), ("ImmediateData", "Yes")]);
+    let cmd = write_without_final(&mut ini, 5, &[0x2a, 0, 0, 0, 0, 4, 0, 0, 1, 0], 16384);
+    assert!(ini.send(cmd, &[]).0.is_empty());
+    assert!(ini
+        .send(unsolicited(5, 0, 0, false), &[7; 8192])
+        .0
+        .is_empty());
+    let (out, actions) = ini.send(unsolicited(5, 1, 8192, true), &[8; 4096]);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(actions.submit.len(), 1);
+    let w = &actions.submit[0];
+    assert_eq!(
+        (w.op, w.offset, w.len),
+        (Op::Write { fua: false }, 2048, 512)
+    );
+    assert_eq!(w.buf.as_ref().unwrap().as_slice(), &[7u8; 512]);
+    let out = ini.complete(actions, 0);
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (r.status, r.residual),
+        (0, pdu::Residual::Underflow(16384 - 512))
+    );
+}
+
+#[test]
+fn unsolicited_data_past_the_expected_length_fails_only_its_task() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[("InitialR2T", "No"), ("ImmediateData", "Yes")]);
+    let cmd = write_without_final(&mut ini, 6, &WRITE10_2, 1024);
+    assert!(ini.send(cmd, &[]).0.is_empty());
+    let (out, actions) = ini.send(unsolicited(6, 0, 512, true), &[1; 1024]);
+    assert!(actions.submit.is_empty());
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!("{out:?}")
+    };
+    assert_eq!((r.status, out[0].1[2 + 12]), (2, 0x4b));
+    let (out, _) = ini.command(7, 0, &[0x00], 0, false, &[]);
+    assert!(matches!(&out[0].0, Bhs::ScsiResponse(r) if r.status == 0 && r.itt == 7));
+}
+
+#[test]
+fn a_data_out_for_a_read_is_rejected_and_logout_still_completes() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[("InitialR2T", "No"), ("ImmediateData", "Yes")]);
+    let read16 = [0x88, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 2, 0, 0];
+    // The READ and a Data-Out with its ITT arrive in one send.
+    let mut c = [0u8; 16];
+    c.copy_from_slice(&read16);
+    let cmd = pdu::ScsiCommand {
+        immediate: false,
+        final_: true,
+        read: true,
+        write: false,
+        attr: 1,
+        lun: 0,
+        itt: 8,
+        edtl: 1024,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+        cdb: c,
+    };
+    ini.cmd_sn += 1;
+    let mut bytes = Vec::new();
+    pdu::encode(&Bhs::ScsiCommand(cmd), &[], &[], ini.digests, &mut bytes);
+    pdu::encode(
+        &unsolicited(8, 0, 0, true),
+        &[],
+        &[9; 512],
+        ini.digests,
+        &mut bytes,
+    );
+    let mut actions = Actions::default();
+    let used = ini
+        .session
+        .receive(&bytes, &exports(), &mut actions)
+        .unwrap();
+    assert_eq!(used, bytes.len());
+    let out = ini.decode(&actions.send);
+    assert!(
+        matches!(&out[0].0, Bhs::Reject(r) if r.reason == pdu::reject_reason::INVALID_PDU_FIELD),
+        "{out:?}"
+    );
+    assert_eq!(actions.submit.len(), 1);
+    assert_eq!(ini.session.in_flight(), 1);
+    let logout = pdu::LogoutRequest {
+        immediate: true,
+        reason: 0,
+        itt: 10,
+        cid: 0,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+    };
+    let (out, a) = ini.send(Bhs::LogoutRequest(logout), &[]);
+    assert!(out.is_empty() && !a.close);
+    let mut done = Actions::default();
+    for r in actions.submit {
+        let c = Completion {
+            tag: r.tag,
+            result: Ok(()),
+            buf: r.buf,
+            extents: Vec::new(),
+        };
+        ini.session.complete(c, &mut done);
+    }
+    let out = ini.decode(&done.send);
+    assert!(matches!(&out[0].0, Bhs::DataIn(d) if d.status == Some(0) && d.itt == 8));
+    assert!(matches!(&out[1].0, Bhs::LogoutResponse(r) if r.response == 0 && r.itt == 10));
+    assert!(done.close);
+    assert_eq!(ini.session.in_flight(), 0);
+}
