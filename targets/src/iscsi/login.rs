@@ -5,7 +5,7 @@
 
 use super::chap::{self, ChapError, ChapExchange};
 use super::negotiate::{Limits, Negotiator};
-use super::text::TextPairs;
+use super::text::{TextPairs, MAX_TEXT_LEN};
 use super::{IscsiConfig, TargetAccess};
 use crate::export::{ExportInfo, Exports};
 
@@ -130,10 +130,10 @@ impl Login {
             return Err(LoginStatus::INITIATOR_ERROR);
         }
         self.partial.extend_from_slice(data);
+        if self.partial.len() > MAX_TEXT_LEN {
+            return Err(LoginStatus::INITIATOR_ERROR);
+        }
         if req.cont {
-            if self.partial.len() > 64 * 1024 {
-                return Err(LoginStatus::INITIATOR_ERROR);
-            }
             return Ok(LoginReply {
                 keys: TextPairs::default(),
                 transit: false,

@@ -236,7 +236,7 @@ impl IscsiSession {
             }
             Bhs::TextRequest(t) => {
                 if self.accept_cmd_sn(t.cmd_sn, t.immediate) {
-                    self.text_request(&t, frame.data, exports, actions);
+                    self.text_request(&t, &frame.header, frame.data, exports, actions);
                 }
             }
             Bhs::LogoutRequest(l) => {
@@ -401,6 +401,7 @@ impl IscsiSession {
     fn text_request(
         &mut self,
         t: &pdu::TextRequest,
+        header: &[u8; pdu::BHS_LEN],
         data: &[u8],
         exports: &dyn Exports,
         actions: &mut Actions,
@@ -408,7 +409,14 @@ impl IscsiSession {
         let body = match self.text.take() {
             Some(p) if p.itt == t.itt && p.ttt == t.ttt => p.rest,
             _ => {
-                let keys = TextPairs::parse(data).unwrap_or_default();
+                let keys = match TextPairs::parse(data) {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        tracing::debug!(itt = t.itt, "iSCSI Text Request refused: {e}");
+                        self.reject(reject_reason::PROTOCOL_ERROR, header, actions);
+                        return;
+                    }
+                };
                 let current = match &self.kind {
                     Some(SessionKind::Normal { volume, .. }) => Some(volume.as_str()),
                     _ => None,

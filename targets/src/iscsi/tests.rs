@@ -812,3 +812,37 @@ fn a_data_out_for_a_read_is_rejected_and_logout_still_completes() {
     assert!(done.close);
     assert_eq!(ini.session.in_flight(), 0);
 }
+
+#[test]
+fn a_256k_text_request_is_refused_at_once_with_a_reject() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    // 27,000 distinct keys (256 KiB): parsed pairwise this took seconds of reactor time.
+    let text: Vec<u8> = (0..27_000)
+        .flat_map(|i| format!("K{i:06}=v\0").into_bytes())
+        .take(256 << 10)
+        .collect();
+    let req = pdu::TextRequest {
+        immediate: true,
+        final_: true,
+        cont: false,
+        lun: 0,
+        itt: 3,
+        ttt: RESERVED_TAG,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+    };
+    let start = Instant::now();
+    let (out, _) = ini.send(Bhs::TextRequest(req), &text);
+    assert!(
+        start.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        matches!(&out[0].0, Bhs::Reject(r) if r.reason == pdu::reject_reason::PROTOCOL_ERROR),
+        "{out:?}"
+    );
+    let (out, _) = ini.command(4, 0, &[0x00], 0, false, &[]);
+    assert!(matches!(&out[0].0, Bhs::ScsiResponse(r) if r.status == 0));
+}

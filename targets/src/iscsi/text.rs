@@ -1,10 +1,16 @@
 //! The key=value text format of Login and Text PDUs (RFC 7143 section 6): pairs separated
 //! by NUL bytes, keys up to 63 characters.
 
+use std::collections::HashSet;
 use std::fmt;
 
 /// Longest key RFC 7143 allows.
 pub const MAX_KEY_LEN: usize = 63;
+/// Most pairs one exchange may carry: a login sends about 25, SendTargets one.
+pub const MAX_KEYS: usize = 256;
+/// Longest text one exchange may carry, all its PDUs together (CHAP values, the longest
+/// RFC 7143 allows, are 8 KiB at most).
+pub const MAX_TEXT_LEN: usize = 64 << 10;
 
 /// Why a text data segment could not be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +23,10 @@ pub enum TextError {
     NotUtf8,
     /// The same key twice in one exchange.
     Duplicate(String),
+    /// More than `MAX_KEYS` pairs.
+    TooManyKeys,
+    /// More than `MAX_TEXT_LEN` bytes (holds the length).
+    TooLong(usize),
 }
 
 impl fmt::Display for TextError {
@@ -26,6 +36,10 @@ impl fmt::Display for TextError {
             TextError::BadKey(k) => write!(f, "invalid text key '{k}'"),
             TextError::NotUtf8 => write!(f, "text is not UTF-8"),
             TextError::Duplicate(k) => write!(f, "key '{k}' sent twice"),
+            TextError::TooManyKeys => write!(f, "more than {MAX_KEYS} keys"),
+            TextError::TooLong(len) => {
+                write!(f, "{len} bytes of text exceed the limit of {MAX_TEXT_LEN}")
+            }
         }
     }
 }
@@ -38,9 +52,17 @@ pub struct TextPairs(pub Vec<(String, String)>);
 
 impl TextPairs {
     /// Reads a data segment; trailing NUL padding and a missing final NUL are tolerated.
+    /// Linear in the length; refuses more than `MAX_TEXT_LEN` bytes or `MAX_KEYS` pairs.
     pub fn parse(data: &[u8]) -> Result<TextPairs, TextError> {
+        if data.len() > MAX_TEXT_LEN {
+            return Err(TextError::TooLong(data.len()));
+        }
         let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
         for item in data.split(|&b| b == 0).filter(|s| !s.is_empty()) {
+            if pairs.len() == MAX_KEYS {
+                return Err(TextError::TooManyKeys);
+            }
             let s = std::str::from_utf8(item).map_err(|_| TextError::NotUtf8)?;
             let (k, v) = s
                 .split_once('=')
@@ -48,7 +70,7 @@ impl TextPairs {
             if k.is_empty() || k.len() > MAX_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(TextError::BadKey(k.to_string()));
             }
-            if pairs.iter().any(|(have, _)| have == k) {
+            if !seen.insert(k) {
                 return Err(TextError::Duplicate(k.to_string()));
             }
             pairs.push((k.to_string(), v.to_string()));
@@ -132,5 +154,41 @@ mod tests {
             TextPairs::parse(long.as_bytes()),
             Err(TextError::BadKey(_))
         ));
+    }
+
+    /// `n` distinct pairs `Knnnnn=v`, NUL-terminated.
+    fn distinct_keys(n: usize) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| format!("K{i:06}=v\0").into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn parsing_is_linear_and_bounded_in_keys_and_length() {
+        let at_cap = distinct_keys(MAX_KEYS);
+        let start = std::time::Instant::now();
+        assert_eq!(TextPairs::parse(&at_cap).unwrap().0.len(), MAX_KEYS);
+        assert_eq!(
+            TextPairs::parse(&distinct_keys(MAX_KEYS + 1)),
+            Err(TextError::TooManyKeys)
+        );
+        let mut long = b"A=".to_vec();
+        long.resize(MAX_TEXT_LEN + 1, b'x');
+        assert_eq!(
+            TextPairs::parse(&long),
+            Err(TextError::TooLong(MAX_TEXT_LEN + 1))
+        );
+        // 256 KiB of distinct keys (27,000): refused at once, not compared pairwise.
+        let huge = distinct_keys(27_000);
+        assert!(huge.len() >= 256 << 10);
+        assert!(TextPairs::parse(&huge).is_err());
+        // A duplicate at the very end is still found among the first keys.
+        let mut dup = distinct_keys(MAX_KEYS - 1);
+        dup.extend_from_slice(b"K000000=w\0");
+        assert_eq!(
+            TextPairs::parse(&dup),
+            Err(TextError::Duplicate("K000000".into()))
+        );
+        assert!(start.elapsed() < std::time::Duration::from_millis(50));
     }
 }
