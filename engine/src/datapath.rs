@@ -183,6 +183,19 @@ fn runs<K: PartialEq>(
     })
 }
 
+/// One step of a commit chain run synchronously: its io_uring result (`done` on success),
+/// or a cancellation when a step before it failed.
+fn chain_step(
+    before: &[(i32, u32)],
+    step: impl FnOnce() -> Result<(), crate::error::PoolError>,
+    done: i32,
+) -> i32 {
+    if before.iter().any(|&(r, _)| r < 0) {
+        return -libc::ECANCELED;
+    }
+    step().map_or_else(|e| -e.errno(), |()| done)
+}
+
 /// (first grain, grains) that bytes `coff..coff + clen` of a cluster touch.
 fn blocks(coff: u32, clen: u32, g: u32) -> (u32, u32) {
     let first = coff / g;
@@ -820,7 +833,7 @@ impl Reactor {
         };
         let key = self.conts.insert(Cont::Data { op: i, len });
         self.inline_done
-            .push_back((key as u64, if r.is_ok() { len as i32 } else { -libc::EIO }));
+            .push_back((key as u64, r.map_or_else(|e| -e.errno(), |()| len as i32)));
     }
 
     /// A device read or write finished.
@@ -1098,7 +1111,7 @@ impl Reactor {
                 if !last {
                     e = e.flags(io_uring::squeue::Flags::IO_LINK);
                 }
-                self.push_sqe(e, Cont::Commit);
+                self.push_sqe(e, Cont::Commit { len: 0 });
             }
             if let Some((off, _)) = jw {
                 let buf = self.commit.buf.as_mut().expect("commit buffer");
@@ -1107,36 +1120,48 @@ impl Reactor {
                     .offset(off)
                     .build()
                     .flags(io_uring::squeue::Flags::IO_LINK);
-                self.push_sqe(w, Cont::Commit);
+                self.push_sqe(w, Cont::Commit { len });
                 let s = opcode::Fsync::new(types::Fixed(0))
                     .flags(types::FsyncFlags::DATASYNC)
                     .build();
-                self.push_sqe(s, Cont::Commit);
+                self.push_sqe(s, Cont::Commit { len: 0 });
             }
             return;
         }
-        let mut res = 0;
+        // The same chain, run here: a step after a failed one is cancelled, as a linked
+        // io_uring chain cancels it.
+        let mut results: Vec<(i32, u32)> = Vec::with_capacity(steps as usize);
         for m in &self.shared.members {
-            if m.sync().is_err() {
-                res = -libc::EIO;
-            }
+            let r = chain_step(&results, || m.sync(), 0);
+            results.push((r, 0));
         }
         if let Some((off, _)) = jw {
             let buf = self.commit.buf.as_ref().expect("commit buffer");
             let m0 = &self.shared.members[0];
-            if res == 0 && (m0.write_at(off, buf.as_slice()).is_err() || m0.sync().is_err()) {
-                res = -libc::EIO;
-            }
+            let len = buf.len() as u32;
+            let r = chain_step(&results, || m0.write_at(off, buf.as_slice()), len as i32);
+            results.push((r, len));
+            let r = chain_step(&results, || m0.sync(), 0);
+            results.push((r, 0));
         }
-        for _ in 0..steps {
-            let key = self.conts.insert(Cont::Commit);
+        for (res, len) in results {
+            let key = self.conts.insert(Cont::Commit { len });
             self.inline_done.push_back((key as u64, res));
         }
     }
 
-    /// One step of the commit chain completed.
-    pub(crate) fn on_commit_step(&mut self, res: i32) {
-        if res < 0 && self.commit.error.is_none() {
+    /// One step of the commit chain completed with `res`; `len`: the bytes a journal write
+    /// step had to write (0 for a sync).
+    pub(crate) fn on_commit_step(&mut self, res: i32, len: u32) {
+        // A short journal write (a file whose filesystem ran full midway) is a failure: the
+        // blocks past its end are missing. io_uring cancels the rest of the chain then.
+        let res = if res >= 0 && (res as u32) < len {
+            -libc::ENOSPC
+        } else {
+            res
+        };
+        // The first error says why; the cancellations it causes down the chain do not.
+        if res < 0 && self.commit.error.is_none_or(|e| e == libc::ECANCELED) {
             self.commit.error = Some(-res);
         }
         self.commit.steps -= 1;
@@ -1146,21 +1171,46 @@ impl Reactor {
         self.commit.in_flight = false;
         let riding = std::mem::take(&mut self.commit.riding);
         if let Some(err) = self.commit.error {
-            tracing::error!(core = self.id, errno = err, "journal commit failed");
+            // The blocks are written again by the next commit, at the same place: every
+            // later commit writes them first, so none is acknowledged while recovery could
+            // not reach it. Frees stay pending with them. Retried every 50 ms while records
+            // wait (see `pass`); logged once per run of failures.
+            self.journal.commit_failed(&mut self.commit.buf);
+            self.commit.failures += 1;
+            if self.commit.failures == 1 {
+                tracing::error!(
+                    core = self.id,
+                    errno = err,
+                    "journal commit failed; retrying, flushes fail until a commit succeeds"
+                );
+            }
             for w in riding {
                 self.finish_waiter(w, Err(IoError::Device(err)));
             }
             return;
         }
-        // Every cluster this commit frees is free from now on, also one of a group another
-        // reactor owns: the pool stops counting it here, before any waiter of the commit
-        // (a flush) is answered, and its owner only marks it reusable (`Msg::Free`).
-        let (released, foreign) = self.alloc.commit_done();
-        self.shared
-            .used_clusters
-            .fetch_sub(released + foreign.len() as u64, Ordering::Relaxed);
-        for c in foreign {
-            self.send_free(c);
+        if self.commit.failures > 0 {
+            tracing::warn!(
+                core = self.id,
+                failures = self.commit.failures,
+                "journal commit succeeded again after failures"
+            );
+            self.commit.failures = 0;
+        }
+        self.journal.commit_done();
+        if !self.journal.commit_was_cut() {
+            // Every cluster this commit frees is free from now on, also one of a group
+            // another reactor owns: the pool stops counting it here, before any waiter of
+            // the commit (a flush) is answered, and its owner only marks it reusable
+            // (`Msg::Free`). A cut commit frees nothing: the frees ride the uncut one that
+            // writes their records (after a failed commit they may still be waiting).
+            let (released, foreign) = self.alloc.commit_done();
+            self.shared
+                .used_clusters
+                .fetch_sub(released + foreign.len() as u64, Ordering::Relaxed);
+            for c in foreign {
+                self.send_free(c);
+            }
         }
         if self.journal.commit_was_cut() {
             // The ring was full: these records wait for a checkpoint to make room. Records

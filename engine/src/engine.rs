@@ -174,6 +174,10 @@ pub(crate) struct Inner {
     checkpointing: Mutex<()>,
     /// First control-log block the newest durable checkpoint needs.
     control_tail: AtomicU64,
+    /// Generation of the newest durable checkpoint. The next one goes to the other slot:
+    /// after a failed checkpoint write (its slot half written) the retry takes the same
+    /// slot again, never the one holding the newest good checkpoint.
+    durable_gen: AtomicU64,
 }
 
 /// A running engine. Cheap to clone; `shutdown` stops it.
@@ -423,6 +427,7 @@ impl Engine {
             return Err(e);
         }
         tracing::info!(reactors = n, poll = ?cfg.poll, "engine started");
+        let gen = st.gen;
         let inner = Arc::new(Inner {
             shared,
             control: Mutex::new(ControlState {
@@ -433,6 +438,7 @@ impl Engine {
             stopped: AtomicBool::new(false),
             checkpointing: Mutex::new(()),
             control_tail: AtomicU64::new(0),
+            durable_gen: AtomicU64::new(gen),
         });
         let pinned = if cfg.pin { cpus } else { Vec::new() };
         crate::coordinator::spawn_housekeeper(Arc::downgrade(&inner), pinned);
@@ -800,7 +806,7 @@ impl Engine {
                 .collect();
             (maps, r.journal.next_seq)
         });
-        c.state.gen += 1;
+        c.state.gen = self.inner.durable_gen.load(Ordering::Acquire) + 1;
         c.state.epoch = s.epoch.load(Ordering::Acquire);
         c.state.control_seq = c.state.control_next;
         let mut region_seq = vec![0; s.layout.sb.journal_regions as usize];
@@ -838,6 +844,7 @@ impl Engine {
             .collect();
         drop(images);
         pool::write_checkpoint(&s.members, &s.layout, &state, &bytes)?;
+        self.inner.durable_gen.store(state.gen, Ordering::Release);
         let region_seq = state.region_seq.clone();
         self.on_all(move |r| {
             r.journal.tail_seq = region_seq[r.id];

@@ -121,6 +121,17 @@ impl fmt::Display for PoolError {
     }
 }
 
+impl PoolError {
+    /// The errno a device error carries (EIO for errors that are not the OS's), for the
+    /// data path, which reports errno values to hosts.
+    pub fn errno(&self) -> i32 {
+        match self {
+            PoolError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            _ => libc::EIO,
+        }
+    }
+}
+
 impl std::error::Error for PoolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

@@ -301,6 +301,8 @@ pub struct Journal {
     staged_blocks: u64,
     /// The last `take_commit` left records behind (ring full, or cut at its end).
     cut: bool,
+    /// Blocks handed to the commit in flight, not yet known durable.
+    in_flight: u64,
 }
 
 impl Journal {
@@ -318,6 +320,7 @@ impl Journal {
             staged: None,
             staged_blocks: 0,
             cut: false,
+            in_flight: 0,
         }
     }
 
@@ -376,9 +379,10 @@ impl Journal {
         self.cut
     }
 
-    /// Blocks the ring holds that recovery still needs.
+    /// Blocks the ring holds that recovery still needs. After a failed commit rewound
+    /// `next_seq`, a checkpoint cut while it flew may have set the tail above it: none then.
     pub fn used_blocks(&self) -> u64 {
-        self.next_seq - self.tail_seq
+        self.next_seq.saturating_sub(self.tail_seq)
     }
 
     /// Seal the pending records into blocks for one write, handed over in `buf` (the
@@ -426,7 +430,48 @@ impl Journal {
         }
         self.staged_blocks -= n;
         self.next_seq += n;
+        self.in_flight = n;
         Some((self.offset + (first % self.blocks) * BLOCK, n))
+    }
+
+    /// The blocks of the last `take_commit` are durable.
+    pub fn commit_done(&mut self) {
+        self.in_flight = 0;
+    }
+
+    /// The write (or a sync) of the last `take_commit`'s blocks failed: they are staged
+    /// again, in front of the blocks sealed since, and `next_seq` goes back to the first of
+    /// them, so the next commit rewrites them at the same sequence numbers and offsets.
+    /// Recovery replays a region up to its first missing block: a later commit written
+    /// behind a hole would be acknowledged but never replayed. `buf` is the buffer the
+    /// failed commit was handed; it comes back holding no blocks.
+    pub fn commit_failed(&mut self, buf: &mut Option<AlignedBuf>) {
+        let n = std::mem::take(&mut self.in_flight);
+        if n == 0 {
+            return;
+        }
+        let failed = (n * BLOCK) as usize;
+        let later = (self.staged_blocks * BLOCK) as usize;
+        let need = failed + later;
+        let b = buf.take().expect("a commit in flight holds its buffer");
+        let mut out = if b.capacity() >= need {
+            b
+        } else {
+            let mut grown = AlignedBuf::zeroed(need.next_power_of_two());
+            grown.as_mut_slice()[..failed].copy_from_slice(&b.as_slice()[..failed]);
+            grown
+        };
+        out.set_len(need);
+        if let Some(s) = &self.staged {
+            out.as_mut_slice()[failed..].copy_from_slice(&s.as_slice()[..later]);
+        }
+        *buf = self.staged.take();
+        if let Some(b) = buf {
+            b.set_len(0);
+        }
+        self.staged = Some(out);
+        self.staged_blocks += n;
+        self.next_seq -= n;
     }
 }
 
@@ -604,6 +649,39 @@ mod tests {
             j.tail_seq = seq;
         }
         assert_eq!(back, recs);
+    }
+
+    #[test]
+    fn a_failed_commit_is_rewritten_at_its_place_before_later_blocks() {
+        let mut j = Journal::new(0, 3, 0, 64 * BLOCK);
+        let first: Vec<Record> = (0..300).map(entry_rec).collect();
+        for r in &first {
+            j.append(r);
+        }
+        let mut buf = None;
+        let (off, n) = j.take_commit(&mut buf).expect("room");
+        let failed = buf.as_ref().unwrap().as_slice().to_vec();
+        // Records arrive while the write flies, and fill blocks of their own.
+        let later: Vec<Record> = (300..700).map(entry_rec).collect();
+        for r in &later {
+            j.append(r);
+        }
+        assert!(j.staged_blocks() > 0);
+        j.commit_failed(&mut buf);
+        assert_eq!(j.next_seq, 0);
+        let (off2, n2) = j.take_commit(&mut buf).expect("room");
+        assert_eq!(off2, off, "rewritten where it failed");
+        assert!(n2 > n);
+        let data = buf.as_ref().unwrap().as_slice();
+        assert_eq!(&data[..failed.len()], &failed[..], "the same blocks");
+        let mut back = Vec::new();
+        for k in 0..n2 {
+            let b = &data[(k * BLOCK) as usize..((k + 1) * BLOCK) as usize];
+            back.extend(open_block(b, 3, k).expect("consecutive sequence numbers"));
+        }
+        assert_eq!(back, [first, later].concat());
+        j.commit_done();
+        assert_eq!(j.next_seq, n2);
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use engine::{
 pub use error::{ControlError, IoError, PoolError};
 pub use format::FormatOptions;
 pub use io::{Completion, Extent, Op, Request, VolumeId};
-pub use media::{DeviceSpec, MemDisk};
+pub use media::{DeviceSpec, Fault, FaultOp, MemDisk};
 pub use reactor::{PollCtx, PollMode, Poller};
 pub use slab::Slab;
 

@@ -173,6 +173,7 @@ impl Member {
                 file.read_exact_at(out, off).map_err(|e| io_err(path, e))
             }
             Member::Mem(m) => {
+                m.check(FaultOp::Read, off, out.len())?;
                 m.read(off, out);
                 Ok(())
             }
@@ -195,6 +196,7 @@ impl Member {
                 file.write_all_at(buf, off).map_err(|e| io_err(path, e))
             }
             Member::Mem(m) => {
+                m.check(FaultOp::Write, off, buf.len())?;
                 m.write(off, buf);
                 Ok(())
             }
@@ -210,6 +212,7 @@ impl Member {
         match self {
             Member::File { path, file, .. } => file.sync_data().map_err(|e| io_err(path, e)),
             Member::Mem(m) => {
+                m.check(FaultOp::Flush, 0, 0)?;
                 m.flush();
                 Ok(())
             }
@@ -312,10 +315,53 @@ impl std::fmt::Debug for MemDisk {
 }
 
 /// An in-memory disk. With crash simulation on, it behaves like a disk with a volatile write
-/// cache: writes since the last flush may be lost or torn (at 4 KiB) by `crash`.
+/// cache: writes since the last flush may be lost or torn (at 4 KiB) by `crash`. Faults can
+/// be injected (`inject`): the engine's reads, writes and flushes through it then fail.
 pub struct MemDisk {
     state: Mutex<MemState>,
     size: u64,
+    faults: Mutex<Faults>,
+}
+
+/// Which device operation a fault fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    Read,
+    Write,
+    Flush,
+}
+
+/// A failure the in-memory disk injects: operations `op` that touch bytes `range` (any
+/// flush, for `Flush`) fail with `errno`, one in `one_in` of them (1: every one), at most
+/// `times` times. A failed write stores nothing; a failed flush makes nothing durable.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub op: FaultOp,
+    pub range: std::ops::Range<u64>,
+    pub errno: i32,
+    pub one_in: u64,
+    pub times: u64,
+}
+
+impl Fault {
+    /// Every operation `op` on `range` fails with `errno` until the faults are cleared.
+    pub fn always(op: FaultOp, range: std::ops::Range<u64>, errno: i32) -> Fault {
+        Fault {
+            op,
+            range,
+            errno,
+            one_in: 1,
+            times: u64::MAX,
+        }
+    }
+}
+
+/// The faults armed on a disk, with the generator that picks the `one_in` victims and a
+/// count of the failures injected so far.
+struct Faults {
+    armed: Vec<Fault>,
+    rng: SplitMix,
+    injected: u64,
 }
 
 /// Crash simulation: the contents as of the last flush, and the writes since.
@@ -332,10 +378,62 @@ impl MemDisk {
     pub fn new(size: u64, crash_simulation: bool) -> Arc<MemDisk> {
         let data = vec![0u8; size as usize];
         let crash = crash_simulation.then(|| (data.clone(), Vec::new()));
+        MemDisk::with_state(MemState { data, crash }, size)
+    }
+
+    fn with_state(state: MemState, size: u64) -> Arc<MemDisk> {
         Arc::new(MemDisk {
-            state: Mutex::new(MemState { data, crash }),
+            state: Mutex::new(state),
             size,
+            faults: Mutex::new(Faults {
+                armed: Vec::new(),
+                rng: SplitMix(size),
+                injected: 0,
+            }),
         })
+    }
+
+    /// Arm a fault (seeded: the same faults on the same operations fail the same ones).
+    pub fn inject(&self, f: Fault) {
+        self.faults().armed.push(f);
+    }
+
+    /// Disarm every fault; returns how many failures were injected since the disk was made.
+    pub fn clear_faults(&self) -> u64 {
+        let mut f = self.faults();
+        f.armed.clear();
+        f.injected
+    }
+
+    /// Failures injected so far.
+    pub fn injected(&self) -> u64 {
+        self.faults().injected
+    }
+
+    fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Does an injected fault fail this operation? Err carries the device error.
+    fn check(&self, op: FaultOp, off: u64, len: usize) -> Result<(), PoolError> {
+        let mut f = self.faults();
+        let Faults { armed, rng, .. } = &mut *f;
+        let end = off + len as u64;
+        let hit = armed.iter_mut().find_map(|x| {
+            let touches = op == FaultOp::Flush || (x.range.start < end && off < x.range.end);
+            if x.op != op || !touches || x.times == 0 || !rng.next().is_multiple_of(x.one_in) {
+                return None;
+            }
+            x.times -= 1;
+            Some(x.errno)
+        });
+        let Some(errno) = hit else { return Ok(()) };
+        f.armed.retain(|x| x.times > 0);
+        f.injected += 1;
+        Err(io_err(
+            Path::new("mem"),
+            std::io::Error::from_raw_os_error(errno),
+        ))
     }
 
     /// Size in bytes.
@@ -391,13 +489,13 @@ impl MemDisk {
                 }
             }
         }
-        Arc::new(MemDisk {
-            state: Mutex::new(MemState {
+        MemDisk::with_state(
+            MemState {
                 data: image.clone(),
                 crash: Some((image, Vec::new())),
-            }),
-            size: self.size,
-        })
+            },
+            self.size,
+        )
     }
 }
 

@@ -248,8 +248,9 @@ impl PollCtx<'_> {
 pub(crate) enum Cont {
     /// A device read or write of cluster operation `op`.
     Data { op: usize, len: u32 },
-    /// One step of the journal commit chain.
-    Commit,
+    /// One step of the journal commit chain; `len`: the bytes its write must write (0 for
+    /// a sync).
+    Commit { len: u32 },
     /// The doorbell's eventfd became readable.
     Bell,
     /// Poller `poller`'s fd became ready (or its poll was cancelled).
@@ -303,6 +304,8 @@ pub(crate) struct Commit {
     pub steps: u32,
     pub error: Option<i32>,
     pub buf: Option<crate::buf::AlignedBuf>,
+    /// Commits failed in a row (logged at the first, and when one succeeds again).
+    pub failures: u32,
 }
 
 /// Something that completes when a commit is durable.
@@ -703,7 +706,7 @@ impl Reactor {
             };
             match c {
                 Cont::Data { op, len } => self.on_data(op, res, len),
-                Cont::Commit => self.on_commit_step(res),
+                Cont::Commit { len } => self.on_commit_step(res, len),
                 Cont::Bell => self.bell_armed = false,
                 Cont::PollFd { poller } => {
                     if self.poll_armed.get(&poller).is_some_and(|a| a.2 == ud) {
