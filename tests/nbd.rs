@@ -366,7 +366,10 @@ print("ok")
 fn nbdsh_bad_requests_get_errors_and_the_daemon_stays_healthy() {
     require!("nbdsh");
     let Some(mut nbdsh) = common::nbdsh() else {
-        common::say("skipping nbdsh test: nbdsh cannot import the libnbd python module");
+        common::skip(
+            module_path!(),
+            "nbdsh cannot import the libnbd python module (python3-libnbd)",
+        );
         return;
     };
     let mut d = Daemon::start("nbdsh");

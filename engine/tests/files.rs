@@ -316,7 +316,7 @@ fn a_pool_on_a_loop_device() {
     let lo = match Loop::attach(&backing) {
         Ok(l) => l,
         Err(why) => {
-            println!("skipping the loop device test: {why}");
+            skip(&format!("no loop device: {why}"));
             return;
         }
     };

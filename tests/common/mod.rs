@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: a `tessel serve` process in a fresh temporary
 //! directory, the admin CLI pointed at it, external tools with timeouts, and skips that say
-//! why when a tool is missing (tools/test-deps installs them all).
+//! why when a tool is missing (tools/test-deps installs them all; under
+//! `TESSEL_REQUIRE_TOOLS`, which tools/test sets, a missing tool fails the test instead).
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -25,18 +26,40 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit for one external command.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Return from the test, saying so on the terminal, when one of the tools is not installed.
+/// Set (to anything but `0`) by tools/test, and so by CI: a test that lacks a tool, a loop
+/// device or a Python module fails instead of skipping, so a machine without them cannot
+/// report a green suite that tested nothing.
+pub const REQUIRE_TOOLS: &str = "TESSEL_REQUIRE_TOOLS";
+
+/// Return from the test, saying so on the terminal, when one of the tools is not installed
+/// (or fail it, under `TESSEL_REQUIRE_TOOLS`).
 #[allow(unused_macros)] // not every test binary needs an external tool
 macro_rules! require {
     ($($tool:expr),+ $(,)?) => {
         if let Some(missing) = $crate::common::missing(&[$($tool),+]) {
-            $crate::common::say(&format!(
-                "skipping {}: {missing} not installed (run tools/test-deps)",
-                module_path!()
-            ));
+            $crate::common::skip(module_path!(), &format!("{missing} not installed"));
             return;
         }
     };
+}
+
+/// True when tools/test (or CI) asked for every test to run: see [`REQUIRE_TOOLS`].
+pub fn tools_required() -> bool {
+    std::env::var_os(REQUIRE_TOOLS).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A test cannot run here because of `why`: fail it under `TESSEL_REQUIRE_TOOLS`, else say
+/// so on stderr (past the harness's capture) so the skip is visible; the caller returns.
+#[track_caller]
+pub fn skip(test: &str, why: &str) {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or(test);
+    if tools_required() {
+        panic!("{name}: {why} (run tools/test-deps); {REQUIRE_TOOLS} makes this a failure");
+    }
+    say(&format!(
+        "SKIPPED {name}: {why} (run tools/test-deps; {REQUIRE_TOOLS}=1 makes this a failure)"
+    ));
 }
 
 /// Print past the test harness's output capture, so a skip is never silent.

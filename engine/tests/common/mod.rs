@@ -1,8 +1,28 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::time::Duration;
 use tessel_engine::*;
+
+/// Set (to anything but `0`) by tools/test, and so by CI: a test that cannot run here (no
+/// loop device, say) fails instead of skipping.
+pub const REQUIRE_TOOLS: &str = "TESSEL_REQUIRE_TOOLS";
+
+/// A test cannot run here because of `why`: fail it under `TESSEL_REQUIRE_TOOLS`, else say
+/// so on stderr, past the harness's capture, so the skip is visible; the caller returns.
+#[track_caller]
+pub fn skip(why: &str) {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("test");
+    if std::env::var_os(REQUIRE_TOOLS).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("{name}: {why}; {REQUIRE_TOOLS} makes this a failure");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {name}: {why} ({REQUIRE_TOOLS}=1 makes this a failure)"
+    );
+}
 
 /// An engine config for tests: `n` unpinned adaptive reactors.
 pub fn cfg(n: usize) -> EngineConfig {
