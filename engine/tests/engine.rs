@@ -13,6 +13,7 @@ fn mem_pool(size: u64, n: usize) -> (std::sync::Arc<MemDisk>, Engine) {
 
 #[test]
 fn unwritten_blocks_read_as_zeros_and_writes_read_back() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(64 << 20, 2);
     let v = e.create_volume("v", 8 << 20, 512).unwrap();
     let mut c = e.client();
@@ -34,6 +35,7 @@ fn unwritten_blocks_read_as_zeros_and_writes_read_back() {
 
 #[test]
 fn trim_and_write_zeroes_read_back_as_zeros_and_free_space() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(64 << 20, 2);
     let v = e.create_volume("v", 4 << 20, 4096).unwrap();
     let mut c = e.client();
@@ -67,6 +69,7 @@ fn trim_and_write_zeroes_read_back_as_zeros_and_free_space() {
 /// cluster back, after the flush was answered).
 #[test]
 fn frees_of_another_reactors_groups_are_counted_by_the_flush() {
+    let _w = watchdog();
     const SIZE: u64 = 8 << 20;
     let (disk, e) = mem_pool(64 << 20, 1);
     let v = e.create_volume("v", SIZE, 4096).unwrap().id;
@@ -94,6 +97,7 @@ fn frees_of_another_reactors_groups_are_counted_by_the_flush() {
 
 #[test]
 fn bad_requests_get_typed_errors() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(64 << 20, 2);
     let v = e.create_volume("v", 1 << 20, 4096).unwrap();
     let mut c = e.client();
@@ -143,6 +147,7 @@ fn bad_requests_get_typed_errors() {
 
 #[test]
 fn a_full_pool_refuses_new_clusters_but_overwrites_work() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(48 << 20, 2);
     let v = e.create_volume("big", 1 << 30, 4096).unwrap();
     let mut c = e.client();
@@ -182,6 +187,7 @@ fn a_full_pool_refuses_new_clusters_but_overwrites_work() {
 
 #[test]
 fn volumes_and_data_survive_reopen_on_a_real_file() {
+    let _w = watchdog();
     let dir = std::env::temp_dir().join(format!("tessel-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("pool.img");
@@ -227,6 +233,7 @@ fn volumes_and_data_survive_reopen_on_a_real_file() {
 
 #[test]
 fn opening_a_foreign_or_corrupt_device_fails_with_its_name() {
+    let _w = watchdog();
     let dir = std::env::temp_dir().join(format!("tessel-foreign-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("zeros.img");
@@ -241,6 +248,7 @@ fn opening_a_foreign_or_corrupt_device_fails_with_its_name() {
 
 #[test]
 fn writes_owned_by_one_reactor_can_fill_the_whole_pool() {
+    let _w = watchdog();
     // Shards alternate between the two reactors: writing only even shards makes reactor 0
     // allocate everything, borrowing reactor 1's groups down to its last one.
     let (_d, e) = mem_pool(48 << 20, 2);
@@ -332,6 +340,7 @@ fn fill_until_full(c: &mut Client, v: VolumeId, next: &mut u64, gen: u8) -> (Vec
 
 #[test]
 fn both_reactors_filling_the_pool_at_once_use_it_all_and_lose_nothing() {
+    let _w = watchdog();
     // 32 writes in flight over every shard: both reactors run dry near the end and pass
     // their last groups back and forth until the pool is full.
     let (_d, e) = mem_pool(48 << 20, 2);
@@ -362,6 +371,7 @@ fn both_reactors_filling_the_pool_at_once_use_it_all_and_lose_nothing() {
 /// previous trims freed, and at the end every block reads back as written or trimmed.
 #[test]
 fn fill_trim_refill_with_groups_changing_hands_loses_nothing() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(48 << 20, 2);
     let v = e.create_volume("churn", 1 << 30, 4096).unwrap().id;
     let mut c = e.client();

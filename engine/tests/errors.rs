@@ -27,6 +27,7 @@ fn req(vol: VolumeId, op: Op, offset: u64, len: u64, buf: Option<usize>) -> Requ
 
 #[test]
 fn misaligned_ranges_are_refused_for_every_op_and_block_size() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(2);
     let small = e.create_volume("s", 1 << 20, 512).unwrap();
     let big = e.create_volume("b", 1 << 20, 4096).unwrap();
@@ -68,6 +69,7 @@ fn misaligned_ranges_are_refused_for_every_op_and_block_size() {
 
 #[test]
 fn ranges_past_the_end_are_refused_even_when_they_overflow() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(1);
     let v = e.create_volume("v", 1 << 20, 512).unwrap();
     let mut c = e.client();
@@ -96,6 +98,7 @@ fn ranges_past_the_end_are_refused_even_when_they_overflow() {
 
 #[test]
 fn buffers_must_match_the_op() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(1);
     let v = e.create_volume("v", 1 << 20, 4096).unwrap();
     let mut c = e.client();
@@ -122,6 +125,7 @@ fn buffers_must_match_the_op() {
 
 #[test]
 fn a_deleted_volume_refuses_io_and_its_name_can_be_reused_empty() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(2);
     let v = e.create_volume("v", 4 << 20, 512).unwrap();
     let mut c = e.client();
@@ -155,6 +159,7 @@ fn a_deleted_volume_refuses_io_and_its_name_can_be_reused_empty() {
 
 #[test]
 fn control_operations_refuse_bad_names_and_sizes() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(1);
     for name in ["", &"x".repeat(65), "a/b", "é", "a b", "semi;colon"] {
         assert!(
@@ -200,6 +205,7 @@ fn control_operations_refuse_bad_names_and_sizes() {
 
 #[test]
 fn a_64_tib_volume_works_at_both_ends() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(2);
     let v = e.create_volume("huge", MAX_VOLUME_SIZE, 4096).unwrap();
     let mut c = e.client();
@@ -219,6 +225,7 @@ fn a_64_tib_volume_works_at_both_ends() {
 
 #[test]
 fn opening_needs_devices_and_no_more_cores_than_journal_regions() {
+    let _w = watchdog();
     assert!(matches!(
         Engine::open(&[], cfg(1)),
         Err(PoolError::Geometry(_))
@@ -270,6 +277,7 @@ fn opening_needs_devices_and_no_more_cores_than_journal_regions() {
 
 #[test]
 fn requests_after_shutdown_fail_cleanly() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(2);
     let v = e.create_volume("v", 1 << 20, 512).unwrap();
     let mut c = e.client();

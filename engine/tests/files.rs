@@ -76,6 +76,7 @@ fn check(e: &Engine, name: &str, chunk: u64, chunks: u64, gen: u8) {
 
 #[test]
 fn a_pool_spans_two_files_and_survives_reopen_in_any_order() {
+    let _w = watchdog();
     let _guard = no_spawns();
     let s = Scratch::new("two");
     let a = s.file("a.img", 40 << 20);
@@ -100,6 +101,7 @@ fn a_pool_spans_two_files_and_survives_reopen_in_any_order() {
 
 #[test]
 fn a_missing_or_foreign_member_is_refused_naming_the_device() {
+    let _w = watchdog();
     let _guard = no_spawns();
     let s = Scratch::new("members");
     let a = s.file("a.img", 32 << 20);
@@ -162,6 +164,7 @@ fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn a_filesystem_signature_needs_force_to_format() {
+    let _w = watchdog();
     let _guard = no_spawns();
     let s = Scratch::new("ext4");
     let dev = s.file("fs.img", 32 << 20);
@@ -192,6 +195,7 @@ fn a_filesystem_signature_needs_force_to_format() {
 
 #[test]
 fn a_corrupted_superblock_is_refused_not_repaired() {
+    let _w = watchdog();
     let _guard = no_spawns();
     let s = Scratch::new("sb");
     let dev = s.file("pool.img", 32 << 20);
@@ -229,6 +233,7 @@ fn a_corrupted_superblock_is_refused_not_repaired() {
 
 #[test]
 fn an_unknown_format_version_is_refused() {
+    let _w = watchdog();
     let _guard = no_spawns();
     let s = Scratch::new("ver");
     let dev = s.file("pool.img", 32 << 20);
@@ -255,6 +260,7 @@ fn an_unknown_format_version_is_refused() {
 
 #[test]
 fn a_device_too_small_for_the_metadata_is_refused() {
+    let _w = watchdog();
     let _guard = no_spawns();
     let s = Scratch::new("small");
     let dev = s.file("tiny.img", 8 << 20);
@@ -306,6 +312,7 @@ impl Drop for Loop {
 
 #[test]
 fn a_pool_on_a_loop_device() {
+    let _w = watchdog();
     let _guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
     let s = Scratch::new("loop");
     let backing = s.0.join("backing.img");
@@ -346,6 +353,7 @@ fn a_pool_on_a_loop_device() {
 /// reactors allocate from it.
 #[test]
 fn large_clusters_merge_small_writes_into_their_grain() {
+    let _w = watchdog();
     const MIB: u64 = 1 << 20;
     let _guard = no_spawns();
     let s = Scratch::new("grain");

@@ -412,6 +412,7 @@ proptest! {
         reactors in 1..=3usize,
         steps in prop::collection::vec(step(), 1..80),
     ) {
+        let _w = watchdog();
         run_steps(reactors, &steps);
     }
 }
@@ -420,6 +421,7 @@ proptest! {
 /// partly trimmed, compares whole after a reopen.
 #[test]
 fn a_whole_volume_written_in_odd_pieces_reads_back() {
+    let _w = watchdog();
     let mut steps = vec![Step::Create {
         name: 0,
         kib: 2600,

@@ -452,6 +452,7 @@ fn env(name: &str) -> Option<u64> {
 
 #[test]
 fn crashes_during_snapshot_operations_leave_them_complete_or_absent() {
+    let _w = watchdog();
     if let Some(seed) = env("TESSEL_SNAP_CRASH_SEED") {
         println!("seed {seed}: {} crash images", workload(seed));
         return;

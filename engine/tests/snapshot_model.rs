@@ -661,6 +661,7 @@ proptest! {
         reactors in 1..=3usize,
         steps in prop::collection::vec(step(), 1..70),
     ) {
+        let _w = watchdog();
         run_steps(reactors, &steps);
     }
 
@@ -669,6 +670,7 @@ proptest! {
         reactors in 1..=3usize,
         steps in prop::collection::vec(step(), 1..70),
     ) {
+        let _w = watchdog();
         run_steps_on(&large(), reactors, &steps);
     }
 }
@@ -676,6 +678,7 @@ proptest! {
 /// A fixed scenario touching every operation, so a regression shows without proptest.
 #[test]
 fn every_snapshot_operation_in_one_sequence() {
+    let _w = watchdog();
     let w = |img, at, seed| Step::Write {
         img,
         at,
@@ -720,6 +723,7 @@ fn every_snapshot_operation_in_one_sequence() {
 /// entries were born "shared" and its inflate never finished.
 #[test]
 fn inflate_after_a_crash_that_forgot_a_deleted_snapshots_epoch() {
+    let _w = watchdog();
     let w = |img, at, seed| Step::Write {
         img,
         at,
@@ -753,6 +757,7 @@ fn inflate_after_a_crash_that_forgot_a_deleted_snapshots_epoch() {
 /// volumes sharing clusters: the space check allows it.
 #[test]
 fn rollback_to_a_pre_inflate_snapshot() {
+    let _w = watchdog();
     let steps = vec![
         Step::Write {
             img: 0,

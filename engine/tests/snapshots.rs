@@ -73,6 +73,7 @@ fn settle(e: &Engine, c: &mut Client, vols: &[VolumeId]) -> (u64, u64) {
 
 #[test]
 fn snapshot_and_clone_errors_are_typed() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(64 << 20, 2);
     let v = e.create_volume("vol", 2 << 20, 4096).unwrap();
     let mut c = e.client();
@@ -180,6 +181,7 @@ fn snapshot_and_clone_errors_are_typed() {
 /// parent; it must stay allocated across a reopen (fills queued before it are lost).
 #[test]
 fn a_parent_only_cluster_survives_snapshot_delete_and_reopen() {
+    let _w = watchdog();
     // Crash simulation: the fills' records are not committed when the image is taken.
     let disk = MemDisk::new(64 << 20, true);
     Engine::format(&[DeviceSpec::Mem(disk.clone())], &small_opts()).expect("format");
@@ -244,6 +246,7 @@ fn a_parent_only_cluster_survives_snapshot_delete_and_reopen() {
 
 #[test]
 fn partial_writes_into_new_and_redirected_clusters_read_zeros_where_nothing_was_written() {
+    let _w = watchdog();
     // Bounce buffers are reused, not freshly zeroed: the blocks of a read-modify-write that
     // live nowhere must be zeroed explicitly. Dirty the reactor's buffers first (fills of a
     // volume full of 0xAB), then write pieces of blocks where nothing was written before.
@@ -392,6 +395,7 @@ fn writer_loop(w: usize, ws: &[Writer], vol: VolumeId, mut c: Client, stop: &Ato
 ///   so those were too. This fails if reactors froze their shards at different moments.
 #[test]
 fn snapshot_is_one_consistent_cut_under_load() {
+    let _w = watchdog();
     let (_d, e) = mem_pool(256 << 20, 3);
     const SIZE: u64 = 6 << 20;
     let vol = e.create_volume("load", SIZE, 4096).unwrap().id;
@@ -552,6 +556,7 @@ fn image_after(writes: &[(u64, u64)], upto: usize, nblocks: u64) -> Vec<u8> {
 
 #[test]
 fn thousand_snapshots_then_random_deletes_leave_exactly_the_live_data() {
+    let _w = watchdog();
     const SIZE: u64 = 3 << 20;
     const SNAPS: usize = 1000;
     let nblocks = SIZE / B4K;
@@ -656,6 +661,7 @@ fn thousand_snapshots_then_random_deletes_leave_exactly_the_live_data() {
 /// first snapshot deleted shares every map page with the second (nothing of it is freed).
 #[test]
 fn snapshot_released_in_pieces_while_the_volume_writes_frees_each_cluster_once() {
+    let _w = watchdog();
     const SIZE: u64 = 64 << 20;
     let (disk, mut e) = mem_pool(512 << 20, 2);
     let vol = e.create_volume("v", SIZE, 4096).unwrap().id;

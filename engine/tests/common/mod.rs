@@ -24,6 +24,41 @@ pub fn skip(why: &str) {
     );
 }
 
+/// How long one engine test (or one proptest case) may run before [`watchdog`] ends the
+/// test binary: far beyond the slowest test on a loaded 2-core machine.
+pub const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+/// Held for a test's duration: if the test still runs after `TEST_LIMIT` (a hang: a lost
+/// completion, a deadlock), the test binary exits with a failure naming the test, instead
+/// of CI waiting for ever. `TESSEL_TEST_LIMIT_S=n` changes the limit.
+#[must_use]
+pub fn watchdog() -> Watchdog {
+    let limit = std::env::var("TESSEL_TEST_LIMIT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(TEST_LIMIT, Duration::from_secs);
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("an engine test")
+        .to_string();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "WATCHDOG: {name} still running after {limit:?}; failing the test binary"
+            );
+            std::process::exit(101);
+        }
+    });
+    Watchdog { _done: done }
+}
+
+/// See [`watchdog`]; dropping it (the test ended, passed or panicked) disarms it.
+pub struct Watchdog {
+    _done: std::sync::mpsc::Sender<()>,
+}
+
 /// An engine config for tests: `n` unpinned adaptive reactors.
 pub fn cfg(n: usize) -> EngineConfig {
     EngineConfig {
