@@ -307,6 +307,7 @@ impl Engine {
             spin: cfg.spin,
             ring_entries: cfg.ring_entries,
             submit_batch: cfg.submit_batch.clamp(1, cfg.ring_entries.max(8)) as usize,
+            fills_paused: AtomicBool::new(false),
         });
         let sb = &layout.sb;
         let mut maps_by_reactor: Vec<HashMap<(u64, u64), ShardMap>> =
@@ -634,6 +635,17 @@ impl Engine {
         .into_iter()
         .sum::<u64>()
             * cs
+    }
+
+    /// Test hook: hold (true) or resume (false) the background fills of redirected clusters,
+    /// so that a test reads blocks that still resolve through a snapshot's cluster (the
+    /// parent), which fills otherwise retire within milliseconds.
+    #[doc(hidden)]
+    pub fn pause_fills(&self, paused: bool) {
+        self.inner
+            .shared
+            .fills_paused
+            .store(paused, Ordering::Release);
     }
 
     /// Deleted volumes and snapshots whose clusters are still being released: a delete is

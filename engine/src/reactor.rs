@@ -121,6 +121,9 @@ pub struct Shared {
     pub ring_entries: u32,
     /// Device I/O entries queued before they are submitted mid-pass.
     pub submit_batch: usize,
+    /// Test hook (`Engine::pause_fills`): queued fills wait, so reads resolve redirected
+    /// entries through their parents.
+    pub fills_paused: AtomicBool,
 }
 
 impl Shared {

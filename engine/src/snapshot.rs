@@ -394,11 +394,12 @@ impl Reactor {
         // wait, and cycling through all of them while a barrier holds the volume kept the
         // reactor from the barrier's next message for 5-20 ms.
         let mut budget = (self.inflates.len() + self.fills.len()).min(JOB_LOOKS);
+        let fills = !self.shared.fills_paused.load(Ordering::Acquire);
         while self.jobs_in_flight < limit && budget > 0 {
             budget -= 1;
             let (job, key) = match self.inflates.pop_front() {
                 Some(k) => (Job::Inflate, k),
-                None => match self.fills.pop_front() {
+                None => match if fills { self.fills.pop_front() } else { None } {
                     Some(k) => (Job::Fill, k),
                     None => break,
                 },

@@ -113,7 +113,7 @@ struct Harness {
 
 impl Harness {
     fn new(reactors: usize) -> Harness {
-        let disk: Arc<MemDisk> = MemDisk::new(POOL, false);
+        let disk: Arc<MemDisk> = garbage_disk(POOL, false, reactors as u64);
         let dev = [DeviceSpec::Mem(disk)];
         Engine::format(&dev, &small_opts()).expect("format");
         let engine = Engine::open(&dev, cfg(reactors)).expect("open");

@@ -282,7 +282,7 @@ fn workload(seed: u64) -> usize {
         log: Vec::new(),
         images: 0,
     };
-    let disk = MemDisk::new(DISK, true);
+    let disk = garbage_disk(DISK, true, seed);
     Engine::format(&[DeviceSpec::Mem(disk.clone())], &opts()).expect("format");
     let mut disk = disk;
     let mut e = Engine::open(&[DeviceSpec::Mem(disk.clone())], cfg(2)).expect("open");

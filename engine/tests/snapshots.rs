@@ -244,6 +244,91 @@ fn a_parent_only_cluster_survives_snapshot_delete_and_reopen() {
     e.shutdown().unwrap();
 }
 
+/// A redirected cluster whose fill has not run reads each block from itself, from its
+/// parent (the snapshot's cluster) only where the parent holds that block for it, and as
+/// zeros elsewhere: never the parent's other bytes. Fills are paused (a test hook) because
+/// they otherwise retire the parent within milliseconds, before any read could tell; the
+/// pool starts as garbage, so a block read from where nothing was written shows.
+#[test]
+fn unfilled_redirected_clusters_read_the_parent_only_for_the_blocks_it_holds_for_them() {
+    let _w = watchdog();
+    let disk = garbage_disk(64 << 20, false, 0x6A5B);
+    let dev = [DeviceSpec::Mem(disk.clone())];
+    Engine::format(&dev, &small_opts()).expect("format");
+    let e = Engine::open(&dev, cfg(2)).expect("open");
+    let mut c = e.client();
+    let cs = e.pool_info().cluster_size;
+    let v = e.create_volume("v", 4 * cs, 4096).unwrap();
+    let mut want = vec![0u8; 4 * cs as usize];
+    let mut put = |c: &mut Client, op: Op, off: u64, data: &[u8]| {
+        let r = run(
+            c,
+            v.id,
+            op,
+            off,
+            data.len() as u64,
+            Some(data).filter(|_| op == Op::Write { fua: false }),
+        );
+        r.result.expect("write/trim/zero");
+        want[off as usize..off as usize + data.len()].copy_from_slice(data);
+    };
+    let w = Op::Write { fua: false };
+    // Cluster 0 written whole, cluster 1 in its first two blocks only (the others are
+    // garbage on the device, valid nowhere).
+    put(&mut c, w, 0, &pattern(0, cs as usize, 1));
+    put(&mut c, w, cs, &pattern(cs, 8192, 1));
+    e.snapshot_create("v", "s").unwrap();
+    e.pause_fills(true);
+    // Redirect both: one new block each; the rest of each cluster resolves via the parent.
+    put(&mut c, w, 4096, &pattern(4096, 4096, 2));
+    put(&mut c, w, cs + 3 * 4096, &pattern(cs + 3 * 4096, 4096, 2));
+    // Trim and zero blocks the parent holds: they no longer come from it.
+    put(&mut c, Op::Trim, 2 * 4096, &[0; 4096]);
+    put(
+        &mut c,
+        Op::WriteZeroes { fua: false },
+        cs + 4096,
+        &[0; 4096],
+    );
+    let check = |c: &mut Client, when: &str| {
+        let got = read(c, v.id, 0, 4 * cs);
+        for b in 0..(4 * cs / 4096) as usize {
+            let (g, w) = (&got[b * 4096..][..4096], &want[b * 4096..][..4096]);
+            assert!(
+                g == w,
+                "{when}: block {b} reads {:02x?}.., want {:02x?}..",
+                &g[..8],
+                &w[..8]
+            );
+        }
+    };
+    check(&mut c, "fills paused");
+    e.pause_fills(false);
+    flush(&mut c, v.id);
+    std::thread::sleep(Duration::from_millis(50));
+    check(&mut c, "fills resumed");
+    let snap = e.snapshots(Some("v")).unwrap()[0].id;
+    let s = read(&mut c, snap, 0, 2 * cs);
+    assert!(
+        s[..cs as usize] == pattern(0, cs as usize, 1)[..],
+        "snapshot changed"
+    );
+    assert!(
+        s[cs as usize..][..8192] == pattern(cs, 8192, 1)[..],
+        "snapshot changed"
+    );
+    assert!(
+        s[cs as usize + 8192..].iter().all(|&x| x == 0),
+        "snapshot shows garbage"
+    );
+    drop(c);
+    let e = reopen(&disk, e, 1);
+    let mut c = e.client();
+    check(&mut c, "after a reopen");
+    drop(c);
+    e.shutdown().unwrap();
+}
+
 #[test]
 fn partial_writes_into_new_and_redirected_clusters_read_zeros_where_nothing_was_written() {
     let _w = watchdog();

@@ -71,6 +71,24 @@ pub fn cfg(n: usize) -> EngineConfig {
     }
 }
 
+/// An in-memory disk of `size` bytes that holds garbage (seeded) rather than zeros, as a
+/// reused disk does: a block the engine reads without having written it shows up as bytes
+/// no test wrote, instead of passing for zeros.
+pub fn garbage_disk(size: u64, crash_simulation: bool, seed: u64) -> std::sync::Arc<MemDisk> {
+    let disk = MemDisk::new(size, crash_simulation);
+    let mut rng = Rng(seed);
+    let mut chunk = vec![0u8; 1 << 20];
+    for w in chunk.chunks_mut(8) {
+        w.copy_from_slice(&rng.next().to_le_bytes());
+    }
+    // One MiB of it repeated: garbage all the same, and cheap enough for every case.
+    for off in (0..size).step_by(chunk.len()) {
+        disk.write(off, &chunk);
+    }
+    disk.flush();
+    disk
+}
+
 /// Small pool geometry so that tests cross cluster and shard boundaries.
 pub fn small_opts() -> FormatOptions {
     FormatOptions {
