@@ -498,3 +498,90 @@ fn hostile_data_out_is_refused_and_logout_still_closes_the_connection() {
     assert!(d.healthy(), "daemon unhealthy:\n{}", d.stderr());
     assert!(!d.stderr().contains("panicked"), "{}", d.stderr());
 }
+
+/// The daemon's resident set size, in bytes.
+fn rss(d: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kb << 10
+}
+
+/// Sense key and ASC of the CHECK CONDITION answering the next PDU.
+fn next_check_condition(s: &mut RawIscsi) -> (u8, u8) {
+    let r = s.recv().expect("a SCSI Response");
+    assert_eq!((r.opcode(), r.bhs[3]), (OP_SCSI_RESP, 2), "{r:?}");
+    s.exp_stat_sn = r.u32_at(24).wrapping_add(1);
+    (r.data[2 + 2] & 0x0f, r.data[2 + 12])
+}
+
+#[test]
+fn oversized_writes_are_refused_before_memory_or_r2t() {
+    let mut d = Daemon::start_iscsi("iscsi-oversized", &[]);
+    let mut s = RawIscsi::login(&d.iscsi_addr(), "vol0");
+    let before = rss(&d);
+    // WRITE(16) of 8M blocks with EDTL 0xffffffff, twice: each used to allocate and zero
+    // up to 4 GiB before the range was checked.
+    for _ in 0..2 {
+        let h = s.command_header(0, &cdb16(0x8a, 0, 8 << 20), 0, u32::MAX);
+        s.send_pdu(h, &[]);
+        assert_eq!(
+            next_check_condition(&mut s),
+            (0x05, 0x21),
+            "LBA OUT OF RANGE"
+        );
+    }
+    // In range but 16 MiB, twice the most one command may move.
+    let h = s.command_header(0, &cdb16(0x8a, 0, 4096), 0, 16 << 20);
+    s.send_pdu(h, &[]);
+    assert_eq!(
+        next_check_condition(&mut s),
+        (0x05, 0x24),
+        "INVALID FIELD IN CDB"
+    );
+    let grew = rss(&d).saturating_sub(before);
+    assert!(grew < 64 << 20, "RSS grew by {} MiB", grew >> 20);
+    let data = pseudo_random(64 << 10, 51);
+    assert_eq!(s.write16(0, 10, &data, BS).status, 0);
+    assert!(s.read16(0, 10, 16, BS).data == data);
+    assert!(d.healthy(), "daemon unhealthy:\n{}", d.stderr());
+}
+
+#[test]
+fn unread_replies_of_pipelined_reads_stay_within_the_session_budget() {
+    let mut d = Daemon::start_iscsi("iscsi-unread-replies", &[]);
+    let mut s = RawIscsi::login(&d.iscsi_addr(), "vol0");
+    let data = pseudo_random(64 << 10, 52);
+    assert_eq!(s.write16(0, 0, &data, BS).status, 0);
+    let before = rss(&d);
+    // 128 READ(16)s of 8 MiB (the whole CmdSN window, 1 GiB) and no reply read.
+    let mut bytes = Vec::new();
+    for i in 0..128u64 {
+        let h = s.command_header(0, &cdb16(0x88, (i % 32) * 2048, 2048), 8 << 20, 0);
+        bytes.extend_from_slice(&h);
+    }
+    let first_itt = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    s.send_raw(&bytes).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let grew = rss(&d).saturating_sub(before);
+    say(&format!(
+        "128 unread 8 MiB READs: daemon RSS grew {} MiB",
+        grew >> 20
+    ));
+    // The default budget is 16 MiB a session; read buffers plus unread replies hold about
+    // twice that, and the kernel's socket buffers are not ours.
+    assert!(grew < 128 << 20, "RSS grew by {} MiB", grew >> 20);
+    // The replies come, the first READ's among them (completions may come in any order).
+    let first = (0..1000)
+        .map(|_| s.recv().expect("Data-In"))
+        .find(|p| p.opcode() == OP_DATA_IN && p.u32_at(16) == first_itt && p.u32_at(40) == 0)
+        .expect("the first READ's Data-In at offset 0");
+    assert!(first.data[..64 << 10] == data[..]);
+    drop(s);
+    let mut other = RawIscsi::login(&d.iscsi_addr(), "vol0");
+    assert!(other.read16(0, 0, 16, BS).data == data);
+    assert!(d.healthy(), "daemon unhealthy:\n{}", d.stderr());
+}

@@ -2,7 +2,7 @@
 //! Login → FullFeature → LoggingOut → Closed, the CmdSN window and StatSN, NOP-In/NOP-Out,
 //! task management, text (SendTargets), logout and Reject. SCSI tasks live in `task.rs`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +76,10 @@ pub struct IscsiSession {
     pub(super) next_task: u64,
     pub(super) next_ttt: u32,
     pub(super) in_flight: usize,
+    /// Tasks not admitted yet, oldest first (see `admit_waiting`).
+    pub(super) waiting: VecDeque<u64>,
+    /// Bytes the admitted tasks hold, counted against `session_buffer_bytes`.
+    pub(super) charged: u64,
     ping: Option<Ping>,
     heard: bool,
     last_heard: Option<Instant>,
@@ -112,6 +116,8 @@ impl IscsiSession {
             next_task: 1,
             next_ttt: 1,
             in_flight: 0,
+            waiting: VecDeque::new(),
+            charged: 0,
             ping: None,
             heard: false,
             last_heard: None,
@@ -168,6 +174,8 @@ impl IscsiSession {
                 return Err(e);
             }
         }
+        // Also with no input: the driver may call after its output drained.
+        self.admit_waiting(actions);
         Ok(used)
     }
 
@@ -549,7 +557,7 @@ impl IscsiSession {
             task.aborted = true;
             self.by_itt.remove(&task.itt);
             if task.pending == 0 {
-                self.tasks.remove(&id);
+                self.remove_task(id);
             }
         }
     }
@@ -592,6 +600,7 @@ impl IscsiSession {
     /// Feeds an engine completion for a request this session submitted.
     pub fn complete(&mut self, completion: Completion, actions: &mut Actions) {
         self.task_completion(completion, actions);
+        self.admit_waiting(actions);
         self.finish_logout(actions);
     }
 
@@ -602,6 +611,8 @@ impl IscsiSession {
             self.heard = false;
             self.last_heard = Some(now);
         }
+        // Replies may have drained since the last call: waiting tasks get another chance.
+        self.admit_waiting(actions);
         if !matches!(self.state, State::FullFeature) || self.config.nop_interval_secs == 0 {
             return Ok(());
         }

@@ -32,6 +32,14 @@ pub(super) struct Task {
     needed: u64,
     /// Data-out we keep: min(EDTL, needed); the buffer is exactly this long.
     wanted: u32,
+    /// Bytes of buffers the task holds once admitted: its data-out and engine buffers.
+    cost: u64,
+    /// Admitted under the session's buffer budget: its buffer exists, it may get R2Ts and
+    /// run. Until then it waits in `IscsiSession::waiting`.
+    admitted: bool,
+    /// Immediate and unsolicited data that came before admission (at most
+    /// FirstBurstLength), moved into `buf` at admission.
+    early: Vec<u8>,
     buf: Option<AlignedBuf>,
     /// End of the contiguous data received so far.
     received: u32,
@@ -130,8 +138,14 @@ impl Task {
         let keep = u64::from(self.wanted)
             .saturating_sub(u64::from(offset))
             .min(data.len() as u64) as usize;
-        if let (Some(buf), true) = (self.buf.as_mut(), keep > 0) {
-            buf.as_mut_slice()[offset as usize..][..keep].copy_from_slice(&data[..keep]);
+        if keep > 0 {
+            match self.buf.as_mut() {
+                Some(buf) => {
+                    buf.as_mut_slice()[offset as usize..][..keep].copy_from_slice(&data[..keep])
+                }
+                // Not admitted yet: everything so far was kept, so `early` ends at `offset`.
+                None => self.early.extend_from_slice(&data[..keep]),
+            }
         }
         self.received = end as u32;
         Ok(())
@@ -163,12 +177,16 @@ impl IscsiSession {
         }
         let lun = lun_number.and_then(|n| self.luns.get(usize::from(n)));
         let block_size = lun.map(|l| l.block_size()).unwrap_or(512);
-        let read_only = lun.is_some_and(|l| l.export.read_only);
+        // Every limit on the command's size is checked now, before a buffer exists or an
+        // R2T is sent; WRITE PROTECTED comes first, then range and transfer length, then an
+        // inconsistent expected length.
         let cdb = Cdb::parse(&cmd.cdb).and_then(|c| {
-            // WRITE PROTECTED takes precedence over an inconsistent transfer length.
-            if !(read_only && c.writes()) {
-                c.check_expected_length(if cmd.write { cmd.edtl } else { 0 }, block_size)?;
+            match lun {
+                Some(lun) => scsi::sbc::check_arrival(lun, &c)?,
+                None if c.data_out_len(block_size) > 0 => return Err(Sense::LUN_NOT_SUPPORTED),
+                None => {}
             }
+            c.check_expected_length(if cmd.write { cmd.edtl } else { 0 }, block_size)?;
             Ok(c)
         });
         let needed = match (&cdb, cmd.write) {
@@ -176,6 +194,7 @@ impl IscsiSession {
             _ => 0,
         };
         let wanted = needed.min(u64::from(cmd.edtl)) as u32;
+        let engine_bytes = cdb.as_ref().map_or(0, |c| c.engine_buffer_len(block_size));
         let p = &self.params;
         let unsolicited_limit = if cmd.write {
             cmd.edtl.min(p.first_burst_length)
@@ -206,7 +225,10 @@ impl IscsiSession {
             read: cmd.read,
             needed,
             wanted,
-            buf: (wanted > 0).then(|| AlignedBuf::zeroed(wanted as usize)),
+            cost: u64::from(wanted) + engine_bytes,
+            admitted: false,
+            early: Vec::new(),
+            buf: None,
             received: 0,
             unsolicited_open,
             unsolicited_limit,
@@ -229,8 +251,59 @@ impl IscsiSession {
         }
         self.tasks.insert(id, task);
         self.by_itt.insert(cmd.itt, id);
-        self.advance(id, actions);
+        self.waiting.push_back(id);
+        self.admit_waiting(actions);
         Ok(())
+    }
+
+    /// Admits waiting tasks, oldest first, while the session's buffers allow: what the
+    /// admitted tasks hold plus the new one must fit `session_buffer_bytes` (one task is
+    /// always admitted when none holds anything), and the replies queued for the peer
+    /// (`actions.send`, bytes it has not read yet) must fit it too. So a peer that stops
+    /// reading holds at most about twice the budget, and commands past it wait (their
+    /// CmdSN was accepted: they are never dropped).
+    pub(super) fn admit_waiting(&mut self, actions: &mut Actions) {
+        let budget = self.config.session_buffer_bytes;
+        while let Some(&id) = self.waiting.front() {
+            let task = self.tasks.get_mut(&id).expect("waiting tasks exist");
+            let fits = self.charged == 0 || self.charged + task.cost <= budget;
+            if !fits || actions.send.len() as u64 > budget {
+                return;
+            }
+            self.waiting.pop_front();
+            self.charged += task.cost;
+            task.admitted = true;
+            if task.wanted > 0 {
+                let mut buf = AlignedBuf::zeroed(task.wanted as usize);
+                buf.as_mut_slice()[..task.early.len()].copy_from_slice(&task.early);
+                task.buf = Some(buf);
+            }
+            task.early = Vec::new();
+            self.advance(id, actions);
+        }
+    }
+
+    /// Removes a task and gives back what it held under the budget.
+    pub(super) fn remove_task(&mut self, id: u64) -> Option<Task> {
+        let task = self.tasks.remove(&id)?;
+        if task.admitted {
+            self.charged -= task.cost;
+        } else {
+            self.waiting.retain(|&w| w != id);
+        }
+        Some(task)
+    }
+
+    /// Bytes the session's tasks hold in buffers: those admitted (data-out, engine
+    /// buffers, read data until it is queued as Data-In) and data that came before
+    /// admission. Replies queued for the peer are the driver's `actions.send`.
+    pub fn buffered(&self) -> u64 {
+        self.charged
+            + self
+                .tasks
+                .values()
+                .map(|t| t.early.len() as u64)
+                .sum::<u64>()
     }
 
     /// A Data-Out PDU. One out of sequence (DataSN, offset, TTT) ends its task with
@@ -256,7 +329,7 @@ impl IscsiSession {
         }
         if let Err(e) = task.accept_data_out(d, data) {
             tracing::debug!(itt = d.itt, "iSCSI Data-Out refused: {e}");
-            let mut task = self.tasks.remove(&id).expect("indexed task exists");
+            let mut task = self.remove_task(id).expect("indexed task exists");
             self.by_itt.remove(&task.itt);
             self.respond(
                 &mut task,
@@ -265,7 +338,9 @@ impl IscsiSession {
             );
             return;
         }
-        self.advance(id, actions);
+        if task.admitted {
+            self.advance(id, actions);
+        }
     }
 
     /// Sends the R2Ts a task may have outstanding, or executes it once its data is in.
@@ -346,7 +421,7 @@ impl IscsiSession {
     fn run_step(&mut self, id: u64, step: Step, actions: &mut Actions) {
         match step {
             Step::Reply(reply) => {
-                let mut task = self.tasks.remove(&id).expect("task exists");
+                let mut task = self.remove_task(id).expect("task exists");
                 self.by_itt.remove(&task.itt);
                 self.respond(&mut task, reply, actions);
             }
@@ -409,7 +484,7 @@ impl IscsiSession {
             return;
         }
         if task.aborted {
-            self.tasks.remove(&c.tag);
+            self.remove_task(c.tag);
             return;
         }
         let then = task

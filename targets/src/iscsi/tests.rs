@@ -846,3 +846,135 @@ fn a_256k_text_request_is_refused_at_once_with_a_reject() {
     let (out, _) = ini.command(4, 0, &[0x00], 0, false, &[]);
     assert!(matches!(&out[0].0, Bhs::ScsiResponse(r) if r.status == 0));
 }
+
+/// WRITE(16) of `blocks` at LBA 0 with the F bit set, no data: with InitialR2T=Yes an
+/// accepted one gets R2Ts, a refused one its CHECK CONDITION.
+fn write16_header(ini: &mut Initiator, itt: u32, blocks: u32, edtl: u32) -> Bhs {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x8a;
+    cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+    let cmd = pdu::ScsiCommand {
+        immediate: false,
+        final_: true,
+        read: false,
+        write: true,
+        attr: 1,
+        lun: 0,
+        itt,
+        edtl,
+        cmd_sn: ini.cmd_sn,
+        exp_stat_sn: 0,
+        cdb,
+    };
+    ini.cmd_sn += 1;
+    Bhs::ScsiCommand(cmd)
+}
+
+/// Sense key and ASC of a CHECK CONDITION answer.
+fn check_condition(out: &[(Bhs, Vec<u8>)]) -> (u8, u8) {
+    let Bhs::ScsiResponse(r) = &out[0].0 else {
+        panic!("expected a SCSI Response, got {out:?}")
+    };
+    assert_eq!(r.status, 2);
+    (out[0].1[2 + 2] & 0x0f, out[0].1[2 + 12])
+}
+
+#[test]
+fn oversized_writes_are_refused_on_arrival_before_any_buffer_or_r2t() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[("InitialR2T", "Yes"), ("ImmediateData", "No")]);
+    // 16 MiB past the end of the 1 MiB volume: LBA OUT OF RANGE, no R2T (it used to
+    // allocate the buffer and ask for the data first).
+    let cmd = write16_header(&mut ini, 1, 32 << 10, 16 << 20);
+    let (out, _) = ini.send(cmd, &[]);
+    assert_eq!(check_condition(&out), (0x05, 0x21));
+    // 8M blocks with EDTL 0xffffffff: refused the same, nothing allocated.
+    let cmd = write16_header(&mut ini, 2, 8 << 20, u32::MAX);
+    let (out, _) = ini.send(cmd, &[]);
+    assert_eq!(check_condition(&out), (0x05, 0x21));
+    assert_eq!(ini.session.buffered(), 0);
+    // PERSISTENT RESERVE OUT with a 4 GiB parameter list: INVALID FIELD IN CDB.
+    let prout = [0x5f, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0];
+    let (out, _) = ini.command(3, 0, &prout, u32::MAX, true, &[]);
+    assert_eq!(check_condition(&out), (0x05, 0x24));
+    assert_eq!(ini.session.buffered(), 0);
+}
+
+#[test]
+fn reads_past_the_session_budget_wait_until_replies_drain() {
+    let config = Arc::new(IscsiConfig {
+        session_buffer_bytes: 256 << 10,
+        ..IscsiConfig::default()
+    });
+    let mut ini = Initiator::named(&config, "iqn.2026-11.test:slow-reader");
+    ini.normal_login(&[("MaxRecvDataSegmentLength", "262144")]);
+    // 16 READ(16)s of 64 KiB (1 MiB) in one send to a peer that reads nothing: the
+    // driver's output buffer (`actions.send`) is never drained.
+    let mut bytes = Vec::new();
+    for itt in 0..16u32 {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x88;
+        cdb[2..10].copy_from_slice(&u64::from(itt * 128).to_be_bytes());
+        cdb[10..14].copy_from_slice(&128u32.to_be_bytes());
+        let cmd = pdu::ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: true,
+            write: false,
+            attr: 1,
+            lun: 0,
+            itt,
+            edtl: 64 << 10,
+            cmd_sn: ini.cmd_sn,
+            exp_stat_sn: 0,
+            cdb,
+        };
+        ini.cmd_sn += 1;
+        pdu::encode(&Bhs::ScsiCommand(cmd), &[], &[], ini.digests, &mut bytes);
+    }
+    let mut actions = Actions::default();
+    let used = ini
+        .session
+        .receive(&bytes, &exports(), &mut actions)
+        .unwrap();
+    assert_eq!(used, bytes.len());
+    let mut answered = Vec::new();
+    let mut most = 0;
+    for _ in 0..100 {
+        let submitted: Vec<_> = actions.submit.drain(..).collect();
+        if submitted.is_empty() {
+            let waiting = actions.send.len() as u64;
+            for (b, _) in ini.decode(&actions.send) {
+                if let Bhs::DataIn(d) = b {
+                    answered.push(d.itt);
+                }
+            }
+            if answered.len() == 16 {
+                break;
+            }
+            // Nothing more runs until the peer reads: the driver drains its output and
+            // calls again (here with no new input).
+            assert!(waiting > 256 << 10, "stalled with {waiting} bytes queued");
+            actions.send.clear();
+            ini.session.receive(&[], &exports(), &mut actions).unwrap();
+            continue;
+        }
+        let reads: u64 = submitted.iter().map(|r| r.len).sum();
+        assert!(reads <= 256 << 10, "{reads} bytes of reads at once");
+        for mut r in submitted {
+            r.buf.as_mut().unwrap().as_mut_slice().fill(r.tag as u8);
+            let c = Completion {
+                tag: r.tag,
+                result: Ok(()),
+                buf: r.buf,
+                extents: Vec::new(),
+            };
+            ini.session.complete(c, &mut actions);
+            most = most.max(ini.session.buffered() + actions.send.len() as u64);
+        }
+    }
+    // About twice the budget at most (read buffers plus unread replies), every command
+    // answered, in order.
+    assert!(most <= 2 * (256 << 10) + 4096, "{most} bytes buffered");
+    assert_eq!(answered, (0..16).collect::<Vec<_>>());
+}

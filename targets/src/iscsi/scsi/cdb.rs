@@ -476,6 +476,19 @@ impl Cdb {
         Ok(())
     }
 
+    /// Bytes of engine buffers (read data, an expanded WRITE SAME block) the command
+    /// allocates when it runs, besides its data-out, for a LUN of `block_size`.
+    pub fn engine_buffer_len(&self, block_size: u32) -> u64 {
+        let bs = u64::from(block_size);
+        match *self {
+            Cdb::Read { blocks, .. }
+            | Cdb::Verify { blocks, .. }
+            | Cdb::WriteSame { blocks, .. }
+            | Cdb::CompareAndWrite { blocks, .. } => u64::from(blocks) * bs,
+            _ => 0,
+        }
+    }
+
     /// Bytes of data-out the command takes, for a LUN of `block_size`.
     pub fn data_out_len(&self, block_size: u32) -> u64 {
         let bs = u64::from(block_size);

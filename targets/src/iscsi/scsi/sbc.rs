@@ -80,6 +80,29 @@ fn check_transfer(lun: &Lun, blocks: u32) -> Result<u64, Sense> {
     Ok(bytes)
 }
 
+/// Refuses, when a command arrives and before any buffer is allocated or R2T sent, what
+/// `run` would refuse about its size: a transfer out of range or longer than one command
+/// may move, data-out longer than that, or a write to a read-only LUN (checked in `run`'s
+/// order, so the sense is the same).
+pub fn check_arrival(lun: &Lun, cdb: &Cdb) -> Result<(), Sense> {
+    if cdb.writes() {
+        check_writable(lun)?;
+    }
+    match *cdb {
+        Cdb::Read { lba, blocks, .. }
+        | Cdb::Write { lba, blocks, .. }
+        | Cdb::Verify { lba, blocks, .. } => {
+            check_range(lun, lba, blocks)?;
+            check_transfer(lun, blocks)?;
+        }
+        _ if cdb.data_out_len(lun.block_size()) > MAX_TRANSFER_BYTES => {
+            return Err(Sense::INVALID_FIELD_IN_CDB)
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn check_writable(lun: &Lun) -> Result<(), Sense> {
     if lun.export.read_only {
         return Err(Sense::WRITE_PROTECTED);
@@ -381,6 +404,32 @@ mod tests {
 
     fn run(l: &mut Lun, bytes: &[u8], data: Option<&[u8]>) -> Step {
         scsi_execute(l, &[0], &cdb(bytes), data.map(AlignedBuf::from_slice))
+    }
+
+    #[test]
+    fn arrival_checks_refuse_what_run_would_before_data_comes() {
+        let w16 = |blocks: u32| {
+            let mut c = [0u8; 16];
+            c[0] = 0x8a;
+            c[10..14].copy_from_slice(&blocks.to_be_bytes());
+            cdb(&c)
+        };
+        let l = lun(1 << 20, false);
+        assert_eq!(check_arrival(&l, &w16(16 << 10)), Ok(()));
+        assert_eq!(
+            check_arrival(&l, &w16((16 << 10) + 1)),
+            Err(Sense::INVALID_FIELD_IN_CDB)
+        );
+        assert_eq!(
+            check_arrival(&l, &w16(2 << 20)),
+            Err(Sense::LBA_OUT_OF_RANGE)
+        );
+        assert_eq!(
+            check_arrival(&lun(1 << 20, true), &w16(2 << 20)),
+            Err(Sense::WRITE_PROTECTED)
+        );
+        let prout = cdb(&[0x5f, 0, 0, 0, 0, 0x01, 0, 0, 0, 0]);
+        assert_eq!(check_arrival(&l, &prout), Err(Sense::INVALID_FIELD_IN_CDB));
     }
 
     #[test]
