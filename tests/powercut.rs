@@ -21,7 +21,7 @@
 mod common;
 
 use common::raw_nbd::{RawNbd, CMD_FLUSH, CMD_WRITE};
-use common::{cli, pseudo_random, say, Daemon, TestDir};
+use common::{cli, pseudo_random, say, skip, Daemon, TestDir};
 use std::collections::BTreeMap;
 use std::io::{Read, Write as _};
 use std::path::Path;
@@ -496,7 +496,7 @@ fn verify(d: &Daemon, model: &mut Model, log: &Log, totals: &mut Totals, cycle: 
 #[test]
 fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts() {
     if !Path::new("/dev/fuse").exists() {
-        say("skipping power-cut test: no /dev/fuse (the powercut fs needs FUSE)");
+        skip(module_path!(), "no /dev/fuse (the powercut fs needs FUSE)");
         return;
     }
     let cycles: u64 = std::env::var("TESSEL_POWERCUT_CYCLES")
