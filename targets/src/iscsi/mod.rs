@@ -11,6 +11,8 @@ pub mod negotiate;
 pub mod pdu;
 pub mod scsi;
 mod session;
+#[cfg(test)]
+mod stream_fuzz;
 mod task;
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@ use super::text::TextPairs;
 use super::{IscsiConfig, IscsiSession, State};
 use crate::export::{Actions, ExportInfo};
 
-fn exports() -> Vec<ExportInfo> {
+pub(super) fn exports() -> Vec<ExportInfo> {
     let e = |name: &str, id, ro| ExportInfo {
         name: name.into(),
         description: String::new(),
@@ -24,10 +24,10 @@ fn exports() -> Vec<ExportInfo> {
 }
 
 /// A scripted initiator: encodes requests, decodes the session's answers.
-struct Initiator {
-    session: IscsiSession,
-    cmd_sn: u32,
-    digests: Digests,
+pub(super) struct Initiator {
+    pub(super) session: IscsiSession,
+    pub(super) cmd_sn: u32,
+    pub(super) digests: Digests,
     name: String,
 }
 
@@ -37,7 +37,7 @@ impl Initiator {
     }
 
     /// An initiator called `name` on the portal of `config` (shared with other initiators).
-    fn named(config: &Arc<IscsiConfig>, name: &str) -> Initiator {
+    pub(super) fn named(config: &Arc<IscsiConfig>, name: &str) -> Initiator {
         Initiator {
             session: IscsiSession::new(config.clone()),
             cmd_sn: 1,
@@ -58,7 +58,7 @@ impl Initiator {
         (self.decode(&actions.send), actions)
     }
 
-    fn decode(&self, mut bytes: &[u8]) -> Vec<(Bhs, Vec<u8>)> {
+    pub(super) fn decode(&self, mut bytes: &[u8]) -> Vec<(Bhs, Vec<u8>)> {
         let mut out = Vec::new();
         while let Some(f) = pdu::frame(bytes, self.digests).unwrap() {
             out.push((Bhs::decode(&f.header).unwrap(), f.data.to_vec()));
@@ -102,7 +102,7 @@ impl Initiator {
         keys
     }
 
-    fn normal_login(&mut self, extra: &[(&str, &str)]) -> TextPairs {
+    pub(super) fn normal_login(&mut self, extra: &[(&str, &str)]) -> TextPairs {
         let mut keys = vec![("TargetName", "iqn.2026-11.dev.tessel:vol0")];
         keys.extend_from_slice(extra);
         self.login(&keys)

@@ -477,16 +477,18 @@ impl Cdb {
     }
 
     /// Bytes of engine buffers (read data, an expanded WRITE SAME block) the command
-    /// allocates when it runs, besides its data-out, for a LUN of `block_size`.
+    /// allocates when it runs, besides its data-out, for a LUN of `block_size`: at most
+    /// one transfer's worth, as execution refuses longer ones before allocating.
     pub fn engine_buffer_len(&self, block_size: u32) -> u64 {
         let bs = u64::from(block_size);
-        match *self {
+        let len = match *self {
             Cdb::Read { blocks, .. }
             | Cdb::Verify { blocks, .. }
             | Cdb::WriteSame { blocks, .. }
             | Cdb::CompareAndWrite { blocks, .. } => u64::from(blocks) * bs,
             _ => 0,
-        }
+        };
+        len.min(super::MAX_TRANSFER_BYTES)
     }
 
     /// Bytes of data-out the command takes, for a LUN of `block_size`.
