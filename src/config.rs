@@ -55,6 +55,9 @@ pub struct Config {
     /// Where the daemon keeps its files.
     #[serde(default)]
     pub daemon: DaemonConfig,
+    /// What host connections may hold and how long they may wait.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[engine]`: reactors, polling and logging.
@@ -307,6 +310,39 @@ impl Default for DaemonConfig {
         DaemonConfig {
             data_dir: PathBuf::from("tessel-data"),
             control_socket: PathBuf::from("tessel.sock"),
+        }
+    }
+}
+
+/// `[limits]`: what host connections (NBD and iSCSI) may hold, and for how long.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections each target accepts at once; more are closed at once.
+    pub connections: u32,
+    /// Connections each target accepts at once from one client IP address.
+    pub connections_per_client: u32,
+    /// A connection that has not chosen an export or finished its login by then is closed.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// A connection with nothing in flight that sends nothing this long is closed; 0: never.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Read data and write payloads one connection may hold before its next request waits.
+    pub connection_memory: ByteSize,
+    /// The same for all connections together.
+    pub memory: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            connections: 4096,
+            connections_per_client: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
+            connection_memory: ByteSize(64 << 20),
+            memory: ByteSize(2 << 30),
         }
     }
 }

@@ -538,3 +538,48 @@ fn data_directory_and_socket_are_private_under_umask_000() {
     assert_eq!(dir_mode, 0o700, "data directory mode {dir_mode:o}");
     assert_eq!(socket_mode, 0o600, "control socket mode {socket_mode:o}");
 }
+
+#[test]
+fn idle_control_clients_cost_no_thread_each_and_long_lines_are_refused() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let d = Daemon::start("cli-idle");
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = threads();
+    let idle: Vec<UnixStream> = (0..500)
+        .map(|_| UnixStream::connect(&d.socket).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let during = threads();
+    assert!(
+        during < before + 10,
+        "{before} threads before 500 idle clients, {during} with them"
+    );
+    assert!(d.cli_ok(&["volume", "list"]).contains("vol0"));
+
+    // A line over the documented 16 MiB gets an error and the connection closes, before
+    // the daemon buffers the rest.
+    let mut long = UnixStream::connect(&d.socket).unwrap();
+    long.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    for _ in 0..17 {
+        if long.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(&long).read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["code"], "bad_request", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("longer than"),
+        "{v}"
+    );
+    drop(idle);
+    assert!(d.cli_ok(&["volume", "list"]).contains("vol0"));
+}

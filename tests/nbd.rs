@@ -443,3 +443,148 @@ fn client_disconnecting_mid_write_harms_nothing() {
     assert!(out.status.success());
     qemu_io(&uri, &["read -P 0x43 0 4k", "read -P 0x42 4k 2044k"]);
 }
+
+/// The daemon's resident memory in bytes (VmRSS).
+fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+#[test]
+fn unread_read_replies_stay_within_the_memory_budget() {
+    use std::io::Read;
+    const READS: u64 = 128;
+    const LEN: u32 = 32 << 20;
+    let d = Daemon::start("nbd-unread");
+    let mut c = RawNbd::connect(&d.nbd_addr(), "vol0");
+    // A tag at the start of every read's range, to check the replies carry the right data.
+    for i in 0..READS {
+        c.write(i * u64::from(LEN), &[i as u8 + 1; 4096]).unwrap();
+    }
+    let before = rss(d.pid());
+    let mut requests = Vec::new();
+    let mut offsets = std::collections::HashMap::new();
+    for i in 0..READS {
+        requests.extend(c.header(raw_nbd::CMD_READ, i * u64::from(LEN), LEN));
+        offsets.insert(c.cookie(), i);
+    }
+    c.stream.write_all(&requests).unwrap();
+    // Read nothing for a while: the daemon must hold the requests, not 4 GiB of replies.
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(rss(d.pid()));
+    }
+    let grown = peak.saturating_sub(before);
+    common::say(&format!(
+        "nbd: {READS} unread 32 MiB reads: daemon RSS grew {} MiB",
+        grown >> 20
+    ));
+    assert!(grown < 512 << 20, "RSS grew {} MiB", grown >> 20);
+
+    // Every reply arrives, complete and right, once the client reads.
+    let mut data = vec![0u8; LEN as usize];
+    for _ in 0..READS {
+        let mut h = [0u8; 16];
+        c.stream.read_exact(&mut h).unwrap();
+        assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0, "errno");
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let i = offsets.remove(&cookie).expect("one reply per request");
+        c.stream.read_exact(&mut data).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == i as u8 + 1), "read {i}");
+        assert!(data[4096..].iter().all(|&b| b == 0), "read {i}");
+    }
+    assert!(offsets.is_empty());
+}
+
+/// `tessel serve` on `dir` with at most `nofile` open files; the caller stops it.
+fn serve_with_nofile(dir: &std::path::Path, nofile: u64) -> (std::process::Child, u16) {
+    use std::os::unix::process::CommandExt;
+    let port = common::free_port();
+    let socket = dir.join("tessel.sock");
+    let mut cmd = common::serve_command(dir, port, &socket, &[]);
+    let log = std::fs::File::create(dir.join("serve.log")).unwrap();
+    // SAFETY: setrlimit(2) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !common::control_answers(&socket) {
+        assert!(std::time::Instant::now() < deadline, "daemon did not start");
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, port)
+}
+
+#[test]
+fn the_control_socket_survives_fd_exhaustion() {
+    let dir = TestDir::new("nbd-emfile");
+    let (mut child, port) = serve_with_nofile(&dir.path, 200);
+    let socket = dir.join("tessel.sock");
+    let addr = format!("127.0.0.1:{port}");
+    let held: Vec<std::net::TcpStream> = (0..250)
+        .filter_map(|_| std::net::TcpStream::connect(&addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // While the daemon has no fd left, a control client waits or fails...
+    let _ = common::control_answers(&socket);
+    drop(held);
+    // ... and once fds come back, the control socket answers again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !common::control_answers(&socket) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "control socket dead after fd exhaustion"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c = RawNbd::connect(&addr, "vol0");
+    c.write(0, &[7; 4096]).unwrap();
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    let failures = log.matches("accept failed").count();
+    assert!(failures < 20, "{failures} accept failures logged");
+    // SAFETY: kill(2) on our own unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_timeout(&mut child, Duration::from_secs(60)).expect("stopped");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_client_that_never_finishes_the_handshake_is_closed() {
+    let dir = TestDir::new("nbd-handshake");
+    let config = dir.join("tessel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[limits]\nhandshake_timeout = \"1s\"\n",
+            include_str!("../config/tessel.toml")
+        ),
+    )
+    .unwrap();
+    let d = Daemon::try_start(&dir.path, &["--config", config.to_str().unwrap()]).unwrap();
+    let mut silent = raw_nbd::greeted(&d.nbd_addr());
+    let started = std::time::Instant::now();
+    assert!(raw_nbd::closed_by_peer(&mut silent));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A client that goes through the handshake stays connected past the timeout.
+    let mut c = RawNbd::connect(&d.nbd_addr(), "vol0");
+    std::thread::sleep(Duration::from_millis(2500));
+    c.write(0, &[1; 4096]).unwrap();
+}

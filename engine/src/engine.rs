@@ -298,6 +298,7 @@ impl Engine {
             epoch: AtomicU64::new(st.epoch),
             used_clusters: AtomicU64::new(used_count),
             stopping: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
             want_checkpoint: AtomicBool::new(false),
             journal_fill: (0..n).map(|_| AtomicU32::new(0)).collect(),
             stats: (0..n).map(|_| CoreStats::default()).collect(),
@@ -385,9 +386,14 @@ impl Engine {
                         r
                     };
                     let ok = r.is_ok();
-                    let _ = tx.send((reactor.id, r));
-                    if ok {
-                        reactor.run()
+                    let (id, shared) = (reactor.id, reactor.shared.clone());
+                    let _ = tx.send((id, r));
+                    // AssertUnwindSafe: after a panic the reactor is dropped, never run
+                    // again; the flag tells the engine's host to stop the process.
+                    let run = std::panic::AssertUnwindSafe(|| reactor.run());
+                    if ok && std::panic::catch_unwind(run).is_err() {
+                        shared.panicked.store(true, Ordering::Release);
+                        tracing::error!(reactor = id, "reactor thread panicked");
                     }
                 });
             match spawned {
@@ -748,6 +754,12 @@ impl Engine {
                 }
             })),
         );
+    }
+
+    /// True once a reactor thread has panicked: the engine is half alive and its host
+    /// must stop (without `shutdown`, which needs every reactor).
+    pub fn reactor_panicked(&self) -> bool {
+        self.inner.shared.panicked.load(Ordering::Acquire)
     }
 
     /// True when a reactor asked for a checkpoint (its journal is half full).

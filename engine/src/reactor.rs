@@ -108,6 +108,9 @@ pub struct Shared {
     pub epoch: AtomicU64,
     pub used_clusters: AtomicU64,
     pub stopping: AtomicBool,
+    /// Set when a reactor thread panicked: its shards have no owner any more, so whoever
+    /// hosts the engine must stop rather than run half alive.
+    pub panicked: AtomicBool,
     /// Set by a reactor whose journal is half full.
     pub want_checkpoint: AtomicBool,
     /// Per reactor: percent of its journal ring still needed by recovery.

@@ -3,12 +3,13 @@
 
 use std::collections::HashSet;
 
-use super::{Config, Cores, EngineConfig, IscsiConfig};
+use super::{Config, Cores, EngineConfig, IscsiConfig, LimitsConfig};
 
 impl Config {
     /// The semantic checks run after parsing; the first problem wins.
     pub(super) fn check(&self) -> Result<(), Problem> {
         self.engine.check()?;
+        self.limits.check()?;
         let mut pools = HashSet::new();
         for (i, pool) in self.pools.iter().enumerate() {
             let at = |key| vec![Seg::Key("pool"), Seg::Index(i), Seg::Key(key)];
@@ -163,6 +164,43 @@ impl EngineConfig {
                     "'{}' is not a level (off, error, warn, info, debug, trace) or \
                      directives like \"info,tessel_engine=debug\"",
                     self.log_level
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Largest NBD request payload: a connection's memory budget must let one through.
+const MAX_REQUEST: u64 = 32 << 20;
+
+impl LimitsConfig {
+    fn check(&self) -> Result<(), Problem> {
+        let at = |key| vec![Seg::Key("limits"), Seg::Key(key)];
+        if self.connections == 0 {
+            return Err(Problem::new(at("connections"), "must be at least 1"));
+        }
+        if self.connections_per_client == 0 || self.connections_per_client > self.connections {
+            return Err(Problem::new(
+                at("connections_per_client"),
+                format!(
+                    "{} is not from 1 to connections ({})",
+                    self.connections_per_client, self.connections
+                ),
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(Problem::new(at("handshake_timeout"), "must be at least 1s"));
+        }
+        if self.connection_memory.0 < 1 << 20 {
+            return Err(Problem::new(at("connection_memory"), "must be at least 1M"));
+        }
+        if self.memory.0 < MAX_REQUEST.max(self.connection_memory.0) {
+            return Err(Problem::new(
+                at("memory"),
+                format!(
+                    "{} is below connection_memory or the largest request (32M): requests would wait for ever",
+                    self.memory
                 ),
             ));
         }

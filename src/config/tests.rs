@@ -228,6 +228,27 @@ fn engine_values_are_range_checked() {
 }
 
 #[test]
+fn limits_are_range_checked_at_their_line() {
+    let e = refuse("[limits]\nidle_timeout = \"1h\"\nmemory = \"16M\"\n");
+    assert_eq!((e.key.as_deref(), e.line), (Some("limits.memory"), Some(3)));
+    assert!(e.message.contains("32M"), "{}", e.message);
+    assert_eq!(
+        refuse("[limits]\nconnections = 10\nconnections_per_client = 11\n")
+            .key
+            .as_deref(),
+        Some("limits.connections_per_client")
+    );
+    assert_eq!(
+        refuse("[limits]\nhandshake_timeout = \"0s\"\n")
+            .key
+            .as_deref(),
+        Some("limits.handshake_timeout")
+    );
+    let c = Config::parse("[limits]\nidle_timeout = \"5m\"\n", "t").unwrap();
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+}
+
+#[test]
 fn unreadable_file_names_the_path() {
     let e = Config::load("/nonexistent/tessel.toml").unwrap_err();
     assert!(matches!(e, ConfigError::Read { .. }));

@@ -1,13 +1,20 @@
 //! A target connection hosted on a reactor: a non-blocking socket driven by the reactor's
 //! loop, and a sans-IO protocol session (NBD or iSCSI) that turns bytes into engine requests.
+//!
+//! Hostile or broken peers are contained here: a panic in session code closes that
+//! connection only, the accept loops survive fd exhaustion with back-off, and every
+//! connection runs under the [`Limits`] of `[limits]` (counts per target and per client
+//! address, handshake and idle timeouts).
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::io::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tessel_engine::{Completion, Engine, PollCtx, Poller};
+use tessel_engine::{Completion, Engine, PollCtx, Poller, VolumeId};
 use tessel_targets::export::{Actions, Exports};
 
 /// What a connection needs from a protocol session.
@@ -29,8 +36,190 @@ pub trait Session: Send {
     }
     /// The daemon is stopping.
     fn shut_down(&mut self, actions: &mut Actions);
-    /// Engine requests in flight.
-    fn in_flight(&self) -> usize;
+    /// True until the peer has chosen an export or logged in: the handshake timeout runs.
+    fn handshaking(&self) -> bool;
+    /// The volume the connection may write, for the rollback in-use check.
+    fn volume_use(&self) -> VolumeUse;
+    /// True while a request waits for memory: read no more input until bytes come back.
+    fn waiting_for_memory(&self) -> bool {
+        false
+    }
+    /// `bytes` of output are still queued to send (replies beyond them have left).
+    fn queued(&mut self, _bytes: usize) {}
+}
+
+/// Which volume a connection uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeUse {
+    /// None yet (handshake, discovery).
+    None,
+    /// This one.
+    One(VolumeId),
+    /// Any: the session does not say which.
+    Any,
+}
+
+/// Limits every host connection runs under (`[limits]` in the configuration).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Connections each target (NBD, iSCSI) holds at once.
+    pub connections: u32,
+    /// Connections each target holds from one client address.
+    pub connections_per_client: u32,
+    /// Longest time from accept to a chosen export or a finished login.
+    pub handshake_timeout: Duration,
+    /// Longest time a connection with nothing in flight may stay silent; None: no limit.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The daemon's open host connections: what the limits count, and what the control
+/// server reports (and checks before a rollback).
+pub struct Registry {
+    limits: Limits,
+    tally: Mutex<Tally>,
+}
+
+#[derive(Default)]
+struct Tally {
+    per_target: HashMap<&'static str, u32>,
+    per_client: HashMap<(&'static str, IpAddr), u32>,
+    per_volume: HashMap<VolumeId, u32>,
+    any_volume: u32,
+}
+
+impl Registry {
+    /// A registry enforcing `limits`.
+    pub fn new(limits: Limits) -> Arc<Registry> {
+        Arc::new(Registry {
+            limits,
+            tally: Mutex::new(Tally::default()),
+        })
+    }
+
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.tally.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a new connection of `protocol` from `ip`, or why there is none.
+    fn admit(self: &Arc<Self>, protocol: &'static str, ip: IpAddr) -> Result<Slot, String> {
+        let mut t = self.tally();
+        let target = t.per_target.get(protocol).copied().unwrap_or(0);
+        if target >= self.limits.connections {
+            return Err(format!(
+                "{target} connections open, the limit (limits.connections)"
+            ));
+        }
+        let client = t.per_client.get(&(protocol, ip)).copied().unwrap_or(0);
+        if client >= self.limits.connections_per_client {
+            return Err(format!(
+                "{client} connections open from {ip}, the limit (limits.connections_per_client)"
+            ));
+        }
+        *t.per_target.entry(protocol).or_default() += 1;
+        *t.per_client.entry((protocol, ip)).or_default() += 1;
+        Ok(Slot {
+            registry: self.clone(),
+            protocol,
+            ip,
+            volume: VolumeUse::None,
+        })
+    }
+
+    /// Open connections of every target.
+    pub fn open(&self) -> u32 {
+        self.tally().per_target.values().sum()
+    }
+
+    /// Open connections that may be writing `volume`.
+    pub fn using(&self, volume: VolumeId) -> u32 {
+        let t = self.tally();
+        t.per_volume.get(&volume).copied().unwrap_or(0) + t.any_volume
+    }
+
+    /// Open connections on exactly `volume` (an export's count).
+    pub fn on(&self, volume: VolumeId) -> u32 {
+        self.tally().per_volume.get(&volume).copied().unwrap_or(0)
+    }
+}
+
+/// One connection's place in the [`Registry`], given back when dropped.
+struct Slot {
+    registry: Arc<Registry>,
+    protocol: &'static str,
+    ip: IpAddr,
+    volume: VolumeUse,
+}
+
+impl Slot {
+    fn set_volume(&mut self, volume: VolumeUse) {
+        if volume == self.volume {
+            return;
+        }
+        let mut t = self.registry.tally();
+        count_volume(&mut t, self.volume, false);
+        count_volume(&mut t, volume, true);
+        self.volume = volume;
+    }
+}
+
+fn count_volume(t: &mut Tally, volume: VolumeUse, add: bool) {
+    let n = match volume {
+        VolumeUse::None => return,
+        VolumeUse::One(v) => t.per_volume.entry(v).or_default(),
+        VolumeUse::Any => &mut t.any_volume,
+    };
+    if add {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.registry.tally();
+        count_volume(&mut t, self.volume, false);
+        if let Some(n) = t.per_target.get_mut(self.protocol) {
+            *n = n.saturating_sub(1);
+        }
+        let key = (self.protocol, self.ip);
+        if let Some(n) = t.per_client.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_client.remove(&key);
+            }
+        }
+    }
+}
+
+/// Lets through one warning per interval and counts the ones it held back, so a condition
+/// that repeats every few milliseconds (fd exhaustion) logs a line every few seconds.
+pub struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// At most one line per `every`.
+    pub fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            held: 0,
+        }
+    }
+
+    /// Some(lines held back since the last one) when this one may be logged.
+    pub fn pass(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|l| now - l < self.every) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 /// Most bytes a connection reads per loop pass, so one busy connection cannot starve others.
@@ -67,28 +256,37 @@ pub struct Connection<S: Session> {
     /// session appends replies to it directly, so reply bytes are copied once.
     actions: Actions,
     out_pos: usize,
+    /// Engine requests submitted and not completed: counted here, not asked of the
+    /// session, so a connection whose session panicked still waits for them (their
+    /// completions are routed to this poller's slot) before it goes.
+    in_flight: usize,
     closing: bool,
     broken: bool,
+    /// The session panicked: it is never called again, only dropped.
+    poisoned: bool,
     stopping_seen: bool,
+    opened: Instant,
+    last_input: Instant,
     last_tick: Instant,
-    count: Arc<std::sync::atomic::AtomicU32>,
+    slot: Slot,
 }
 
 impl<S: Session> Connection<S> {
-    /// Wrap an accepted stream; `greeting` holds what the session queued at creation.
-    pub fn new(
+    /// Wrap an accepted stream holding `slot`; `greeting` holds what the session queued
+    /// at creation.
+    fn new(
         stream: TcpStream,
+        peer: SocketAddr,
         session: S,
         greeting: Actions,
         exports: Arc<dyn Exports + Send + Sync>,
-        count: Arc<std::sync::atomic::AtomicU32>,
+        slot: Slot,
     ) -> std::io::Result<Self> {
         stream.set_nonblocking(true)?;
         stream.set_nodelay(true)?;
-        let peer = stream.peer_addr()?;
-        count.fetch_add(1, Ordering::Relaxed);
         tracing::info!(protocol = S::PROTOCOL, %peer, "connection opened");
         let closing = greeting.close;
+        let now = Instant::now();
         Ok(Connection {
             stream,
             peer,
@@ -99,12 +297,51 @@ impl<S: Session> Connection<S> {
             in_end: 0,
             actions: greeting,
             out_pos: 0,
+            in_flight: 0,
             closing,
             broken: false,
+            poisoned: false,
             stopping_seen: false,
-            last_tick: Instant::now(),
-            count,
+            opened: now,
+            last_input: now,
+            last_tick: now,
+            slot,
         })
+    }
+
+    /// Run session code. A panic in it closes this connection only: it is caught here,
+    /// logged with the peer, and the session is never called again.
+    ///
+    /// AssertUnwindSafe holds because nothing a panicking call may leave half changed is
+    /// observed afterwards: the session is only dropped, the requests and bytes it queued
+    /// in `actions` are discarded unsent, and the exports it reads are shared read-only.
+    fn with_session<R>(&mut self, f: impl FnOnce(&mut S, &mut Actions) -> R) -> Option<R> {
+        if self.poisoned {
+            return None;
+        }
+        let (session, actions) = (&mut self.session, &mut self.actions);
+        match catch_unwind(AssertUnwindSafe(|| f(session, actions))) {
+            Ok(r) => Some(r),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("no message");
+                tracing::error!(
+                    protocol = S::PROTOCOL,
+                    peer = %self.peer,
+                    "session panicked; closing this connection: {message}"
+                );
+                self.poisoned = true;
+                self.closing = true;
+                self.broken = true;
+                self.actions = Actions::default();
+                self.out_pos = 0;
+                let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                None
+            }
+        }
     }
 
     /// Bytes queued and not yet written.
@@ -115,6 +352,7 @@ impl<S: Session> Connection<S> {
     /// Hand the requests the session produced to the engine and note a close.
     fn take_actions(&mut self, ctx: &mut PollCtx<'_>) {
         for r in self.actions.submit.drain(..) {
+            self.in_flight += 1;
             ctx.submit(r);
         }
         if self.actions.close {
@@ -151,6 +389,10 @@ impl<S: Session> Connection<S> {
             // many bytes moved as were sent, so amortized O(1) per byte).
             out.drain(..self.out_pos);
             self.out_pos = 0;
+        }
+        if progress {
+            let queued = self.pending_out();
+            self.with_session(|s, _| s.queued(queued));
         }
         progress
     }
@@ -205,6 +447,9 @@ impl<S: Session> Connection<S> {
                 }
             }
         }
+        if progress {
+            self.last_input = Instant::now();
+        }
         progress
     }
 
@@ -213,49 +458,87 @@ impl<S: Session> Connection<S> {
         if self.in_start == self.in_end || self.broken {
             return false;
         }
-        let input = &self.input[self.in_start..self.in_end];
-        let r = self
-            .session
-            .receive(input, &*self.exports, &mut self.actions);
+        let (input, exports) = (std::mem::take(&mut self.input), self.exports.clone());
+        let unparsed = &input[self.in_start..self.in_end];
+        let r = self.with_session(|s, a| s.receive(unparsed, &*exports, a));
+        self.input = input;
         let progress = match r {
-            Ok(n) => {
+            Some(Ok(n)) => {
                 self.in_start += n;
                 n > 0
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(protocol = S::PROTOCOL, peer = %self.peer, "closing connection: {e}");
                 self.closing = true;
                 self.in_start = 0;
                 self.in_end = 0;
                 false
             }
+            None => false,
         };
         self.take_actions(ctx);
+        if let Some(volume) = self.with_session(|s, _| s.volume_use()) {
+            self.slot.set_volume(volume);
+        }
         progress
+    }
+
+    /// Once a second: the session's keep-alives, then the handshake and idle timeouts.
+    fn tick(&mut self, ctx: &mut PollCtx<'_>) {
+        let now = Instant::now();
+        self.last_tick = now;
+        if let Some(Err(e)) = self.with_session(|s, a| s.tick(now, a)) {
+            tracing::warn!(protocol = S::PROTOCOL, peer = %self.peer, "closing connection: {e}");
+            self.closing = true;
+        }
+        self.take_actions(ctx);
+        let registry = self.slot.registry.clone();
+        let limits = &registry.limits;
+        let handshaking = self.with_session(|s, _| s.handshaking()) == Some(true);
+        if handshaking && now - self.opened >= limits.handshake_timeout {
+            tracing::warn!(
+                protocol = S::PROTOCOL,
+                peer = %self.peer,
+                "closing connection: handshake not finished within {:?} (limits.handshake_timeout)",
+                limits.handshake_timeout
+            );
+            self.closing = true;
+        }
+        let quiet = self.in_flight == 0 && self.pending_out() == 0;
+        if let Some(idle) = limits
+            .idle_timeout
+            .filter(|&d| quiet && now - self.last_input >= d)
+        {
+            tracing::info!(
+                protocol = S::PROTOCOL,
+                peer = %self.peer,
+                "closing connection: silent for {idle:?} (limits.idle_timeout)"
+            );
+            self.closing = true;
+        }
     }
 }
 
 impl<S: Session> Poller for Connection<S> {
     fn poll(&mut self, ctx: &mut PollCtx<'_>) -> bool {
+        if self.poisoned {
+            return false;
+        }
         let mut progress = false;
         if ctx.stopping() && !self.stopping_seen {
             self.stopping_seen = true;
-            self.session.shut_down(&mut self.actions);
+            self.with_session(|s, a| s.shut_down(a));
             self.closing = true;
             self.take_actions(ctx);
         }
-        let backlog = self.session.in_flight() >= MAX_IN_FLIGHT || self.pending_out() >= MAX_OUT;
+        let waiting = self.with_session(|s, _| s.waiting_for_memory()) == Some(true);
+        let backlog = waiting || self.in_flight >= MAX_IN_FLIGHT || self.pending_out() >= MAX_OUT;
         if !backlog && self.read_in() {
             progress = true;
         }
         progress |= self.parse(ctx);
         if self.last_tick.elapsed() >= Duration::from_secs(1) {
-            self.last_tick = Instant::now();
-            if let Err(e) = self.session.tick(self.last_tick, &mut self.actions) {
-                tracing::warn!(protocol = S::PROTOCOL, peer = %self.peer, "closing connection: {e}");
-                self.closing = true;
-            }
-            self.take_actions(ctx);
+            self.tick(ctx);
         }
         // One send for the replies of every completion delivered since the last pass and
         // for what parsing produced.
@@ -264,13 +547,17 @@ impl<S: Session> Poller for Connection<S> {
     }
 
     fn complete(&mut self, c: Completion, ctx: &mut PollCtx<'_>) {
+        self.in_flight -= 1;
         // Only queue the reply: the reactor polls this connection later in the same pass,
         // and that poll writes all queued replies with one send.
-        self.session.complete(c, &mut self.actions);
+        self.with_session(|s, a| s.complete(c, a));
         self.take_actions(ctx);
     }
 
     fn wait_fd(&self) -> Option<(i32, u32)> {
+        if self.poisoned {
+            return None;
+        }
         let mut ev = libc::POLLIN as u32;
         if self.pending_out() > 0 {
             ev |= libc::POLLOUT as u32;
@@ -280,7 +567,7 @@ impl<S: Session> Poller for Connection<S> {
 
     fn finished(&self) -> bool {
         let done = (self.closing && self.pending_out() == 0) || self.broken;
-        done && self.session.in_flight() == 0
+        done && self.in_flight == 0
     }
 }
 
@@ -290,40 +577,259 @@ impl<S: Session> Drop for Connection<S> {
         // on it holds a reference to the socket, so a bare close would neither send the FIN
         // nor complete that poll, and the reactor, which waits for it, would never stop.
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        self.count.fetch_sub(1, Ordering::Relaxed);
         tracing::info!(protocol = S::PROTOCOL, peer = %self.peer, "connection closed");
     }
 }
 
-/// Accept connections on `listener` until the engine stops, spreading them over reactors.
+/// Longest pause between accept attempts while accept fails (fds exhausted, say).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accept connections on `listener` until `stop`, spreading them over reactors.
+///
+/// The loop never ends on an error: a failing accept (EMFILE while fds are exhausted)
+/// is retried after a pause that doubles up to [`ACCEPT_BACKOFF_MAX`], logged at most every
+/// few seconds; a connection over a limit is closed at once.
 pub fn accept_loop<S: Session + 'static>(
     listener: std::net::TcpListener,
     engine: Engine,
     exports: Arc<dyn Exports + Send + Sync>,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    count: Arc<std::sync::atomic::AtomicU32>,
+    registry: Arc<Registry>,
     make: impl Fn() -> (S, Actions) + Send + 'static,
 ) {
     let mut next = 0usize;
-    for stream in listener.incoming() {
+    let mut backoff = Duration::ZERO;
+    let mut failures = Throttle::new(Duration::from_secs(5));
+    let mut refusals = Throttle::new(Duration::from_secs(5));
+    loop {
+        let accepted = listener.accept();
         if stop.load(Ordering::Acquire) {
             break;
         }
-        let stream = match stream {
-            Ok(s) => s,
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::ZERO;
+                a
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::warn!(protocol = S::PROTOCOL, "accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
+                if let Some(held) = failures.pass() {
+                    tracing::warn!(
+                        protocol = S::PROTOCOL,
+                        "accept failed: {e}; retrying with back-off ({held} more failures not logged)"
+                    );
+                }
+                std::thread::sleep(backoff);
+                continue;
+            }
+        };
+        let slot = match registry.admit(S::PROTOCOL, peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                if let Some(held) = refusals.pass() {
+                    tracing::warn!(
+                        protocol = S::PROTOCOL,
+                        %peer,
+                        "connection refused: {why} ({held} more refusals not logged)"
+                    );
+                }
                 continue;
             }
         };
         let (session, greeting) = make();
-        match Connection::new(stream, session, greeting, exports.clone(), count.clone()) {
+        match Connection::new(stream, peer, session, greeting, exports.clone(), slot) {
             Ok(c) => {
                 engine.add_poller(next, Box::new(c));
                 next = next.wrapping_add(1);
             }
             Err(e) => tracing::warn!(protocol = S::PROTOCOL, "connection setup failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicBool;
+    use tessel_engine::{DeviceSpec, EngineConfig, FormatOptions, MemDisk, PollMode};
+
+    /// Echoes what it receives; receiving '!' makes it panic, as a session bug would.
+    struct Echo;
+
+    impl Session for Echo {
+        const PROTOCOL: &'static str = "echo";
+        fn receive(
+            &mut self,
+            input: &[u8],
+            _exports: &dyn Exports,
+            actions: &mut Actions,
+        ) -> Result<usize, String> {
+            assert!(!input.contains(&b'!'), "a session bug");
+            actions.send.extend_from_slice(input);
+            Ok(input.len())
+        }
+        fn complete(&mut self, _c: Completion, _actions: &mut Actions) {}
+        fn shut_down(&mut self, _actions: &mut Actions) {}
+        fn handshaking(&self) -> bool {
+            false
+        }
+        fn volume_use(&self) -> VolumeUse {
+            VolumeUse::None
+        }
+    }
+
+    /// A one-reactor engine on a small in-memory pool.
+    fn engine() -> Engine {
+        let dev = [DeviceSpec::Mem(MemDisk::new(64 << 20, false))];
+        let opts = FormatOptions {
+            cluster_size: 16 << 10,
+            shard_size: 1 << 20,
+            journal_regions: 4,
+            force: false,
+        };
+        Engine::format(&dev, &opts).unwrap();
+        let cfg = EngineConfig {
+            cores: vec![0],
+            poll: PollMode::Adaptive,
+            ring_entries: 64,
+            pin: false,
+            ..EngineConfig::default()
+        };
+        Engine::open(&dev, cfg).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            connections: 8,
+            connections_per_client: 8,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+        }
+    }
+
+    fn echoes(s: &mut TcpStream, text: &[u8]) -> bool {
+        let mut back = vec![0; text.len()];
+        s.write_all(text).is_ok() && s.read_exact(&mut back).is_ok() && back == text
+    }
+
+    #[test]
+    fn a_session_panic_closes_only_its_connection() {
+        let engine = engine();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let registry = Registry::new(limits());
+        let stop = Arc::new(AtomicBool::new(false));
+        let exports: Arc<dyn Exports + Send + Sync> = Arc::new(Vec::new());
+        let accept = {
+            let (engine, registry, stop) = (engine.clone(), registry.clone(), stop.clone());
+            std::thread::spawn(move || {
+                accept_loop(listener, engine, exports, stop, registry, || {
+                    (Echo, Actions::default())
+                })
+            })
+        };
+        let connect = || {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        };
+        let (mut bad, mut good) = (connect(), connect());
+        assert!(echoes(&mut good, b"hello"));
+        assert!(echoes(&mut bad, b"hello"));
+
+        bad.write_all(b"!").unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(bad.read(&mut byte), Ok(0) | Err(_)),
+            "the panicking session's connection is closed"
+        );
+        assert!(
+            echoes(&mut good, b"still here"),
+            "the other connection works"
+        );
+        let mut fresh = connect();
+        assert!(
+            echoes(&mut fresh, b"new"),
+            "the reactor takes new connections"
+        );
+        assert!(!engine.reactor_panicked());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while registry.open() != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{} connections open",
+                registry.open()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        stop.store(true, Ordering::Release);
+        drop(connect());
+        accept.join().unwrap();
+        drop((good, fresh));
+        engine.shutdown().unwrap();
+    }
+
+    /// A poller that panics in engine code, outside any session.
+    struct Bomb;
+
+    impl Poller for Bomb {
+        fn poll(&mut self, _ctx: &mut PollCtx<'_>) -> bool {
+            panic!("an engine bug");
+        }
+        fn complete(&mut self, _c: Completion, _ctx: &mut PollCtx<'_>) {}
+        fn wait_fd(&self) -> Option<(i32, u32)> {
+            None
+        }
+        fn finished(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_reactor_panic_is_reported_for_the_daemon_to_stop() {
+        let engine = engine();
+        assert!(!engine.reactor_panicked());
+        engine.add_poller(0, Box::new(Bomb));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !engine.reactor_panicked() {
+            assert!(Instant::now() < deadline, "the panic was not reported");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn connections_over_a_limit_are_refused_and_their_slots_come_back() {
+        let registry = Registry::new(Limits {
+            connections: 3,
+            connections_per_client: 2,
+            ..limits()
+        });
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let a1 = registry.admit("nbd", a).unwrap();
+        let _a2 = registry.admit("nbd", a).unwrap();
+        assert!(registry
+            .admit("nbd", a)
+            .err()
+            .unwrap()
+            .contains("connections_per_client"));
+        let _iscsi = registry.admit("iscsi", a).unwrap();
+        let mut b1 = registry.admit("nbd", b).unwrap();
+        assert!(registry
+            .admit("nbd", b)
+            .err()
+            .unwrap()
+            .contains("limits.connections"));
+        b1.set_volume(VolumeUse::One(VolumeId(7)));
+        assert_eq!(
+            (registry.using(VolumeId(7)), registry.using(VolumeId(8))),
+            (1, 0)
+        );
+        drop(a1);
+        drop(b1);
+        assert_eq!(registry.using(VolumeId(7)), 0);
+        assert!(registry.admit("nbd", b).is_ok());
     }
 }

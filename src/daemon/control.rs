@@ -1,12 +1,11 @@
-//! The control server: JSON lines over a unix socket (docs/control.md), one thread per
-//! client; each request runs against the engine and gets one response line.
+//! The control server: JSON lines over a unix socket (docs/control.md); each request runs
+//! against the engine and gets one response line (clients.rs serves the socket).
 
+use super::conn::Registry;
 use super::exports::EngineExports;
 use super::schedule::Schedules;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ pub struct ControlServer {
     pub exports: Arc<EngineExports>,
     pub schedules: Arc<Schedules>,
     /// Open host connections (NBD and iSCSI).
-    pub connections: Arc<AtomicU32>,
+    pub connections: Arc<Registry>,
     pub shutdown: Sender<&'static str>,
     last: Mutex<(Instant, Vec<CoreCounters>)>,
 }
@@ -58,7 +57,7 @@ impl ControlServer {
         engine: Engine,
         exports: Arc<EngineExports>,
         schedules: Arc<Schedules>,
-        connections: Arc<AtomicU32>,
+        connections: Arc<Registry>,
         shutdown: Sender<&'static str>,
     ) -> ControlServer {
         let now = engine.counters();
@@ -169,7 +168,7 @@ impl ControlServer {
                     size: e.size,
                     block_size: e.block_size,
                     read_only: e.read_only,
-                    connections: 0,
+                    connections: self.connections.on(e.volume),
                 })
                 .collect(),
         }
@@ -213,7 +212,12 @@ impl ControlServer {
                 snapshot,
                 force,
             } => {
-                let open = self.connections.load(Ordering::Relaxed);
+                let id = self
+                    .engine
+                    .volume(&volume)
+                    .ok_or_else(|| ControlError::UnknownVolume(volume.clone()))?
+                    .id;
+                let open = self.connections.using(id);
                 if open > 0 && !force {
                     return Err(ControlError::InUse(format!(
                         "{open} host connection(s) are open and may be using '{volume}'; disconnect them or use --force"
@@ -324,31 +328,6 @@ impl ControlServer {
             }
         })
     }
-
-    fn serve_client(&self, stream: UnixStream) {
-        let Ok(write_half) = stream.try_clone() else {
-            return;
-        };
-        let mut out = write_half;
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if line.trim().is_empty() {
-                continue;
-            }
-            let resp = match proto::decode_request(&line) {
-                Ok(req) => {
-                    tracing::debug!(?req, "control request");
-                    self.handle(req)
-                }
-                Err(resp) => resp,
-            };
-            let mut text = proto::encode_response(&resp);
-            text.push('\n');
-            if out.write_all(text.as_bytes()).is_err() {
-                break;
-            }
-        }
-    }
 }
 
 /// The control socket's file, removed when this is dropped (the daemon stops, or a later
@@ -426,23 +405,5 @@ fn kind_of(t: &std::fs::FileType) -> &'static str {
         "a character device"
     } else {
         "a fifo"
-    }
-}
-
-/// Serve clients until the listener is closed.
-pub fn serve(listener: UnixListener, server: Arc<ControlServer>) {
-    for stream in listener.incoming() {
-        match stream {
-            Ok(s) => {
-                let server = server.clone();
-                let _ = std::thread::Builder::new()
-                    .name("control-client".into())
-                    .spawn(move || server.serve_client(s));
-            }
-            Err(e) => {
-                tracing::warn!("control accept failed: {e}");
-                break;
-            }
-        }
     }
 }

@@ -1,20 +1,22 @@
 //! `tessel serve`: open (or format) the pool, make the configured volumes exist, start the
 //! NBD target and the control socket, and run until SIGTERM/SIGINT or a shutdown request.
 
+pub mod clients;
 pub mod conn;
 pub mod control;
 pub mod exports;
 pub mod schedule;
 
 use crate::config::{Config, Cores, FormatPolicy, PollMode};
-use conn::Session;
+use conn::{Limits, Registry, Session, VolumeUse};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tessel_engine::{Completion, DeviceSpec, Engine, EngineConfig, FormatOptions, PoolError};
+use tessel_targets::budget::{Allowance, MemoryBudget};
 use tessel_targets::export::{Actions, Exports};
-use tessel_targets::iscsi::{ChapCredentials, IscsiConfig, IscsiSession, TargetAccess};
+use tessel_targets::iscsi::{self, ChapCredentials, IscsiConfig, IscsiSession, TargetAccess};
 use tessel_targets::nbd::{NbdConfig, NbdSession};
 
 impl Session for IscsiSession {
@@ -36,8 +38,17 @@ impl Session for IscsiSession {
     fn shut_down(&mut self, actions: &mut Actions) {
         IscsiSession::shut_down(self, actions)
     }
-    fn in_flight(&self) -> usize {
-        IscsiSession::in_flight(self)
+    fn handshaking(&self) -> bool {
+        matches!(self.state(), iscsi::State::Login(_))
+    }
+    fn volume_use(&self) -> VolumeUse {
+        // A session does not say which target it logged in to: count it against every
+        // volume, as the rollback check did for all connections before.
+        if self.handshaking() {
+            VolumeUse::None
+        } else {
+            VolumeUse::Any
+        }
     }
 }
 
@@ -84,8 +95,17 @@ impl Session for NbdSession {
     fn shut_down(&mut self, _actions: &mut Actions) {
         NbdSession::shut_down(self)
     }
-    fn in_flight(&self) -> usize {
-        NbdSession::in_flight(self)
+    fn handshaking(&self) -> bool {
+        NbdSession::handshaking(self)
+    }
+    fn volume_use(&self) -> VolumeUse {
+        self.volume().map_or(VolumeUse::None, VolumeUse::One)
+    }
+    fn waiting_for_memory(&self) -> bool {
+        NbdSession::waiting_for_memory(self)
+    }
+    fn queued(&mut self, bytes: usize) {
+        NbdSession::queued(self, bytes)
     }
 }
 
@@ -219,7 +239,15 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let exports: Arc<dyn Exports + Send + Sync> = engine_exports.clone();
-    let connections = Arc::new(AtomicU32::new(0));
+    let limits = &config.limits;
+    let registry = Registry::new(Limits {
+        connections: limits.connections,
+        connections_per_client: limits.connections_per_client,
+        handshake_timeout: limits.handshake_timeout,
+        idle_timeout: Some(limits.idle_timeout).filter(|d| !d.is_zero()),
+    });
+    let budget = MemoryBudget::new(limits.memory.0);
+    let connection_memory = limits.connection_memory.0;
     let schedules = schedule::Schedules::new(engine.clone());
     for s in &config.schedules {
         if let Err(e) = schedules.set(&s.volume, s.every.as_secs(), s.keep) {
@@ -237,18 +265,20 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some((l, addr)) = nbd_listener {
         tracing::info!(%addr, "NBD target listening");
         listeners.push(addr);
-        let (engine, exports, stop, count) = (
+        let (engine, exports, stop, registry, budget) = (
             engine.clone(),
             exports.clone(),
             stop.clone(),
-            connections.clone(),
+            registry.clone(),
+            budget.clone(),
         );
         std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || {
-                conn::accept_loop(l, engine, exports, stop, count, || {
+                conn::accept_loop(l, engine, exports, stop, registry, move || {
                     let mut a = Actions::default();
-                    let s = NbdSession::new(NbdConfig::default(), &mut a);
+                    let allowance = Allowance::new(budget.clone(), connection_memory);
+                    let s = NbdSession::new(NbdConfig::default(), &mut a).with_allowance(allowance);
                     (s, a)
                 })
             })?;
@@ -257,16 +287,16 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(%addr, prefix = %config.iscsi.iqn_prefix, "iSCSI portal listening");
         listeners.push(addr);
         let icfg = Arc::new(iscsi_config(&config, addr));
-        let (engine, exports, stop, count) = (
+        let (engine, exports, stop, registry) = (
             engine.clone(),
             exports.clone(),
             stop.clone(),
-            connections.clone(),
+            registry.clone(),
         );
         std::thread::Builder::new()
             .name("iscsi-accept".into())
             .spawn(move || {
-                conn::accept_loop(l, engine, exports, stop, count, move || {
+                conn::accept_loop(l, engine, exports, stop, registry, move || {
                     (IscsiSession::new(icfg.clone()), Actions::default())
                 })
             })?;
@@ -277,12 +307,12 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         engine.clone(),
         engine_exports.clone(),
         schedules.clone(),
-        connections.clone(),
+        registry.clone(),
         tx.clone(),
     ));
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || control::serve(control_listener, server))?;
+        .spawn(move || clients::serve(control_listener, server))?;
 
     std::thread::Builder::new()
         .name("signals".into())
@@ -296,7 +326,20 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             }
         })?;
     tracing::info!("tessel is ready");
-    let why = rx.recv().unwrap_or("channel closed");
+    let why = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(why) => break why,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break "channel closed",
+            Err(mpsc::RecvTimeoutError::Timeout) if engine.reactor_panicked() => {
+                // Its shards have no owner: nothing can be flushed or checkpointed through
+                // it. Stop now; what hosts saw flushed is in the journal, replayed at start.
+                tracing::error!("a reactor thread panicked; stopping without a final checkpoint");
+                stop.store(true, Ordering::Release);
+                return Err("a reactor thread panicked (see the log above)".into());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    };
     tracing::info!(reason = why, "shutting down");
     stop.store(true, Ordering::Release);
     // Wake the accept loops so they see the stop flag.

@@ -4,6 +4,7 @@
 //! to send and engine requests to submit. The daemon drives them from a reactor; tests drive
 //! them from memory.
 
+pub mod budget;
 pub mod control;
 pub mod export;
 pub mod iscsi;

@@ -80,6 +80,11 @@ impl RawNbd {
         }
     }
 
+    /// The cookie of the last request header made.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
     /// The 28-byte request header.
     pub fn header(&mut self, kind: u16, offset: u64, len: u32) -> Vec<u8> {
         self.cookie += 1;

@@ -7,6 +7,7 @@ use super::handshake::{self, Negotiation, OptionContext, OptionOutcome};
 use super::proto::{Errno, OPT_EXPORT_NAME, REP_ERR_TOO_BIG};
 use super::transmission::{self as tm, Admission, ReplyShape, Transmission, Work};
 use super::{NbdConfig, NbdError};
+use crate::budget::Allowance;
 use crate::export::{Actions, Exports};
 
 /// Where the connection is in the protocol.
@@ -47,6 +48,8 @@ struct PendingWrite {
     work: Work,
     buf: AlignedBuf,
     filled: usize,
+    /// Bytes of the connection's allowance taken for the payload.
+    held: u64,
 }
 
 /// A request handed to the engine and not yet answered.
@@ -54,6 +57,8 @@ struct InFlight {
     cookie: u64,
     shape: ReplyShape,
     structured: bool,
+    /// Bytes of the connection's allowance taken for its data.
+    held: u64,
 }
 
 /// Bytes of request buffers a connection keeps for reuse ...
@@ -72,6 +77,13 @@ pub struct NbdSession {
     /// the engine's zero fill, cover every byte of the buffer).
     pool: BufPool,
     shutting_down: bool,
+    /// Read data and write payloads this connection may hold: a request that does not
+    /// fit waits, unparsed, until completions and sent replies give bytes back.
+    allowance: Allowance,
+    /// Allowance bytes held by read replies still queued to send.
+    unsent: u64,
+    /// The last request seen did not fit the allowance and waits.
+    waiting: bool,
 }
 
 impl NbdSession {
@@ -84,7 +96,48 @@ impl NbdSession {
             in_flight: Slab::default(),
             pool: BufPool::new(POOL_BYTES, POOL_BUF_CAP),
             shutting_down: false,
+            allowance: Allowance::unlimited(),
+            unsent: 0,
+            waiting: false,
         }
+    }
+
+    /// Hold read data and write payloads within `allowance` (the default has no limit).
+    pub fn with_allowance(mut self, allowance: Allowance) -> NbdSession {
+        self.allowance = allowance;
+        self
+    }
+
+    /// True while a request waits for memory: the driver should stop reading input until
+    /// completions or sent replies free some (and call `receive` again then).
+    pub fn waiting_for_memory(&self) -> bool {
+        self.waiting
+    }
+
+    /// The driver still has `bytes` queued to send: read replies beyond that have left,
+    /// and their allowance goes back.
+    pub fn queued(&mut self, bytes: usize) {
+        let left = self.unsent.min(bytes as u64);
+        self.allowance.give(self.unsent - left);
+        self.unsent = left;
+    }
+
+    /// The export's volume once the handshake chose one.
+    pub fn volume(&self) -> Option<tessel_engine::VolumeId> {
+        match &self.state {
+            State::Requests(tx)
+            | State::WritePayload { tx, .. }
+            | State::SkipPayload { tx, .. } => Some(tx.export.volume),
+            _ => None,
+        }
+    }
+
+    /// True until the client has chosen an export (NBD_OPT_GO or NBD_OPT_EXPORT_NAME).
+    pub fn handshaking(&self) -> bool {
+        matches!(
+            self.state,
+            State::ClientFlags | State::Options(_) | State::SkipOption { .. }
+        )
     }
 
     /// Feed received bytes; returns how many were consumed (the driver keeps the rest and
@@ -117,6 +170,13 @@ impl NbdSession {
             return;
         };
         let out = &mut actions.send;
+        let read_ok = completion.result.is_ok() && matches!(req.shape, ReplyShape::Read { .. });
+        if read_ok {
+            // The data now waits in the reply: its allowance goes back once sent (`queued`).
+            self.unsent += req.held;
+        } else {
+            self.allowance.give(req.held);
+        }
         match (completion.result, req.shape, &completion.buf) {
             (Err(e), _, _) => {
                 tm::put_error(out, req.structured, req.cookie, (&e).into(), &e.to_string())
@@ -199,8 +259,8 @@ impl NbdSession {
                 if write.filled < write.buf.len() {
                     (State::WritePayload { tx, write }, n)
                 } else {
-                    let (cookie, work) = (write.cookie, write.work);
-                    self.submit(&tx, cookie, work, Some(write.buf), actions);
+                    let (cookie, work, held) = (write.cookie, write.work, write.held);
+                    self.submit(&tx, cookie, work, Some(write.buf), held, actions);
                     (State::Requests(tx), n)
                 }
             }
@@ -302,7 +362,20 @@ impl NbdSession {
             let max = self.config.max_payload;
             return Err(NbdError::PayloadTooBig { len: h.len, max });
         }
-        let next = match tx.admit(&h, &self.config, self.shutting_down) {
+        let admission = tx.admit(&h, &self.config, self.shutting_down);
+        // Data a request makes the connection hold (a read's buffer and reply, a write's
+        // payload) is taken from the allowance before any buffer exists; a request that
+        // does not fit stays unparsed until bytes come back.
+        let held = match &admission {
+            Admission::Submit(work) if matches!(work.op, Op::Read) => work.len,
+            Admission::Submit(_) => u64::from(h.payload_len()),
+            _ => 0,
+        };
+        self.waiting = held > 0 && !self.allowance.try_take(held);
+        if self.waiting {
+            return Ok((State::Requests(tx), 0));
+        }
+        let next = match admission {
             Admission::Submit(work) if h.payload_len() > 0 => {
                 let buf = self.pool.take(h.payload_len() as usize);
                 let write = PendingWrite {
@@ -310,12 +383,13 @@ impl NbdSession {
                     work,
                     buf,
                     filled: 0,
+                    held,
                 };
                 State::WritePayload { tx, write }
             }
             Admission::Submit(work) => {
                 let buf = matches!(work.op, Op::Read).then(|| self.pool.take(work.len as usize));
-                self.submit(&tx, h.cookie, work, buf, actions);
+                self.submit(&tx, h.cookie, work, buf, held, actions);
                 State::Requests(tx)
             }
             Admission::Reject(errno, reason) if h.payload_len() > 0 => State::SkipPayload {
@@ -347,6 +421,7 @@ impl NbdSession {
         cookie: u64,
         work: Work,
         buf: Option<AlignedBuf>,
+        held: u64,
         actions: &mut Actions,
     ) {
         let (structured, shape) = (tx.structured, work.shape);
@@ -354,6 +429,7 @@ impl NbdSession {
             cookie,
             shape,
             structured,
+            held,
         };
         let tag = self.in_flight.insert(entry) as u64;
         actions.submit.push(Request {
@@ -497,6 +573,49 @@ mod tests {
         assert!(read5[16..16 + 512].iter().all(|&b| b == 0x11));
         assert!(read5[16 + 512..].iter().all(|&b| b == 0));
         assert_eq!(c.session.in_flight(), 0);
+    }
+
+    #[test]
+    fn reads_beyond_the_allowance_wait_unparsed_until_their_replies_leave() {
+        let budget = crate::budget::MemoryBudget::new(1 << 30);
+        let mut c = Client::go("vol0", false, false);
+        c.session = std::mem::replace(
+            &mut c.session,
+            NbdSession::new(NbdConfig::default(), &mut Actions::default()),
+        )
+        .with_allowance(Allowance::new(budget.clone(), 128 << 10));
+        let mut reads = Vec::new();
+        for cookie in 1..=4u64 {
+            reads.extend(request_bytes(CMD_READ, 0, cookie, 0, 64 << 10));
+        }
+        let n = c
+            .session
+            .receive(&reads, &c.exports, &mut c.actions)
+            .unwrap();
+        assert_eq!(n, 2 * tm::REQUEST_HEADER_LEN, "two 64K reads fit in 128K");
+        assert!(c.session.waiting_for_memory());
+        assert_eq!(budget.used(), 128 << 10);
+        c.run_engine();
+        // Replies queued and unsent still hold their bytes.
+        c.session.queued(c.actions.send.len());
+        let m = c
+            .session
+            .receive(&reads[n..], &c.exports, &mut c.actions)
+            .unwrap();
+        assert_eq!(m, 0);
+        // Sent: the next two go.
+        c.take();
+        c.session.queued(0);
+        let m = c
+            .session
+            .receive(&reads[n..], &c.exports, &mut c.actions)
+            .unwrap();
+        assert_eq!(m, 2 * tm::REQUEST_HEADER_LEN);
+        assert!(!c.session.waiting_for_memory());
+        c.run_engine();
+        c.take();
+        c.session.queued(0);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]
