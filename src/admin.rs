@@ -11,8 +11,12 @@ use tessel_targets::control::proto::{
 use tessel_targets::control::{ClientError, ControlClient, ControlRequest, ControlResponse};
 
 use crate::cli::{
-    CloneCommand, Command, ExportCommand, ScheduleCommand, SnapshotCommand, VolumeCommand,
+    CloneCommand, Command, ExportCommand, PoolArgs, PoolCommand, ScheduleCommand, SnapshotCommand,
+    VolumeCommand,
 };
+use tessel_engine::pool::Ring;
+use tessel_engine::DeviceSpec;
+
 use crate::size::{format_duration, format_remaining, format_size};
 use crate::table::{self, fields, Align, Table};
 
@@ -71,7 +75,9 @@ pub fn run(command: &Command, socket: &std::path::Path, json: bool) -> Result<()
 pub fn request(command: &Command) -> ControlRequest {
     let s = |v: &String| v.clone();
     match command {
-        Command::Serve(_) => unreachable!("serve is not sent to a daemon"),
+        Command::Serve(_) | Command::Pool(_) => {
+            unreachable!("serve and pool commands are not sent to a daemon")
+        }
         Command::Volume(v) => match v {
             VolumeCommand::Create {
                 name,
@@ -148,7 +154,9 @@ pub fn request(command: &Command) -> ControlRequest {
 pub fn render(command: &Command, data: Value) -> Result<String, ResponseError> {
     let ok = || ControlResponse::Ok { data: data.clone() };
     Ok(match command {
-        Command::Serve(_) => unreachable!("serve is not sent to a daemon"),
+        Command::Serve(_) | Command::Pool(_) => {
+            unreachable!("serve and pool commands are not sent to a daemon")
+        }
         Command::Volume(v) => match v {
             VolumeCommand::Create { name, .. } => {
                 let info: VolumeInfo = ok().into_data()?;
@@ -413,6 +421,65 @@ fn stats_text(stats: &Stats) -> String {
         out.push_str(&jobs.render());
     }
     out
+}
+
+/// Runs an offline `tessel pool` command on the configured pool's devices.
+pub fn pool(command: &PoolCommand, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let PoolCommand::Salvage(args) = command;
+    let report = salvage(args)?;
+    if json {
+        let dropped: Vec<Value> = report
+            .damage
+            .iter()
+            .map(|d| {
+                let (ring, region) = match d.ring {
+                    Ring::ControlLog => ("control", None),
+                    Ring::Journal(r) => ("journal", Some(r)),
+                };
+                serde_json::json!({
+                    "ring": ring,
+                    "region": region,
+                    "seq": d.seq,
+                    "offset": d.offset,
+                    "blocks": d.blocks_after,
+                    "records": d.records_after,
+                    "last_seq": d.last_seq,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({ "images": report.images, "dropped": dropped });
+        println!("{out:#}");
+        return Ok(());
+    }
+    if report.damage.is_empty() {
+        println!("no damage found; checkpoint written");
+    }
+    for d in &report.damage {
+        println!(
+            "{} block {} (byte offset {}) was damaged: dropped {} later blocks (sequences up to {}), {} records",
+            d.ring, d.seq, d.offset, d.blocks_after, d.last_seq, d.records_after
+        );
+    }
+    println!(
+        "pool salvaged: {} volumes and snapshots kept; it opens normally now",
+        report.images
+    );
+    Ok(())
+}
+
+fn salvage(args: &PoolArgs) -> Result<tessel_engine::pool::Salvage, Box<dyn std::error::Error>> {
+    let config = args.config()?;
+    let pool = match config.pools.as_slice() {
+        [p] => p,
+        [] => return Err("the configuration declares no [[pool]]".into()),
+        _ => return Err("the configuration declares more than one [[pool]]".into()),
+    };
+    let devices: Vec<DeviceSpec> = pool
+        .devices
+        .iter()
+        .map(|d| DeviceSpec::path(config.resolve(d)))
+        .collect();
+    Ok(tessel_engine::pool::salvage(&devices)?)
 }
 
 #[cfg(test)]

@@ -52,6 +52,52 @@ pub enum Command {
     /// Periodic snapshots.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Offline pool maintenance (the daemon must be stopped).
+    #[command(subcommand)]
+    Pool(PoolCommand),
+}
+
+/// `tessel pool`: runs on the pool's devices directly, not through the daemon.
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Open a pool whose journal or control log is damaged (the daemon refuses to start on
+    /// it), replay up to the damage, report exactly what is dropped, and checkpoint, so
+    /// that the pool opens normally afterwards.
+    Salvage(PoolArgs),
+}
+
+/// Which pool an offline command works on: the one the daemon would open.
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    /// Configuration file (TOML), as for `tessel serve`; without it, the embedded default.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Directory for pool files (overrides daemon.data_dir), as for `tessel serve`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl PoolArgs {
+    /// The configuration naming the pool.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        load_config(self.config.as_deref(), self.data_dir.as_deref())
+    }
+}
+
+/// The configuration file (or the embedded default) with `--data-dir` applied.
+fn load_config(
+    file: Option<&std::path::Path>,
+    data_dir: Option<&std::path::Path>,
+) -> Result<Config, ConfigError> {
+    let mut config = match file {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded_default(),
+    };
+    if let Some(dir) = data_dir {
+        config.daemon.data_dir = dir.to_path_buf();
+    }
+    Ok(config)
 }
 
 /// `tessel serve` flags; they override the configuration file.
@@ -93,13 +139,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The configuration to run: the file (or the embedded default) with the flags applied.
     pub fn config(&self) -> Result<Config, ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::load(path)?,
-            None => Config::embedded_default(),
-        };
-        if let Some(dir) = &self.data_dir {
-            config.daemon.data_dir = dir.clone();
-        }
+        let mut config = load_config(self.config.as_deref(), self.data_dir.as_deref())?;
         if let Some(listen) = self.nbd_listen {
             config.nbd.listen = listen.0;
         }

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match &cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Pool(p) => admin::pool(p, cli.json),
         command => {
             // Admin output piped into `head` and the like: end quietly when the reader goes.
             // SAFETY: restores the default disposition before any other thread exists.

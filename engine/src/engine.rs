@@ -222,7 +222,7 @@ impl Engine {
                 layout.sb.journal_regions
             )));
         }
-        let mut st = pool::recover(&members, &layout)?;
+        let (mut st, _) = pool::recover(&members, &layout, false)?;
         let maps = std::mem::take(&mut st.maps);
         let mut used = vec![false; layout.total_clusters as usize];
         for m in maps.values() {
@@ -242,18 +242,7 @@ impl Engine {
             total_clusters = layout.total_clusters,
             "pool recovered"
         );
-        // A new run: checkpoint everything, so the journals start empty under the new
-        // placement of shards on cores.
-        st.run += 1;
-        st.gen += 1;
-        st.control_seq = 0;
-        st.control_next = 0;
-        st.reactors = n as u32;
-        st.region_seq = vec![0; layout.sb.journal_regions as usize];
-        let parts = vec![pool::encode_maps(
-            maps.iter().map(|((v, s), m)| (*v, *s, m)),
-        )];
-        pool::write_checkpoint(&members, &layout, &st, &parts)?;
+        pool::begin_run(&members, &layout, &mut st, &maps, n as u32)?;
 
         let gsize = alloc::group_size(layout.total_clusters, n);
         let mut groups = alloc::groups(layout.total_clusters, gsize);

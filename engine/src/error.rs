@@ -85,6 +85,12 @@ pub enum PoolError {
     Corrupt(String),
     /// Another process holds the pool open.
     Locked { device: PathBuf },
+    /// A metadata block recovery needs is damaged while blocks written after it are
+    /// intact: opening would silently drop them. `tessel pool salvage` opens it anyway.
+    Damaged {
+        device: PathBuf,
+        damage: crate::pool::Damage,
+    },
 }
 
 impl fmt::Display for PoolError {
@@ -117,6 +123,11 @@ impl fmt::Display for PoolError {
             PoolError::Locked { device } => {
                 write!(f, "{}: pool is in use by another process", device.display())
             }
+            PoolError::Damaged { device, damage } => write!(
+                f,
+                "{}: pool metadata is damaged: {damage}; refusing to open (`tessel pool salvage` opens it without them and reports what it drops)",
+                device.display()
+            ),
         }
     }
 }

@@ -14,8 +14,9 @@ use std::path::Path;
 pub const MAGIC: [u8; 8] = *b"TESSELPL";
 /// The only format version this build reads and writes. 2: map entries store their
 /// block bitmaps without trailing zero bytes. 3: a bitmap has at most 64 bits, one per
-/// grain of max(4 KiB, cluster size / 64) (docs/format.md).
-pub const VERSION: u32 = 3;
+/// grain of max(4 KiB, cluster size / 64) (docs/format.md). 4: journal blocks say which
+/// blocks before them were durable, so that replay tells damage from a torn tail.
+pub const VERSION: u32 = 4;
 /// Size of one superblock copy; the second copy follows the first.
 pub const SB_SIZE: usize = 4096;
 /// Unit of metadata I/O (journal and checkpoint blocks).

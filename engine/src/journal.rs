@@ -2,16 +2,18 @@
 //! region per reactor (map changes) and to the control log (volume table changes).
 //!
 //! Block layout (little-endian): magic u32 "TJNL", crc32c u32 (over the block with this
-//! field zero), region u32, record count u16, record bytes u16, seq u64, run u64, then the
-//! records. A block is accepted at replay only with the expected run and sequence number,
-//! so a torn or stale block ends the replay of its region.
+//! field zero), region u32, record count u16, record bytes u16, seq u64, run u64, durable
+//! u64, then the records. A block is accepted at replay only with the expected run and
+//! sequence number, so a torn or stale block ends the replay of its region. `durable`: every
+//! block of the region below that sequence number was durable before this one was written;
+//! a valid block whose `durable` lies above a missing one tells damage from a torn tail.
 
 use crate::buf::AlignedBuf;
 use crate::format::{Reader, BLOCK};
 use crate::map::{MapEntry, Validity};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"TJNL");
-const HEADER: usize = 32;
+const HEADER: usize = 40;
 /// Record bytes that fit in one block.
 pub const BLOCK_PAYLOAD: usize = BLOCK as usize - HEADER;
 
@@ -234,8 +236,8 @@ impl Record {
     }
 }
 
-/// Seal records into one block.
-pub fn seal_block(block: &mut [u8], region: u32, seq: u64, run: u64, nrec: u16, records: &[u8]) {
+/// Lay records out in one block, all but its `durable` field and checksum (`stamp_block`).
+fn fill_block(block: &mut [u8], region: u32, seq: u64, run: u64, nrec: u16, records: &[u8]) {
     debug_assert!(records.len() <= BLOCK_PAYLOAD);
     block.fill(0);
     block[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -245,12 +247,40 @@ pub fn seal_block(block: &mut [u8], region: u32, seq: u64, run: u64, nrec: u16, 
     block[16..24].copy_from_slice(&seq.to_le_bytes());
     block[24..32].copy_from_slice(&run.to_le_bytes());
     block[HEADER..HEADER + records.len()].copy_from_slice(records);
+}
+
+/// Set a filled block's `durable` sequence number and its checksum.
+fn stamp_block(block: &mut [u8], durable: u64) {
+    block[32..40].copy_from_slice(&durable.to_le_bytes());
+    block[4..8].fill(0);
     let crc = crc32c::crc32c(&block[..BLOCK as usize]);
     block[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Seal records into one block written when every block before `durable` is durable.
+pub fn seal_block(
+    block: &mut [u8],
+    region: u32,
+    seq: u64,
+    run: u64,
+    durable: u64,
+    nrec: u16,
+    records: &[u8],
+) {
+    fill_block(block, region, seq, run, nrec, records);
+    stamp_block(block, durable);
+}
+
+/// An intact block's records, and the sequence number below which its region was durable
+/// when it was written.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OpenBlock {
+    pub records: Vec<Record>,
+    pub durable: u64,
+}
+
 /// Open a block: its records if it is intact and carries the expected run and sequence.
-pub fn open_block(block: &[u8], run: u64, seq: u64) -> Option<Vec<Record>> {
+pub fn open_block(block: &[u8], run: u64, seq: u64) -> Option<OpenBlock> {
     if block.len() < BLOCK as usize || u32::from_le_bytes(block[0..4].try_into().unwrap()) != MAGIC
     {
         return None;
@@ -265,15 +295,16 @@ pub fn open_block(block: &[u8], run: u64, seq: u64) -> Option<Vec<Record>> {
     let used = u16::from_le_bytes(block[14..16].try_into().unwrap()) as usize;
     let bseq = u64::from_le_bytes(block[16..24].try_into().unwrap());
     let brun = u64::from_le_bytes(block[24..32].try_into().unwrap());
+    let durable = u64::from_le_bytes(block[32..40].try_into().unwrap());
     if bseq != seq || brun != run || used > BLOCK_PAYLOAD {
         return None;
     }
     let mut r = Reader::new(&block[HEADER..HEADER + used]);
-    let mut out = Vec::with_capacity(nrec as usize);
+    let mut records = Vec::with_capacity(nrec as usize);
     for _ in 0..nrec {
-        out.push(Record::decode(&mut r)?);
+        records.push(Record::decode(&mut r)?);
     }
-    Some(out)
+    Some(OpenBlock { records, durable })
 }
 
 /// A reactor's journal: records waiting for the next commit, and where the ring stands.
@@ -351,7 +382,8 @@ impl Journal {
         }
         let buf = self.staged.as_mut().expect("staged blocks");
         buf.set_len(need);
-        seal_block(
+        // Checksummed when a commit takes it, which knows what is durable by then.
+        fill_block(
             &mut buf.as_mut_slice()[at..],
             self.region,
             self.next_seq + self.staged_blocks,
@@ -427,6 +459,12 @@ impl Journal {
             let total = staged.len();
             staged.as_mut_slice().copy_within(bytes..total, 0);
             staged.set_len(total - bytes);
+        }
+        let data = buf.as_mut().expect("commit buffer");
+        for b in data.as_mut_slice().chunks_exact_mut(BLOCK as usize) {
+            // Commits are one at a time, and a failed one is rewritten from its start:
+            // every block before this write's first is durable.
+            stamp_block(b, first);
         }
         self.staged_blocks -= n;
         self.next_seq += n;
@@ -587,7 +625,8 @@ mod tests {
                     9,
                     k,
                 )
-                .unwrap(),
+                .unwrap()
+                .records,
             );
         }
         assert_eq!(back, recs);
@@ -643,7 +682,11 @@ mod tests {
             assert_eq!(data.len() as u64, n * BLOCK);
             for k in 0..n as usize {
                 let b = &data[k * BLOCK as usize..(k + 1) * BLOCK as usize];
-                back.extend(open_block(b, 5, seq).expect("block opens with its sequence"));
+                back.extend(
+                    open_block(b, 5, seq)
+                        .expect("block opens with its sequence")
+                        .records,
+                );
                 seq += 1;
             }
             j.tail_seq = seq;
@@ -677,7 +720,9 @@ mod tests {
         let mut back = Vec::new();
         for k in 0..n2 {
             let b = &data[(k * BLOCK) as usize..((k + 1) * BLOCK) as usize];
-            back.extend(open_block(b, 3, k).expect("consecutive sequence numbers"));
+            let block = open_block(b, 3, k).expect("consecutive sequence numbers");
+            assert_eq!(block.durable, 0, "nothing was durable before this write");
+            back.extend(block.records);
         }
         assert_eq!(back, [first, later].concat());
         j.commit_done();

@@ -444,32 +444,128 @@ fn read_checkpoint(
     Ok(Some(st))
 }
 
+/// Blocks read past a region's end looking for valid blocks of its run: a hole that has
+/// some within this distance after it is told from a torn tail. Damage wider than this
+/// looks like a tail.
+const LOOKAHEAD: u64 = 64;
+
+/// A metadata ring: the control log or one reactor's journal region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ring {
+    ControlLog,
+    Journal(u32),
+}
+
+impl std::fmt::Display for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ring::ControlLog => write!(f, "control log"),
+            Ring::Journal(r) => write!(f, "journal region {r}"),
+        }
+    }
+}
+
+/// A block of a ring that recovery needs and cannot read, found because blocks written
+/// after it was durable are intact: corruption, not a torn tail. Replay cannot go past it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    pub ring: Ring,
+    /// Sequence number of the first block that does not open.
+    pub seq: u64,
+    /// Its byte offset on member 0.
+    pub offset: u64,
+    /// Intact blocks of the run found after it (their records are not replayed).
+    pub blocks_after: u64,
+    /// Records in those blocks.
+    pub records_after: u64,
+    /// Sequence number of the last of them.
+    pub last_seq: u64,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} block {} (byte offset {}) is damaged; {} intact blocks after it (up to sequence {}, {} records) cannot be replayed",
+            self.ring, self.seq, self.offset, self.blocks_after, self.last_seq, self.records_after
+        )
+    }
+}
+
+/// A ring replayed: its records in order, the sequence number after the last block read,
+/// and the damage that stopped it, if that was not its end.
+struct Replay {
+    records: Vec<Record>,
+    next: u64,
+    damage: Option<Damage>,
+}
+
 /// Read blocks of a ring region from `seq` on while they carry the expected run and
-/// sequence numbers.
+/// sequence numbers; where that stops, look for intact blocks of the run written after the
+/// missing one was durable (its `durable` mark lies above it).
 fn replay_region(
     m0: &Member,
+    ring: Ring,
     offset: u64,
     bytes: u64,
     run: u64,
     mut seq: u64,
-) -> Result<(Vec<Record>, u64), PoolError> {
+) -> Result<Replay, PoolError> {
     let blocks = bytes / BLOCK;
-    let mut out = Vec::new();
+    let mut records = Vec::new();
     let mut b = AlignedBuf::zeroed(BLOCK as usize);
-    for _ in 0..blocks {
-        m0.read_at(offset + (seq % blocks) * BLOCK, &mut b)?;
+    let at = |s: u64| offset + (s % blocks) * BLOCK;
+    let start = seq;
+    while seq - start < blocks {
+        m0.read_at(at(seq), &mut b)?;
         match open_block(b.as_slice(), run, seq) {
-            Some(recs) => out.extend(recs),
+            Some(block) => records.extend(block.records),
             None => break,
         }
         seq += 1;
     }
-    Ok((out, seq))
+    let mut damage: Option<Damage> = None;
+    let mut gap = 0;
+    let mut k = seq + 1;
+    while gap < LOOKAHEAD && k - start < blocks {
+        m0.read_at(at(k), &mut b)?;
+        match open_block(b.as_slice(), run, k) {
+            Some(block) => {
+                gap = 0;
+                if block.durable > seq || damage.is_some() {
+                    let d = damage.get_or_insert(Damage {
+                        ring,
+                        seq,
+                        offset: at(seq),
+                        blocks_after: 0,
+                        records_after: 0,
+                        last_seq: k,
+                    });
+                    d.blocks_after += 1;
+                    d.records_after += block.records.len() as u64;
+                    d.last_seq = k;
+                }
+            }
+            None => gap += 1,
+        }
+        k += 1;
+    }
+    Ok(Replay {
+        records,
+        next: seq,
+        damage,
+    })
 }
 
 /// Load the newest checkpoint, replay the control log and every journal region, and check
-/// that no cluster is referenced twice or lies outside the pool.
-pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolError> {
+/// that no cluster is referenced twice or lies outside the pool. A ring damaged before
+/// records written after it (`Damage`) fails the recovery, unless `salvage` asks to replay
+/// every ring up to its damage and report what was left out.
+pub fn recover(
+    members: &[Member],
+    layout: &Layout,
+    salvage: bool,
+) -> Result<(PoolState, Vec<Damage>), PoolError> {
     let m0 = &members[0];
     let a = read_checkpoint(m0, layout, 0)?;
     let b = read_checkpoint(m0, layout, 1)?;
@@ -489,15 +585,30 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
         }
     };
     let sb = &layout.sb;
-    let (control, next) = replay_region(
+    let mut damaged = Vec::new();
+    let mut check = |r: Replay| -> Result<Vec<Record>, PoolError> {
+        if let Some(d) = r.damage {
+            if !salvage {
+                return Err(PoolError::Damaged {
+                    device: m0.path(),
+                    damage: d,
+                });
+            }
+            tracing::warn!("salvage: {d}");
+            damaged.push(d);
+        }
+        Ok(r.records)
+    };
+    let control = replay_region(
         m0,
+        Ring::ControlLog,
         sb.control_start,
         sb.control_bytes,
         st.run,
         st.control_seq,
     )?;
-    st.control_next = next;
-    for rec in control {
+    st.control_next = control.next;
+    for rec in check(control)? {
         match rec {
             Record::VolumeCreate(v) => {
                 st.next_volume_id = st.next_volume_id.max(v.id + 1);
@@ -534,8 +645,15 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
     for r in 0..sb.journal_regions as usize {
         let from = st.region_seq.get(r).copied().unwrap_or(0);
         let off = sb.journal_start + r as u64 * sb.journal_region_bytes;
-        let (recs, _) = replay_region(m0, off, sb.journal_region_bytes, st.run, from)?;
-        for rec in recs {
+        let replay = replay_region(
+            m0,
+            Ring::Journal(r as u32),
+            off,
+            sb.journal_region_bytes,
+            st.run,
+            from,
+        )?;
+        for rec in check(replay)? {
             apply_region_record(&mut st.maps, rec, cps, r as u64, st.reactors.max(1) as u64);
         }
     }
@@ -578,7 +696,49 @@ pub fn recover(members: &[Member], layout: &Layout) -> Result<PoolState, PoolErr
     // new entries are born "shared" (every write redirects, an inflate never finishes).
     let max_epoch = st.volumes.values().map(|v| v.epoch).max().unwrap_or(0);
     st.epoch = st.epoch.max(max_born).max(max_epoch + 1);
-    Ok(st)
+    Ok((st, damaged))
+}
+
+/// Start a new run on recovered state: checkpoint it whole, so that the journals and the
+/// control log start empty under the new run number (and the new placement of shards on
+/// `reactors` reactors). What the rings of older runs hold is never replayed again.
+pub fn begin_run(
+    members: &[Member],
+    layout: &Layout,
+    st: &mut PoolState,
+    maps: &HashMap<(u64, u64), ShardMap>,
+    reactors: u32,
+) -> Result<(), PoolError> {
+    st.run += 1;
+    st.gen += 1;
+    st.control_seq = 0;
+    st.control_next = 0;
+    st.reactors = reactors;
+    st.region_seq = vec![0; layout.sb.journal_regions as usize];
+    let parts = vec![encode_maps(maps.iter().map(|((v, s), m)| (*v, *s, m)))];
+    write_checkpoint(members, layout, st, &parts)
+}
+
+/// What `salvage` did: the damage it replayed up to, and the images the pool holds after.
+#[derive(Debug)]
+pub struct Salvage {
+    pub damage: Vec<Damage>,
+    pub images: usize,
+}
+
+/// Open a pool whose metadata is damaged (offline: nothing else may have it open), replay
+/// every ring up to its damage, and checkpoint the result, so that it opens normally from
+/// now on. What lay beyond the damage is gone; the report says where and how much.
+pub fn salvage(specs: &[DeviceSpec]) -> Result<Salvage, PoolError> {
+    let (members, sbs) = open_members(specs)?;
+    let layout = Layout::new(&sbs);
+    let (mut st, damage) = recover(&members, &layout, true)?;
+    let maps = std::mem::take(&mut st.maps);
+    begin_run(&members, &layout, &mut st, &maps, 1)?;
+    Ok(Salvage {
+        damage,
+        images: st.volumes.len(),
+    })
 }
 
 /// Apply one journal record of region `region` (which owned shards s with s % n == region)
@@ -657,7 +817,8 @@ pub fn append_control(
     let mut enc = Vec::new();
     rec.encode(&mut enc);
     let mut b = AlignedBuf::zeroed(BLOCK as usize);
-    seal_block(b.as_mut_slice(), CONTROL_REGION, seq, run, 1, &enc);
+    // Each block is synced before the next is written: all before it are durable.
+    seal_block(b.as_mut_slice(), CONTROL_REGION, seq, run, seq, 1, &enc);
     m0.write_at(sb.control_start + (seq % blocks) * BLOCK, b.as_slice())?;
     m0.sync()
 }
