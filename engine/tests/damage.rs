@@ -66,6 +66,7 @@ fn rounds_intact(e: &Engine, v: VolumeId) -> u64 {
 
 #[test]
 fn a_damaged_journal_block_refuses_the_open_and_salvage_reports_what_it_drops() {
+    let _w = watchdog();
     for bad in [1, 3] {
         let (image, sb, v) = journaled_image();
         let last = last_block(&image, sb.journal_start);
@@ -100,6 +101,7 @@ fn a_damaged_journal_block_refuses_the_open_and_salvage_reports_what_it_drops() 
 
 #[test]
 fn a_torn_last_journal_block_still_opens() {
+    let _w = watchdog();
     let (image, sb, v) = journaled_image();
     let last = last_block(&image, sb.journal_start);
     flip(&image, sb.journal_start, last);
@@ -110,6 +112,7 @@ fn a_torn_last_journal_block_still_opens() {
 
 #[test]
 fn a_damaged_control_log_block_refuses_the_open_and_no_volume_vanishes_silently() {
+    let _w = watchdog();
     let disk = MemDisk::new(64 << 20, true);
     let dev = [DeviceSpec::Mem(disk.clone())];
     let sb = Engine::format(&dev, &small_opts()).expect("format");

@@ -13,9 +13,11 @@ use tessel_engine::*;
 const DISK: u64 = 64 << 20;
 const BS: u64 = 4096;
 
-/// A crash-simulating disk holding a formatted pool; the range of its journal regions.
+/// A crash-simulating disk holding a formatted pool; the range of its journal regions. The
+/// disk starts as garbage: a map entry pointing at a cluster whose write failed reads as
+/// bytes nobody wrote.
 fn pool() -> (Arc<MemDisk>, std::ops::Range<u64>) {
-    let disk = MemDisk::new(DISK, true);
+    let disk = garbage_disk(DISK, true, 0xFA);
     let sb = Engine::format(&[DeviceSpec::Mem(disk.clone())], &small_opts()).expect("format");
     let journals =
         sb.journal_start..sb.journal_start + sb.journal_regions as u64 * sb.journal_region_bytes;
@@ -32,6 +34,7 @@ fn try_flush(c: &mut Client, vol: VolumeId) -> Result<(), IoError> {
 
 #[test]
 fn a_flush_after_a_failed_journal_write_is_durable() {
+    let _w = watchdog();
     for reactors in [1, 2] {
         let (disk, journals) = pool();
         let e = open(&disk, reactors);
@@ -78,6 +81,7 @@ fn a_flush_after_a_failed_journal_write_is_durable() {
 
 #[test]
 fn a_failed_data_sync_fails_the_flush_and_a_later_one_holds() {
+    let _w = watchdog();
     let (disk, _) = pool();
     let e = open(&disk, 1);
     let v = e.create_volume("v", 16 << 20, 4096).unwrap().id;
@@ -240,6 +244,7 @@ fn fault_workload(seed: u64) -> u64 {
 
 #[test]
 fn faults_never_turn_into_acknowledged_flushes_or_foreign_data() {
+    let _w = watchdog();
     let seeds: u64 = std::env::var("TESSEL_FAULT_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -278,12 +283,6 @@ impl Drop for SmallFs {
     }
 }
 
-/// Say a test is skipped past the harness's output capture, so it is never silent.
-fn skip(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipping: {why}");
-}
-
 /// Write a file of zeros until the filesystem has no space left; returns its path.
 fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
     use std::io::Write;
@@ -299,11 +298,12 @@ fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[test]
 fn a_pool_file_whose_filesystem_ran_full_keeps_later_flushes() {
+    let _w = watchdog();
     // The case through io_uring: a sparse pool file on a small filesystem. Every
     // data cluster is written once and trimmed, so that data writes find their pages and
     // only the journal (whose later blocks were never written) needs new ones.
     let Some(fs) = SmallFs::mount("enospc", 96) else {
-        return skip("a_pool_file_whose_filesystem_ran_full_keeps_later_flushes: cannot mount a tmpfs (needs root)");
+        return skip("cannot mount a tmpfs (needs root and a mount namespace that allows it)");
     };
     let pool = fs.0.join("pool.img");
     let dev = [DeviceSpec::Path {
