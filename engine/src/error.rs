@@ -85,6 +85,9 @@ pub enum PoolError {
     Corrupt(String),
     /// Another process holds the pool open.
     Locked { device: PathBuf },
+    /// A block device is opened exclusively elsewhere: another tessel (perhaps through
+    /// another device node of the same device) or a mounted filesystem.
+    Busy { device: PathBuf },
     /// A metadata block recovery needs is damaged while blocks written after it are
     /// intact: opening would silently drop them. `tessel pool salvage` opens it anyway.
     Damaged {
@@ -123,6 +126,11 @@ impl fmt::Display for PoolError {
             PoolError::Locked { device } => {
                 write!(f, "{}: pool is in use by another process", device.display())
             }
+            PoolError::Busy { device } => write!(
+                f,
+                "{}: block device is in use (opened exclusively by another process, perhaps through another device node, or mounted)",
+                device.display()
+            ),
             PoolError::Damaged { device, damage } => write!(
                 f,
                 "{}: pool metadata is damaged: {damage}; refusing to open (`tessel pool salvage` opens it without them and reports what it drops)",

@@ -54,7 +54,7 @@ pub enum Member {
         path: PathBuf,
         file: File,
         size: u64,
-        /// Holds the exclusive advisory lock for as long as the member is open.
+        /// Holds the device's claim (O_EXCL, or the advisory lock) while the member is open.
         _lock: File,
     },
     Mem(Arc<MemDisk>),
@@ -71,7 +71,8 @@ fn io_err(path: &Path, source: std::io::Error) -> PoolError {
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
 
 impl Member {
-    /// Open a device O_DIRECT and take an exclusive advisory lock on it.
+    /// Open a device O_DIRECT and claim it: O_EXCL for a block device, an exclusive
+    /// advisory lock for a file.
     pub fn open(spec: &DeviceSpec) -> Result<Member, PoolError> {
         match spec {
             DeviceSpec::Mem(m) => Ok(Member::Mem(m.clone())),
@@ -87,8 +88,41 @@ impl Member {
                     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                         std::fs::create_dir_all(dir).map_err(|e| io_err(path, e))?;
                     }
-                    let f = File::create(path).map_err(|e| io_err(path, e))?;
+                    // Volume data: no other user may read it. Mode 0600 whatever the umask
+                    // (a umask can only take bits away).
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(path)
+                        .map_err(|e| io_err(path, e))?;
                     f.set_len(*size).map_err(|e| io_err(path, e))?;
+                }
+                // The claim lives on a second handle that io_uring never holds: the kernel
+                // drops a ring's registered files lazily, and a claim held through one of them
+                // would outlive the engine (and the process) for a while. A block device is
+                // opened O_EXCL here: the kernel then refuses every other exclusive open of
+                // it (another daemon through any device node with its major:minor, a mount),
+                // which an advisory lock on one node cannot see. Files get an flock.
+                let block = std::fs::metadata(path)
+                    .map_err(|e| io_err(path, e))?
+                    .file_type()
+                    .is_block_device();
+                let lock = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(if block { libc::O_EXCL } else { 0 })
+                    .open(path)
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::EBUSY) if block => PoolError::Busy {
+                            device: path.clone(),
+                        },
+                        _ => io_err(path, e),
+                    })?;
+                // SAFETY: flock on a valid fd owned by `lock`.
+                if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                    return Err(PoolError::Locked {
+                        device: path.clone(),
+                    });
                 }
                 let file = OpenOptions::new()
                     .read(true)
@@ -96,16 +130,6 @@ impl Member {
                     .custom_flags(libc::O_DIRECT)
                     .open(path)
                     .map_err(|e| io_err(path, e))?;
-                // The lock lives on a second handle that io_uring never holds: the kernel
-                // drops a ring's registered files lazily, and a lock on one of them would
-                // outlive the process for a while.
-                let lock = File::open(path).map_err(|e| io_err(path, e))?;
-                // SAFETY: flock on a valid fd owned by `lock`.
-                if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                    return Err(PoolError::Locked {
-                        device: path.clone(),
-                    });
-                }
                 let meta = file.metadata().map_err(|e| io_err(path, e))?;
                 let size = if meta.file_type().is_block_device() {
                     let mut s = 0u64;

@@ -346,6 +346,76 @@ fn a_pool_on_a_loop_device() {
     ));
 }
 
+#[test]
+fn a_block_device_in_use_is_refused_through_another_device_node() {
+    let _w = watchdog();
+    let _guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
+    let s = Scratch::new("alias");
+    let backing = s.0.join("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    let lo = match Loop::attach(&backing) {
+        Ok(l) => l,
+        Err(why) => {
+            skip(&format!("no loop device: {why}"));
+            return;
+        }
+    };
+    // A second node with the device's major:minor, as a container might be given.
+    let alias = s.0.join("alias");
+    let rdev = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&lo.0).unwrap().rdev()
+    };
+    let c = std::ffi::CString::new(alias.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mknod with a valid NUL-terminated path.
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, rdev) } != 0 {
+        skip(&format!(
+            "cannot mknod a device node: {}",
+            std::io::Error::last_os_error()
+        ));
+        return;
+    }
+    let dev = DeviceSpec::path(&lo.0);
+    Engine::format(std::slice::from_ref(&dev), &small_opts()).expect("format loop device");
+    let e = Engine::open(std::slice::from_ref(&dev), cfg(1)).expect("open loop device");
+    let second = Engine::open(&[DeviceSpec::path(&alias)], cfg(1));
+    assert!(
+        matches!(&second, Err(PoolError::Busy { device }) if *device == alias),
+        "a second engine through another node must be refused: {:?}",
+        second.as_ref().err()
+    );
+    let text = second.err().unwrap().to_string();
+    assert!(text.contains("another device node"), "{text}");
+    e.shutdown().unwrap();
+    drop(e);
+    // Released with the engine: the other node opens now.
+    let e = Engine::open(&[DeviceSpec::path(&alias)], cfg(1)).expect("open through the alias");
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn a_created_pool_file_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let _w = watchdog();
+    let _guard = no_spawns();
+    let s = Scratch::new("mode");
+    let dev = s.file("pool.img", 64 << 20);
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0) };
+    let formatted = Engine::format(std::slice::from_ref(&dev), &small_opts());
+    // SAFETY: as above, restoring it.
+    unsafe { libc::umask(old) };
+    formatted.expect("format");
+    let mode = std::fs::metadata(path_of(&dev))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "pool file mode {mode:o}");
+}
+
 /// 1 MiB clusters track validity in 16 KiB grains: 4 KiB writes to fresh clusters and to
 /// clusters a snapshot shares are merged with the rest of their grain (read from the old
 /// cluster, or zeros) through io_uring O_DIRECT, and the volume, its snapshot and both
