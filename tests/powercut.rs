@@ -592,6 +592,15 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
         totals.report.torn += report.torn;
         totals.report.dropped += report.dropped;
         last = Some(log);
+        if (cycle + 1) % 100 == 0 {
+            say(&format!(
+                "crash: {} of {cycles} cycles, {} lost writes, {} bad snapshots so far ({:.0} s)",
+                cycle + 1,
+                totals.lost,
+                totals.bad_snapshots,
+                started.elapsed().as_secs_f64()
+            ));
+        }
     }
 
     say(&format!(
