@@ -3,9 +3,11 @@
 
 mod common;
 
-use common::{Daemon, TestDir, TESSEL};
+use common::raw_nbd::RawNbd;
+use common::{pseudo_random, Daemon, TestDir, TESSEL};
 use serde_json::Value;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The command failed with a non-zero exit and one `tessel: ...` line; that line.
 fn fails(out: &Output) -> String {
@@ -434,10 +436,12 @@ fn clone_rollback_export_and_schedule_commands_work() {
         "{code}"
     );
 
+    let before = unix_now();
     assert_eq!(
         d.cli_ok(&["schedule", "set", "vol0", "--every", "1h", "--keep", "3"]),
         "snapshotting 'vol0' every 1h, keeping 3\n"
     );
+    let after = unix_now();
     let list = d.cli_json(&["schedule", "list"]);
     let s = &list["schedules"][0];
     assert_eq!(
@@ -445,11 +449,17 @@ fn clone_rollback_export_and_schedule_commands_work() {
         (&"vol0".into(), &3600.into(), &3.into()),
         "{list}"
     );
-    // The next run is an hour away, give or take the second that may tick meanwhile.
+    // The next run is an hour after the set, and the human list counts down to it from
+    // when it ran, however slow this machine is.
+    let next = s["next_unix"].as_u64().unwrap();
+    assert!((before + 3600..=after + 3600).contains(&next), "{list}");
+    let t0 = unix_now();
     let human = d.cli_ok(&["schedule", "list"]);
+    let t1 = unix_now();
+    let shown = remaining_shown(&human);
     assert!(
-        human.contains("(in 1h)") || human.contains("(in 59m 59s)"),
-        "{human}"
+        (next.saturating_sub(t1 + 1)..=next - t0).contains(&shown),
+        "shows {shown} s left, next run at {next}, listed between {t0} and {t1}:\n{human}"
     );
     assert_eq!(
         d.cli_ok(&["schedule", "set", "vol0", "--every", "1h", "--keep", "0"]),
@@ -459,6 +469,147 @@ fn clone_rollback_export_and_schedule_commands_work() {
         d.cli_json(&["schedule", "list"])["schedules"],
         serde_json::json!([])
     );
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The seconds in the `(in 59m 58s)` of a `schedule list` table.
+fn remaining_shown(table: &str) -> u64 {
+    let at = table
+        .find("(in ")
+        .unwrap_or_else(|| panic!("no '(in ': {table}"))
+        + 4;
+    let text = &table[at..at + table[at..].find(')').unwrap()];
+    text.split(' ')
+        .map(|part| {
+            let (n, unit) = part.split_at(part.len() - 1);
+            let per = match unit {
+                "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                "d" => 86400,
+                _ => panic!("unit in {text:?}"),
+            };
+            n.parse::<u64>().unwrap() * per
+        })
+        .sum()
+}
+
+#[test]
+fn rollback_is_refused_while_a_host_is_connected_and_forced_with_force() {
+    let d = Daemon::start("cli-rollback-busy");
+    let old = pseudo_random(64 << 10, 1);
+    let new = pseudo_random(64 << 10, 2);
+    let mut host = RawNbd::connect(&d.nbd_addr(), "vol0");
+    host.write(0, &old).unwrap();
+    host.flush().unwrap();
+    d.cli_ok(&["snapshot", "create", "vol0", "base"]);
+    host.write(0, &new).unwrap();
+
+    let out = d.cli(&["--json", "volume", "rollback", "vol0", "base"]);
+    assert_eq!(fails_json(&out), "in_use");
+    let message: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        message["message"].as_str().unwrap().contains("--force"),
+        "{message}"
+    );
+    assert!(
+        host.read(0, 64 << 10).unwrap() == new,
+        "a refused rollback changed the volume"
+    );
+
+    assert_eq!(
+        d.cli_ok(&["volume", "rollback", "vol0", "base", "--force"]),
+        "rolled back volume 'vol0' to snapshot 'base'\n"
+    );
+    assert!(
+        host.read(0, 64 << 10).unwrap() == old,
+        "forced rollback did not happen"
+    );
+
+    // Once the host is gone, no --force is needed (the daemon notices the close soon).
+    host.write(0, &new).unwrap();
+    drop(host);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = d.cli(&["--json", "volume", "rollback", "vol0", "base"]);
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(fails_json(&out), "in_use");
+        assert!(
+            Instant::now() < deadline,
+            "rollback still refused 30 s after the host left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut host = RawNbd::connect(&d.nbd_addr(), "vol0");
+    assert!(
+        host.read(0, 64 << 10).unwrap() == old,
+        "rollback did not happen"
+    );
+}
+
+/// Names of `vol0`'s snapshots, in the daemon's order.
+fn snapshot_names(d: &Daemon) -> Vec<String> {
+    d.cli_json(&["snapshot", "list", "vol0"])["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn scheduled_snapshots_are_taken_and_expired_oldest_first_and_hand_made_ones_kept() {
+    let d = Daemon::start("cli-schedule-run");
+    d.cli_ok(&["snapshot", "create", "vol0", "by-hand"]);
+    // One a second (the smallest interval), keeping two.
+    d.cli_ok(&["schedule", "set", "vol0", "--every", "1s", "--keep", "2"]);
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 5 {
+        let names = snapshot_names(&d);
+        assert!(
+            names.contains(&"by-hand".to_string()),
+            "hand-made snapshot gone: {names:?}"
+        );
+        let autos: Vec<&String> = names.iter().filter(|n| n.starts_with("auto-")).collect();
+        // Between a create and its expiry the list may hold one more than `keep`.
+        assert!(autos.len() <= 3, "not expired: {names:?}");
+        seen.extend(autos.into_iter().cloned());
+        assert!(
+            Instant::now() < deadline,
+            "only {} scheduled snapshots in 60 s: {seen:?}",
+            seen.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.cli_ok(&["schedule", "set", "vol0", "--every", "1s", "--keep", "0"]);
+    // A run in progress when the schedule was removed finishes; then nothing changes.
+    std::thread::sleep(Duration::from_millis(1500));
+    let names = snapshot_names(&d);
+    seen.extend(names.iter().filter(|n| n.starts_with("auto-")).cloned());
+    let mut autos: Vec<String> = names
+        .iter()
+        .filter(|n| n.starts_with("auto-"))
+        .cloned()
+        .collect();
+    autos.sort();
+    // Names are UTC times: the two kept are the two newest ever taken.
+    let newest: Vec<String> = seen.iter().rev().take(2).rev().cloned().collect();
+    assert_eq!(
+        autos, newest,
+        "expired not oldest first (all taken: {seen:?})"
+    );
+    assert!(names.contains(&"by-hand".to_string()), "{names:?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(snapshot_names(&d), names, "a removed schedule still runs");
 }
 
 /// `tessel serve` on `data` with its control socket at `socket`, expected to refuse to
