@@ -345,6 +345,14 @@ pub struct MemDisk {
     state: Mutex<MemState>,
     size: u64,
     faults: Mutex<Faults>,
+    trap: Mutex<Trap>,
+}
+
+/// `crash_after`: writes and flushes still to pass and the crash's seed, and the image taken.
+#[derive(Default)]
+struct Trap {
+    armed: Option<(u64, u64)>,
+    taken: Option<Arc<MemDisk>>,
 }
 
 /// Which device operation a fault fails.
@@ -414,6 +422,7 @@ impl MemDisk {
                 rng: SplitMix(size),
                 injected: 0,
             }),
+            trap: Mutex::default(),
         })
     }
 
@@ -478,6 +487,7 @@ impl MemDisk {
     /// Write bytes at `off` (beyond the end is dropped).
     pub fn write(&self, off: u64, data: &[u8]) {
         let mut s = self.lock();
+        self.spring(&s);
         copy_in(&mut s.data, off, data);
         if let Some((_, pending)) = &mut s.crash {
             pending.push((off, data.to_vec()));
@@ -487,6 +497,7 @@ impl MemDisk {
     /// Flush the volatile cache: everything written so far is durable.
     pub fn flush(&self) {
         let mut s = self.lock();
+        self.spring(&s);
         let MemState { data: _, crash } = &mut *s;
         if let Some((durable, pending)) = crash {
             for (off, d) in pending.drain(..) {
@@ -498,7 +509,41 @@ impl MemDisk {
     /// Simulate power loss: a new disk holding the durable contents plus, for each write
     /// since the last flush, a random subset of its 4 KiB blocks (seeded, reproducible).
     pub fn crash(&self, seed: u64) -> Arc<MemDisk> {
-        let s = self.lock();
+        self.image(&self.lock(), seed)
+    }
+
+    /// Test hook: power is lost just before the `ops`-th next write or flush (0: the next
+    /// one), so a test picks a crash point inside an operation by a seed, not a clock. The
+    /// image (`crash(seed)` at that instant) waits for `take_crash`.
+    pub fn crash_after(&self, ops: u64, seed: u64) {
+        *self.trap.lock().unwrap_or_else(|p| p.into_inner()) = Trap {
+            armed: Some((ops, seed)),
+            taken: None,
+        };
+    }
+
+    /// The image `crash_after` took, if its point was reached; disarms it.
+    pub fn take_crash(&self) -> Option<Arc<MemDisk>> {
+        let mut t = self.trap.lock().unwrap_or_else(|p| p.into_inner());
+        t.armed = None;
+        t.taken.take()
+    }
+
+    /// A write or flush is about to change `s`: take the armed crash image if its time came.
+    fn spring(&self, s: &MemState) {
+        let mut t = self.trap.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut t.armed {
+            Some((0, seed)) => {
+                let seed = *seed;
+                t.taken = Some(self.image(s, seed));
+                t.armed = None;
+            }
+            Some((left, _)) => *left -= 1,
+            None => {}
+        }
+    }
+
+    fn image(&self, s: &MemState, seed: u64) -> Arc<MemDisk> {
         let (durable, pending) = s
             .crash
             .as_ref()

@@ -18,7 +18,6 @@
 mod common;
 use common::*;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tessel_engine::*;
@@ -100,6 +99,10 @@ struct Run {
     gen: u64,
     log: Vec<String>,
     images: usize,
+    /// Crash points aimed at an operation, and those that fell inside it (before it
+    /// returned).
+    points: usize,
+    inside: usize,
 }
 
 impl Run {
@@ -252,35 +255,36 @@ impl Run {
     }
 }
 
-/// Run `op` while another thread crashes the disk after a random delay. Returns the
-/// image and whether `op` had returned before the crash was taken.
-fn crash_during<T: Send>(
+/// Run `op` with power lost just before the disk's `ops`-th write or flush from now (seeded,
+/// not timed, so a seed replays the same point in the operation's I/O), or just after `op`
+/// returned if it issued fewer. Returns the image and whether `op` had returned first.
+fn crash_during<T>(
     disk: &Arc<MemDisk>,
     seed: u64,
-    delay_us: u64,
-    op: impl FnOnce() -> T + Send,
+    ops: u64,
+    op: impl FnOnce() -> T,
 ) -> (Arc<MemDisk>, bool, T) {
-    let returned = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            std::thread::sleep(Duration::from_micros(delay_us));
-            let before = returned.load(Ordering::SeqCst);
-            (disk.crash(seed), before)
-        });
-        let r = op();
-        returned.store(true, Ordering::SeqCst);
-        let (img, before) = h.join().expect("crash thread");
-        (img, before, r)
-    })
+    disk.crash_after(ops, seed);
+    let r = op();
+    match disk.take_crash() {
+        // Taken while `op` ran (or by a background write just after it returned: the
+        // in-flight model is the weaker one, so that is checked correctly too).
+        Some(img) => (img, false, r),
+        None => (disk.crash(seed), true, r),
+    }
 }
 
-fn workload(seed: u64) -> usize {
+/// One workload; the crash images it checked, the crash points aimed at an operation, and
+/// how many of those fell inside it.
+fn workload(seed: u64) -> (usize, usize, usize) {
     let mut run = Run {
         seed,
         rng: Rng(seed),
         gen: 0,
         log: Vec::new(),
         images: 0,
+        points: 0,
+        inside: 0,
     };
     let disk = garbage_disk(DISK, true, seed);
     Engine::format(&[DeviceSpec::Mem(disk.clone())], &opts()).expect("format");
@@ -311,7 +315,9 @@ fn workload(seed: u64) -> usize {
                 .collect();
             let mid = run.rng.below(100) < 50;
             let cseed = run.rng.next();
-            let delay = run.rng.below(400);
+            // A snapshot create, delete or clone does a handful of writes and flushes here
+            // (journal blocks, syncs, its control record): most points fall inside it.
+            let ops = run.rng.below(12);
             // The operation and what the model says before and after it.
             let (before, after): (Model, Model);
             let op: Box<dyn FnOnce() + Send>;
@@ -394,10 +400,12 @@ fn workload(seed: u64) -> usize {
                 });
             }
             if mid {
-                let (img, done_first, ()) = crash_during(&disk, cseed, delay, op);
+                let (img, done_first, ()) = crash_during(&disk, cseed, ops, op);
                 run.log.push(format!(
-                    "  crash during it (seed {cseed}, after {delay} us; op had returned: {done_first})"
+                    "  crash during it (seed {cseed}, before write/flush {ops}; op had returned: {done_first})"
                 ));
+                run.inside += usize::from(!done_first);
+                run.points += 1;
                 let want = if done_first { &after } else { &before };
                 let (e2, _) = run.check(img, want);
                 e2.shutdown().expect("shutdown");
@@ -443,7 +451,7 @@ fn workload(seed: u64) -> usize {
     }
     drop(c);
     e.shutdown().expect("shutdown");
-    run.images
+    (run.images, run.points, run.inside)
 }
 
 fn env(name: &str) -> Option<u64> {
@@ -454,27 +462,35 @@ fn env(name: &str) -> Option<u64> {
 fn crashes_during_snapshot_operations_leave_them_complete_or_absent() {
     let _w = watchdog();
     if let Some(seed) = env("TESSEL_SNAP_CRASH_SEED") {
-        println!("seed {seed}: {} crash images", workload(seed));
+        let (images, points, inside) = workload(seed);
+        println!("seed {seed}: {images} crash images, {inside} of {points} aimed points inside an operation");
         return;
     }
     let n = env("TESSEL_SNAP_CRASH_WORKLOADS").unwrap_or(40);
     let base = 0x5_0A95;
     let start = std::time::Instant::now();
-    let images: usize = std::thread::scope(|s| {
+    let (images, points, inside) = std::thread::scope(|s| {
         let hs: Vec<_> = (0..2u64)
             .map(|t| {
                 s.spawn(move || {
                     (0..n)
                         .filter(|w| w % 2 == t)
                         .map(|w| workload(base + w))
-                        .sum::<usize>()
+                        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("workload")).sum()
+        hs.into_iter()
+            .map(|h| h.join().expect("workload"))
+            .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
     });
     println!(
-        "{n} workloads, {images} crash images checked in {:.1?}",
+        "{n} workloads, {images} crash images checked ({inside} of {points} points aimed at an operation fell inside it) in {:.1?}",
         start.elapsed()
+    );
+    // The seeded point must land inside operations, or this tests only crashes between.
+    assert!(
+        inside * 4 >= points,
+        "only {inside} of {points} crash points fell inside an operation"
     );
 }

@@ -5,9 +5,13 @@
 //! Checked: every read of every image matches the model; a snapshot never changes; a
 //! clone's writes touch neither its snapshot nor the origin; images and their dependence
 //! (`origin_of`, InUse refusals) survive reopen and crash; space never drops below what
-//! any image holds, and once every clone is inflated and every snapshot deleted, the
-//! pool's used bytes equal the live volumes' allocated bytes (no leaked, no double-freed
-//! cluster), before and after a reopen.
+//! any image holds; after every flush taken with no snapshot left, and once every clone is
+//! inflated and every snapshot deleted at the end, the pool's used bytes equal the live
+//! volumes' allocated bytes (no leaked, no double-freed cluster), before and after a reopen.
+//!
+//! Crashes are not preceded by a flush: what returned durably (snapshot, clone, delete,
+//! rollback, inflate, FUA writes) must be there, and a block changed since its last
+//! durable point may read as any of its values since. The pool starts as garbage.
 //!
 //! Trim: a trimmed 4 KiB block reads as zeros or its old contents (tessel frees whole
 //! clusters and clears blocks of owned ones; trimming part of a shared cluster is advice);
@@ -693,6 +697,11 @@ fn run_steps_on(geometry: &Geometry, reactors: usize, steps: &[Step]) {
     for s in steps {
         h.apply(s);
         h.check_space();
+        // A flush with no snapshot and no clone left: every cluster in use belongs to one
+        // live volume, so the space must settle to exactly theirs, at this step.
+        if matches!(s, Step::Flush) && h.snapshots().is_empty() && !h.imgs.values().any(|m| m.dep) {
+            h.settle_space("after a flush with no snapshot");
+        }
     }
     h.check_all();
     h.finish();
