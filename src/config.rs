@@ -182,7 +182,7 @@ pub enum FormatPolicy {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
-    /// Unique volume name (no '@' or '/': export names use `vol@snap`).
+    /// Unique volume name: 1-64 characters from A-Z a-z 0-9 . _ -, not starting with '.' or '-'.
     pub name: String,
     /// The pool it lives in.
     pub pool: String,
@@ -448,14 +448,20 @@ impl std::error::Error for ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and checks a configuration file.
+    /// Reads, parses and checks a configuration file, against this machine too (the
+    /// cores it lists must be ones this process may run on).
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let file = path.display().to_string();
+        let config = Config::parse(&text, &file)?;
+        config
+            .check_host(&usable_cores())
+            .map_err(|problem| ConfigError::Check(locate(&text, &file, problem)))?;
+        Ok(config)
     }
 
     /// The embedded default (config/tessel.toml); a unit test keeps it valid.
@@ -477,18 +483,9 @@ impl Config {
                 message: e.message().trim_end().to_string(),
             })
         })?;
-        config.check().map_err(|problem| {
-            let (line, column) = keys::offset_of(text, &problem.path)
-                .map(|offset| line_column(text, offset))
-                .unzip();
-            ConfigError::Check(Invalid {
-                file: file.to_string(),
-                line,
-                column,
-                key: Some(keys::render(&problem.path)),
-                message: problem.message,
-            })
-        })?;
+        config
+            .check()
+            .map_err(|problem| ConfigError::Check(locate(text, file, problem)))?;
         Ok(config)
     }
 
@@ -501,6 +498,37 @@ impl Config {
     pub fn control_socket_path(&self) -> PathBuf {
         self.resolve(&self.daemon.control_socket)
     }
+}
+
+/// A semantic problem placed at its key's line in `text`.
+fn locate(text: &str, file: &str, problem: check::Problem) -> Invalid {
+    let (line, column) = keys::offset_of(text, &problem.path)
+        .map(|offset| line_column(text, offset))
+        .unzip();
+    Invalid {
+        file: file.to_string(),
+        line,
+        column,
+        key: Some(keys::render(&problem.path)),
+        message: problem.message,
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask).
+fn usable_cores() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data for which all zeros is the empty set;
+    // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: as above; pid 0 is this thread.
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..n).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE, inside the set.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
 }
 
 /// 1-based line and column (in characters) of a byte offset.

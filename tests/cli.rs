@@ -300,10 +300,49 @@ fn duplicate_name_is_refused() {
 #[test]
 fn bad_volume_names_are_refused() {
     let d = Daemon::start("cli-names");
-    for name in ["a@b", "a/b", "a b"] {
+    for name in ["a@b", "a/b", "a b", ".", ".."] {
         let code = fails_json(&d.cli(&["--json", "volume", "create", name, "1G"]));
         assert_eq!(code, "invalid_argument", "{name}");
     }
+    // A name the CLI would read as an option, sent as the control request itself.
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"{\"op\":\"volume_create\",\"name\":\"-x\",\"size\":1073741824}\n")
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.contains("invalid_argument"), "{line}");
+    let code = fails_json(&d.cli(&["--json", "snapshot", "create", "vol0", ".."]));
+    assert_eq!(code, "invalid_argument");
+}
+
+#[test]
+fn rollback_counts_only_the_connections_of_its_volume() {
+    let d = Daemon::start("cli-rollback-use");
+    d.cli_ok(&["volume", "create", "other", "64M"]);
+    d.cli_ok(&["snapshot", "create", "vol0", "base"]);
+    let _other = common::raw_nbd::RawNbd::connect(&d.nbd_addr(), "other");
+    assert_eq!(
+        d.cli_ok(&["volume", "rollback", "vol0", "base"]),
+        "rolled back volume 'vol0' to snapshot 'base'\n"
+    );
+    let _mine = common::raw_nbd::RawNbd::connect(&d.nbd_addr(), "vol0");
+    assert_eq!(
+        fails_json(&d.cli(&["--json", "volume", "rollback", "vol0", "base"])),
+        "in_use"
+    );
+}
+
+#[test]
+fn sighup_and_sigusr1_leave_the_daemon_running() {
+    let mut d = Daemon::start("cli-signals");
+    for sig in [libc::SIGHUP, libc::SIGUSR1] {
+        // SAFETY: kill(2) on the daemon, our own unreaped child.
+        unsafe { libc::kill(d.pid(), sig) };
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(d.healthy(), "{}", d.stderr());
+    assert!(d.stop().success(), "{}", d.stderr());
 }
 
 #[test]

@@ -119,6 +119,29 @@ fn bad_value_is_refused_with_file_line_and_key() {
 }
 
 #[test]
+fn cores_that_are_not_online_and_endless_spins_are_refused_with_line_and_key() {
+    let (stderr, file) = refused(
+        "config-cores",
+        "[engine]\npoll = \"adaptive\"\ncores = [0, 99]\n",
+    );
+    assert!(
+        stderr.contains(&format!("{file}:3")),
+        "line not named:\n{stderr}"
+    );
+    assert!(stderr.contains("engine.cores"), "key not named:\n{stderr}");
+    assert!(stderr.contains("core 99 is not online"), "{stderr}");
+    let (stderr, file) = refused("config-spin", "[engine]\nspin_us = 9223372036854775807\n");
+    assert!(
+        stderr.contains(&format!("{file}:2")),
+        "line not named:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("engine.spin_us"),
+        "key not named:\n{stderr}"
+    );
+}
+
+#[test]
 fn missing_config_file_is_refused_with_its_path() {
     let dir = TestDir::new("config-missing");
     serve_refuses(&dir.join("nope.toml"), &dir.join("data"));

@@ -195,10 +195,9 @@ impl fmt::Display for ControlError {
                 write!(f, "volume '{volume}' has no snapshot '{snapshot}'")
             }
             ControlError::Exists(n) => write!(f, "'{n}' already exists"),
-            ControlError::BadName(n) => write!(
-                f,
-                "invalid name '{n}': use 1-64 characters from A-Z a-z 0-9 . _ -"
-            ),
+            ControlError::BadName(n) => {
+                write!(f, "invalid name '{n}': use {}", crate::engine::NAME_RULE)
+            }
             ControlError::BadSize(s) => write!(f, "invalid size: {s}"),
             ControlError::BadBlockSize(b) => write!(f, "invalid block size {b}: use 512 or 4096"),
             ControlError::InUse(s) => write!(f, "in use: {s}"),

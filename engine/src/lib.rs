@@ -27,8 +27,8 @@ pub mod volume;
 pub use buf::{AlignedBuf, BufPool};
 pub use coordinator::{InflateProgress, SnapshotInfo};
 pub use engine::{
-    avoid_huge_page_faults, percentile_us, Client, CoreCounters, Engine, EngineConfig, PoolInfo,
-    VolumeInfo,
+    avoid_huge_page_faults, percentile_us, valid_name, Client, CoreCounters, Engine, EngineConfig,
+    PoolInfo, VolumeInfo, NAME_RULE,
 };
 pub use error::{ControlError, IoError, PoolError};
 pub use format::FormatOptions;

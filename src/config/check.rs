@@ -127,6 +127,29 @@ impl Config {
     }
 }
 
+/// Longest adaptive spin: beyond a second a reactor is a busy poller that also sleeps.
+const MAX_SPIN_US: u64 = 1_000_000;
+
+impl Config {
+    /// Checks against the machine the daemon runs on: every listed core is one this
+    /// process may run on (a reactor pinned elsewhere would not run where configured).
+    pub(super) fn check_host(&self, usable: &[usize]) -> Result<(), Problem> {
+        if let Cores::List(ids) = &self.engine.cores {
+            if let Some(id) = ids.iter().find(|id| !usable.contains(id)) {
+                let list: Vec<String> = usable.iter().map(usize::to_string).collect();
+                return Err(Problem::new(
+                    vec![Seg::Key("engine"), Seg::Key("cores")],
+                    format!(
+                        "core {id} is not online for this process (usable cores: {})",
+                        list.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl EngineConfig {
     fn check(&self) -> Result<(), Problem> {
         let at = |key| vec![Seg::Key("engine"), Seg::Key(key)];
@@ -138,6 +161,15 @@ impl EngineConfig {
                     "the core list must be non-empty and without repeats",
                 ));
             }
+        }
+        if self.spin_us > MAX_SPIN_US {
+            return Err(Problem::new(
+                at("spin_us"),
+                format!(
+                    "{} is above {MAX_SPIN_US} (one second); use poll = \"busy\" to spin for ever",
+                    self.spin_us
+                ),
+            ));
         }
         if !self.ring_entries.is_power_of_two() || self.ring_entries > 32768 {
             return Err(Problem::new(
@@ -306,15 +338,14 @@ fn check_chap(
     }
 }
 
-/// Names become export names and file names: no '@' (it separates `vol@snap`), no '/',
-/// no spaces or control characters.
+/// Pool, volume and snapshot names follow the engine's one rule.
 fn check_name(name: &str, what: &str, path: Vec<Seg<'static>>) -> Result<(), Problem> {
-    let bad = |c: char| c == '@' || c == '/' || c.is_whitespace() || c.is_control();
-    if name.is_empty() || name.len() > 128 || name.contains(bad) {
+    if !tessel_engine::valid_name(name) {
         return Err(Problem::new(
             path,
             format!(
-                "'{name}' is not a valid {what} name (1-128 characters, no '@', '/' or spaces)"
+                "'{name}' is not a valid {what} name ({})",
+                tessel_engine::NAME_RULE
             ),
         ));
     }

@@ -41,10 +41,11 @@ fn embedded_default_parses_and_has_the_documented_values() {
 
 #[test]
 fn production_example_parses() {
-    let c = Config::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/production.toml"
-    ))
+    // Parsed, not loaded: its cores (2-5) need not exist on the machine running the test.
+    let c = Config::parse(
+        include_str!("../../config/production.toml"),
+        "config/production.toml",
+    )
     .unwrap();
     assert_eq!(c.engine.poll, PollMode::Busy);
     assert!(matches!(c.engine.cores, Cores::List(_)));
@@ -225,6 +226,30 @@ fn engine_values_are_range_checked() {
     assert_eq!(c.engine.cores, Cores::List(vec![0, 2]));
     let c = Config::parse("[engine]\nlog_level = \"warn,tessel_engine=debug\"\n", "t").unwrap();
     assert_eq!(c.engine.log_level, "warn,tessel_engine=debug");
+}
+
+#[test]
+fn cores_this_process_cannot_run_on_and_endless_spins_are_refused() {
+    let c = Config::parse("[engine]\ncores = [0, 99]\n", "t").unwrap();
+    let e = c.check_host(&[0, 1]).err().unwrap();
+    assert_eq!(keys::render(&e.path), "engine.cores");
+    assert!(e.message.contains("core 99 is not online"), "{}", e.message);
+    assert!(c.check_host(&(0..128).collect::<Vec<_>>()).is_ok());
+    let e = refuse("[engine]\nspin_us = 2000000\n");
+    assert_eq!(
+        (e.key.as_deref(), e.line),
+        (Some("engine.spin_us"), Some(2))
+    );
+}
+
+#[test]
+fn names_that_read_as_paths_or_options_are_refused() {
+    for name in [".", "..", "-x", ".hidden", "a@b", "a/b", "a b", ""] {
+        let text = MINIMAL.replace("name = \"v\"", &format!("name = \"{name}\""));
+        let e = refuse(&text);
+        assert_eq!(e.key.as_deref(), Some("volume[0].name"), "{name:?}");
+        assert!(e.message.contains("not starting with"), "{}", e.message);
+    }
 }
 
 #[test]

@@ -109,13 +109,20 @@ impl Session for NbdSession {
     }
 }
 
-/// Block SIGINT and SIGTERM in this thread and every thread it starts; `wait_signal`
-/// receives them.
+/// Block SIGINT, SIGTERM, SIGHUP and SIGUSR1 in this thread and every thread it starts;
+/// the signal thread receives them. SIGHUP and SIGUSR1, whose default action would kill
+/// the daemon without a clean shutdown, are logged and ignored: nothing is reloaded.
 fn block_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
+        set.add(sig);
+    }
     let _ = set.thread_block();
     set
 }
@@ -317,12 +324,18 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                let _ = tx.send(if sig == nix::sys::signal::Signal::SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                });
+            use nix::sys::signal::Signal;
+            while let Ok(sig) = signals.wait() {
+                let why = match sig {
+                    Signal::SIGINT => "SIGINT",
+                    Signal::SIGTERM => "SIGTERM",
+                    other => {
+                        tracing::info!(signal = %other, "signal ignored (the daemon reloads nothing)");
+                        continue;
+                    }
+                };
+                let _ = tx.send(why);
+                break;
             }
         })?;
     tracing::info!("tessel is ready");
