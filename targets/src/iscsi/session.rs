@@ -42,7 +42,8 @@ pub enum State {
 #[derive(Debug, Clone, Copy)]
 struct Ping {
     ttt: u32,
-    sent: Instant,
+    /// When it was sent, as the first tick after it saw it (`receive` has no clock).
+    sent: Option<Instant>,
 }
 
 /// A Text Response too long for one PDU, sent piece by piece.
@@ -616,9 +617,9 @@ impl IscsiSession {
         if !matches!(self.state, State::FullFeature) || self.config.nop_interval_secs == 0 {
             return Ok(());
         }
-        if let Some(p) = self.ping {
-            if now.duration_since(p.sent)
-                >= Duration::from_secs(self.config.nop_timeout_secs.into())
+        if let Some(p) = self.ping.as_mut() {
+            let sent = *p.sent.get_or_insert(now);
+            if now.duration_since(sent) >= Duration::from_secs(self.config.nop_timeout_secs.into())
             {
                 self.state = State::Closed;
                 return Err(IscsiError::PingTimeout);
@@ -627,19 +628,29 @@ impl IscsiSession {
         }
         let idle = now.duration_since(self.last_heard.unwrap_or(now));
         if idle >= Duration::from_secs(self.config.nop_interval_secs.into()) {
-            let ttt = self.new_ttt();
-            let ping = pdu::NopIn {
-                lun: 0,
-                itt: RESERVED_TAG,
-                ttt,
-                stat_sn: self.stat_sn,
-                exp_cmd_sn: self.exp_cmd_sn,
-                max_cmd_sn: self.max_cmd_sn(),
-            };
-            self.send(&Bhs::NopIn(ping), &[], actions);
-            self.ping = Some(Ping { ttt, sent: now });
+            self.ping(Some(now), actions);
         }
         Ok(())
+    }
+
+    /// Sends a NOP-In ping unless one is already out. Besides keep-alives, tasks waiting
+    /// for replies to drain use it: its NOP-Out comes once the initiator has read all that
+    /// was queued before it, and that input lets them run.
+    pub(super) fn ping(&mut self, sent: Option<Instant>, actions: &mut Actions) {
+        if self.ping.is_some() {
+            return;
+        }
+        let ttt = self.new_ttt();
+        let ping = pdu::NopIn {
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+        };
+        self.send(&Bhs::NopIn(ping), &[], actions);
+        self.ping = Some(Ping { ttt, sent });
     }
 
     /// The daemon is stopping: tell the initiator the connection will drop, then close.

@@ -6,7 +6,7 @@ use tessel_engine::{AlignedBuf, Completion, IoError, Request};
 
 use super::pdu::{self, Bhs, Residual, RESERVED_TAG};
 use super::scsi::{self, Cdb, Done, Sense, Step, Then};
-use super::session::IscsiSession;
+use super::session::{IscsiSession, State};
 use super::IscsiError;
 use crate::export::{Actions, Exports};
 
@@ -262,12 +262,21 @@ impl IscsiSession {
     /// (`actions.send`, bytes it has not read yet) must fit it too. So a peer that stops
     /// reading holds at most about twice the budget, and commands past it wait (their
     /// CmdSN was accepted: they are never dropped).
+    ///
+    /// Admission is tried again on input, completions and ticks. When only unread replies
+    /// hold it back, no completion will come: a NOP-In ping goes out behind the replies,
+    /// and its answer is the input that resumes (a peer that never reads is dropped by
+    /// the ping timeout).
     pub(super) fn admit_waiting(&mut self, actions: &mut Actions) {
         let budget = self.config.session_buffer_bytes;
         while let Some(&id) = self.waiting.front() {
             let task = self.tasks.get_mut(&id).expect("waiting tasks exist");
             let fits = self.charged == 0 || self.charged + task.cost <= budget;
             if !fits || actions.send.len() as u64 > budget {
+                let open = matches!(self.state, State::FullFeature | State::LoggingOut { .. });
+                if self.charged == 0 && open {
+                    self.ping(None, actions);
+                }
                 return;
             }
             self.waiting.pop_front();

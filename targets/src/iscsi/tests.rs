@@ -952,11 +952,31 @@ fn reads_past_the_session_budget_wait_until_replies_drain() {
             if answered.len() == 16 {
                 break;
             }
-            // Nothing more runs until the peer reads: the driver drains its output and
-            // calls again (here with no new input).
+            // Nothing more runs until the peer reads: a ping went out behind the replies,
+            // and the peer answers it once it has read them.
             assert!(waiting > 256 << 10, "stalled with {waiting} bytes queued");
+            let ping = ini
+                .decode(&actions.send)
+                .into_iter()
+                .find_map(|(b, _)| match b {
+                    Bhs::NopIn(n) if n.itt == RESERVED_TAG => Some(n.ttt),
+                    _ => None,
+                })
+                .expect("a NOP-In ping behind the replies");
             actions.send.clear();
-            ini.session.receive(&[], &exports(), &mut actions).unwrap();
+            let answer = pdu::NopOut {
+                immediate: true,
+                lun: 0,
+                itt: RESERVED_TAG,
+                ttt: ping,
+                cmd_sn: ini.cmd_sn,
+                exp_stat_sn: 0,
+            };
+            let mut bytes = Vec::new();
+            pdu::encode(&Bhs::NopOut(answer), &[], &[], ini.digests, &mut bytes);
+            ini.session
+                .receive(&bytes, &exports(), &mut actions)
+                .unwrap();
             continue;
         }
         let reads: u64 = submitted.iter().map(|r| r.len).sum();
