@@ -10,6 +10,8 @@ pub mod session;
 pub mod transmission;
 
 #[cfg(test)]
+mod stream_fuzz;
+#[cfg(test)]
 mod testing;
 
 pub use session::NbdSession;

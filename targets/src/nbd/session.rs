@@ -132,6 +132,12 @@ impl NbdSession {
         }
     }
 
+    /// True while a write's payload is being gathered (its bytes held from the allowance).
+    #[cfg(test)]
+    pub(crate) fn gathering_payload(&self) -> bool {
+        matches!(self.state, State::WritePayload { .. })
+    }
+
     /// True until the client has chosen an export (NBD_OPT_GO or NBD_OPT_EXPORT_NAME).
     pub fn handshaking(&self) -> bool {
         matches!(
