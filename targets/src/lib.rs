@@ -9,3 +9,12 @@ pub mod control;
 pub mod export;
 pub mod iscsi;
 pub mod nbd;
+
+/// Cases per run of the session stream fuzzers: 256, or `TESSEL_FUZZ_CASES` for longer runs.
+#[cfg(test)]
+fn fuzz_cases() -> u32 {
+    std::env::var("TESSEL_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}

@@ -396,15 +396,8 @@ impl Fuzz {
     }
 }
 
-fn cases() -> u32 {
-    std::env::var("TESSEL_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::fuzz_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn stream_fuzz_session_never_panics_leaks_or_hangs(

@@ -530,11 +530,9 @@ fn an_aborted_tasks_completion_is_dropped() {
     assert!(matches!(&out[0].0, Bhs::TaskMgmtResponse(r) if r.response == 1));
 }
 
-#[test]
-fn logout_waits_for_tasks_in_the_engine() {
-    let mut ini = Initiator::new();
-    ini.normal_login(&[]);
-    let (_, actions) = ini.command(8, 0, &READ10_2, 1024, false, &[]);
+/// An immediate Logout (ITT 10) sent while `submit` is still in the engine gets no answer
+/// yet; then the engine completes every request. Returns what the completions sent.
+fn logout_while_in_the_engine(ini: &mut Initiator, submit: Vec<tessel_engine::Request>) -> Actions {
     let logout = pdu::LogoutRequest {
         immediate: true,
         reason: 0,
@@ -546,7 +544,7 @@ fn logout_waits_for_tasks_in_the_engine() {
     let (out, a) = ini.send(Bhs::LogoutRequest(logout), &[]);
     assert!(out.is_empty() && !a.close);
     let mut done = Actions::default();
-    for r in actions.submit {
+    for r in submit {
         let c = Completion {
             tag: r.tag,
             result: Ok(()),
@@ -555,6 +553,15 @@ fn logout_waits_for_tasks_in_the_engine() {
         };
         ini.session.complete(c, &mut done);
     }
+    done
+}
+
+#[test]
+fn logout_waits_for_tasks_in_the_engine() {
+    let mut ini = Initiator::new();
+    ini.normal_login(&[]);
+    let (_, actions) = ini.command(8, 0, &READ10_2, 1024, false, &[]);
+    let done = logout_while_in_the_engine(&mut ini, actions.submit);
     let out = ini.decode(&done.send);
     assert!(matches!(&out[0].0, Bhs::DataIn(d) if d.status == Some(0)));
     assert!(matches!(&out[1].0, Bhs::LogoutResponse(r) if r.response == 0 && r.itt == 10));
@@ -786,26 +793,7 @@ fn a_data_out_for_a_read_is_rejected_and_logout_still_completes() {
     );
     assert_eq!(actions.submit.len(), 1);
     assert_eq!(ini.session.in_flight(), 1);
-    let logout = pdu::LogoutRequest {
-        immediate: true,
-        reason: 0,
-        itt: 10,
-        cid: 0,
-        cmd_sn: ini.cmd_sn,
-        exp_stat_sn: 0,
-    };
-    let (out, a) = ini.send(Bhs::LogoutRequest(logout), &[]);
-    assert!(out.is_empty() && !a.close);
-    let mut done = Actions::default();
-    for r in actions.submit {
-        let c = Completion {
-            tag: r.tag,
-            result: Ok(()),
-            buf: r.buf,
-            extents: Vec::new(),
-        };
-        ini.session.complete(c, &mut done);
-    }
+    let done = logout_while_in_the_engine(&mut ini, actions.submit);
     let out = ini.decode(&done.send);
     assert!(matches!(&out[0].0, Bhs::DataIn(d) if d.status == Some(0) && d.itt == 8));
     assert!(matches!(&out[1].0, Bhs::LogoutResponse(r) if r.response == 0 && r.itt == 10));

@@ -143,15 +143,8 @@ fn run(handshake: bool, pieces: Vec<Piece>, split: usize) -> Result<(), TestCase
     Ok(())
 }
 
-fn cases() -> u32 {
-    std::env::var("TESSEL_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
 
     #[test]
     fn arbitrary_streams_never_panic_or_hold_more_than_allowed(
