@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tessel_powercut::{CrashReport, Disk, Mounted};
+use tessel_powercut::{CrashReport, Disk, Mounted, SplitMix};
 
 const BLOCK: u64 = 4096;
 /// Blocks the clients write: 16 MiB of the 64 MiB volume.
@@ -59,22 +59,6 @@ fn decode(block: &[u8], lba: u64) -> Option<u64> {
     }
     let id = u64::from_le_bytes(block[..8].try_into().unwrap());
     (block == content(id, lba).as_slice()).then_some(id)
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// One NBD write as the clients saw it; times are ticks of `Log::clock`.
@@ -187,7 +171,7 @@ fn request(
 /// until its connection fails (the cut).
 fn client(shared: &Shared, addr: &str, me: u64, seed: u64, next_id: u64) {
     let mut nbd = RawNbd::connect(addr, "vol0");
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix(seed);
     let stripes = REGION / STRIPE / CLIENTS;
     let mut id = next_id;
     while !shared.cut.done.load(Ordering::SeqCst) {
@@ -538,7 +522,7 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
             break;
         }
         let seed = base_seed.wrapping_mul(1_000_003).wrapping_add(cycle);
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix(seed);
         let shared = Arc::new(Shared {
             log: Mutex::new(Log::default()),
             cut: Cut {

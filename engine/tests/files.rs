@@ -310,22 +310,25 @@ impl Drop for Loop {
     }
 }
 
-#[test]
-fn a_pool_on_a_loop_device() {
-    let _w = watchdog();
-    let _guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
-    let s = Scratch::new("loop");
+/// A loop device over a 48 MiB file in `s`; None (the skip said why) where there is none.
+fn loop_device(s: &Scratch) -> Option<Loop> {
     let backing = s.0.join("backing.img");
     std::fs::File::create(&backing)
         .unwrap()
         .set_len(48 << 20)
         .unwrap();
-    let lo = match Loop::attach(&backing) {
-        Ok(l) => l,
-        Err(why) => {
-            skip(&format!("no loop device: {why}"));
-            return;
-        }
+    Loop::attach(&backing)
+        .map_err(|why| skip(&format!("no loop device: {why}")))
+        .ok()
+}
+
+#[test]
+fn a_pool_on_a_loop_device() {
+    let _w = watchdog();
+    let _guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
+    let s = Scratch::new("loop");
+    let Some(lo) = loop_device(&s) else {
+        return;
     };
     let dev = DeviceSpec::path(&lo.0);
     Engine::format(std::slice::from_ref(&dev), &small_opts()).expect("format loop device");
@@ -351,17 +354,8 @@ fn a_block_device_in_use_is_refused_through_another_device_node() {
     let _w = watchdog();
     let _guard = SPAWNING.write().unwrap_or_else(|p| p.into_inner());
     let s = Scratch::new("alias");
-    let backing = s.0.join("backing.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(48 << 20)
-        .unwrap();
-    let lo = match Loop::attach(&backing) {
-        Ok(l) => l,
-        Err(why) => {
-            skip(&format!("no loop device: {why}"));
-            return;
-        }
+    let Some(lo) = loop_device(&s) else {
+        return;
     };
     // A second node with the device's major:minor, as a container might be given.
     let alias = s.0.join("alias");

@@ -18,4 +18,4 @@ mod fs;
 mod image;
 
 pub use fs::Mounted;
-pub use image::{CrashReport, Disk, Recorder, Stats, TEAR};
+pub use image::{CrashReport, Disk, Recorder, SplitMix, Stats, TEAR};
