@@ -528,7 +528,7 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
             cut: Cut {
                 after: 100 + rng.below(600),
                 at_flush: rng.below(2) == 0,
-                seed: rng.next(),
+                seed: rng.next_u64(),
                 done: AtomicBool::new(false),
                 image: Mutex::new(None),
             },
@@ -547,7 +547,7 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
         std::thread::scope(|s| {
             for me in 0..CLIENTS {
                 let (shared, addr) = (&shared, &addr);
-                let client_seed = rng.next();
+                let client_seed = rng.next_u64();
                 let first_id = ((cycle + 1) << 40) | (me << 32);
                 s.spawn(move || client(shared, addr, me, client_seed, first_id));
             }

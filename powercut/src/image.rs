@@ -266,11 +266,11 @@ impl Recorder {
                 continue;
             }
             report.volatile += 1;
-            let keep_all = rng.next().is_multiple_of(2);
+            let keep_all = rng.next_u64().is_multiple_of(2);
             let pieces = p.data.len().div_ceil(TEAR);
             let mut kept = 0;
             for (i, piece) in p.data.chunks(TEAR).enumerate() {
-                if keep_all || rng.next().is_multiple_of(2) {
+                if keep_all || rng.next_u64().is_multiple_of(2) {
                     image.write(&p.file, p.off + (i * TEAR) as u64, piece);
                     kept += 1;
                 }
@@ -292,7 +292,7 @@ pub struct SplitMix(pub u64);
 
 impl SplitMix {
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -302,7 +302,7 @@ impl SplitMix {
 
     /// A number below `n` (`n` > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -356,15 +356,15 @@ mod tests {
             let mut synced: BTreeMap<u64, u8> = BTreeMap::new();
             let mut volatile: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
             for step in 0..40u8 {
-                let at = rng.next() % 16;
-                let len = 1 + (rng.next() % 3) as usize;
+                let at = rng.next_u64() % 16;
+                let len = 1 + (rng.next_u64() % 3) as usize;
                 let value = step + 1;
                 r.write("pool", at * TEAR as u64, &filled(value, len), false)
                     .unwrap();
                 for b in at..at + len as u64 {
                     volatile.entry(b).or_default().push(value);
                 }
-                if rng.next().is_multiple_of(5) {
+                if rng.next_u64().is_multiple_of(5) {
                     r.fsync("pool").unwrap();
                     for (b, vs) in std::mem::take(&mut volatile) {
                         synced.insert(b, *vs.last().unwrap());
