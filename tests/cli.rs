@@ -773,3 +773,41 @@ fn idle_control_clients_cost_no_thread_each_and_long_lines_are_refused() {
     drop(idle);
     assert!(d.cli_ok(&["volume", "list"]).contains("vol0"));
 }
+
+#[test]
+fn one_control_connection_answers_several_requests_one_line_each() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let d = Daemon::start("cli-control-lines");
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    // One at a time, as a client that waits for each answer does.
+    for name in ["a", "b"] {
+        let req = format!("{{\"op\":\"volume_create\",\"name\":\"{name}\",\"size\":1048576}}\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert_eq!(v["status"], "ok", "{v}");
+        assert_eq!(v["data"]["name"], name, "{v}");
+    }
+    // Pipelined: three requests in one write, three answers in order, nothing else.
+    s.write_all(
+        b"{\"op\":\"volume_info\",\"name\":\"a\"}\n{\"op\":\"volume_info\",\"name\":\"nope\"}\n{\"op\":\"volume_info\",\"name\":\"b\"}\n",
+    )
+    .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        answers
+            .push(serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{e}: {line:?}")));
+    }
+    assert_eq!(answers[0]["data"]["name"], "a");
+    assert_eq!(answers[1]["code"], "unknown_volume");
+    assert_eq!(answers[2]["data"]["name"], "b");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "bytes after the last answer: {rest:?}");
+}

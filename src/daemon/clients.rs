@@ -257,8 +257,7 @@ fn work(
             Work::Line(line) => (answer(server, &line), true),
             Work::Refuse(response) => (response, false),
         };
-        let mut text = proto::encode_response(&response);
-        text.push('\n');
+        let text = proto::encode_response(&response);
         let sent = write_within(&job.stream, text.as_bytes(), WRITE_TIMEOUT).is_ok();
         if done.send((job.client, keep && sent)).is_err() {
             return;
