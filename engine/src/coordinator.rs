@@ -2,6 +2,9 @@
 //! per-core barrier, writes the overall records to the control log once every reactor's
 //! part is durable, and tracks background inflates.
 
+use crate::barrier::{
+    self, BarrierId, Deadlines, Outcome, Participants, Plan, Reply, Round, Scope, ToParticipant,
+};
 use crate::engine::{
     check_size, info_of, meta_of, now_unix, valid_name, vol_state, ControlState, Engine, VolumeInfo,
 };
@@ -9,8 +12,8 @@ use crate::error::{ControlError, IoError};
 use crate::journal::{ImageKind, Record, VolumeRecord};
 use crate::map::NONE;
 use crate::reactor::Reactor;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How often the housekeeper looks for work. Short: under a stream of redirects a journal
@@ -19,9 +22,6 @@ use std::time::{Duration, Instant};
 const HOUSEKEEPING: Duration = Duration::from_millis(10);
 /// Inflate progress (a scan of the clone's maps on every reactor) is looked at every tenth.
 const INFLATE_EVERY: u64 = 10;
-
-/// How long every reactor has to drain a volume's writes before a barrier aborts.
-pub const BARRIER_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A snapshot as the control plane shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,21 +51,6 @@ pub struct InflateProgress {
 }
 
 type Done = Box<dyn FnOnce(Result<(), IoError>) + Send>;
-
-/// A snapshot barrier in flight: reactors count down as they drain; the last one and the
-/// coordinator's deadline race (compare-and-swap on `state`) to commit or abort it.
-struct Barrier {
-    remaining: AtomicUsize,
-    state: AtomicU8,
-    /// When the last reactor drained, in nanoseconds since the barrier began (for the log).
-    drained_ns: AtomicU64,
-    /// The snapshot's epoch, taken by the last reactor to drain.
-    epoch: AtomicU64,
-}
-
-const PREPARING: u8 = 0;
-const COMMITTING: u8 = 1;
-const ABORTED: u8 = 2;
 
 impl Engine {
     /// Checkpoint now if a journal asked for one. Operations that wait for a reactor's
@@ -153,114 +138,73 @@ impl Engine {
         Ok(result)
     }
 
-    /// Take a crash-consistent snapshot of a volume through the per-core barrier.
+    /// Run one barrier round over every reactor (see `barrier`), without the control lock:
+    /// the caller marked the volume busy, so no other control operation changes it
+    /// meanwhile, and checkpoints go on (a reactor whose journal fills during the commit
+    /// waits for one).
+    fn barrier(&self, vol: u64, scope: Scope, plan: Plan) -> Outcome {
+        let id = BarrierId(self.inner.barriers.fetch_add(1, Ordering::Relaxed));
+        let n = self.reactors();
+        let mut round = Round::new(
+            id,
+            vol,
+            scope,
+            plan,
+            n,
+            Deadlines::default(),
+            Instant::now(),
+        );
+        let shared = &self.inner.shared;
+        barrier::run(&mut round, &Reactors(shared), &mut || {
+            shared.epoch.fetch_add(1, Ordering::AcqRel)
+        })
+    }
+
+    /// The control state once volume `name` is in no barrier (returned as is when there is
+    /// no such volume: the caller reports it).
+    pub(crate) fn control_idle(&self, name: &str) -> MutexGuard<'_, ControlState> {
+        let mut c = self.control();
+        while c.find_volume(name).is_some_and(|v| c.busy.contains(&v.id)) {
+            c = self.inner.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        c
+    }
+
+    /// Take a crash-consistent snapshot of a volume through the barrier.
     pub fn snapshot_create(&self, volume: &str, name: &str) -> Result<SnapshotInfo, ControlError> {
         if !valid_name(name) {
             return Err(ControlError::BadName(name.into()));
         }
-        let mut c = self.control();
-        let v = c
-            .find_volume(volume)
-            .cloned()
-            .ok_or_else(|| ControlError::UnknownVolume(volume.into()))?;
-        if c.snapshots_of(v.id).iter().any(|s| s.name == name) {
-            return Err(ControlError::Exists(format!("{volume}@{name}")));
-        }
-        // No journal_room here: a checkpoint of a large pool takes seconds, and the waits
-        // below serve one themselves if a ring does fill (only the freeze's commit needs
-        // room, and held writes are released before it).
-        let snap = c.state.next_volume_id;
-        c.state.next_volume_id += 1;
+        let (v, snap, _busy) = {
+            let mut c = self.control_idle(volume);
+            let v = c
+                .find_volume(volume)
+                .cloned()
+                .ok_or_else(|| ControlError::UnknownVolume(volume.into()))?;
+            if c.snapshots_of(v.id).iter().any(|s| s.name == name) {
+                return Err(ControlError::Exists(format!("{volume}@{name}")));
+            }
+            let snap = c.state.next_volume_id;
+            c.state.next_volume_id += 1;
+            let busy = Busy::mark(self, &mut c, v.id);
+            (v, snap, busy)
+        };
         let vol = v.id;
         let started = Instant::now();
-        let n = self.reactors();
-        // Prepare: every reactor holds new writes to the volume and drains admitted ones.
-        // The last reactor to drain commits: it takes the epoch (entries written so far
-        // are born at or before it and belong to the snapshot; every write from now on is
-        // born after it) and sends the freeze to every reactor itself. The held writes thus
-        // wait for reactor-to-reactor messages only, never for this thread to be woken and
-        // scheduled (on a busy core that took up to milliseconds).
-        let barrier = Arc::new(Barrier {
-            remaining: AtomicUsize::new(n),
-            state: AtomicU8::new(PREPARING),
-            drained_ns: AtomicU64::new(0),
-            epoch: AtomicU64::new(0),
-        });
-        let (tx, rx) = mpsc::channel::<Result<(), IoError>>();
-        for r in 0..n {
-            let (barrier, tx) = (barrier.clone(), tx.clone());
-            let on_drained = move |re: &mut Reactor| {
-                if barrier.remaining.fetch_sub(1, Ordering::AcqRel) != 1
-                    || barrier
-                        .state
-                        .compare_exchange(
-                            PREPARING,
-                            COMMITTING,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        )
-                        .is_err()
-                {
-                    return;
-                }
-                let ns = started.elapsed().as_nanos() as u64;
-                barrier.drained_ns.store(ns, Ordering::Release);
-                let epoch = re.shared.epoch.fetch_add(1, Ordering::AcqRel);
-                barrier.epoch.store(epoch, Ordering::Release);
-                for to in 0..re.shared.inboxes.len() {
-                    let tx = tx.clone();
-                    re.send(
-                        to,
-                        crate::reactor::Msg::Task(Box::new(move |re: &mut Reactor| {
-                            re.freeze(
-                                vol,
-                                snap,
-                                epoch,
-                                Box::new(move |res| {
-                                    let _ = tx.send(res);
-                                }),
-                            )
-                        })),
-                    );
-                }
-            };
-            self.inner.shared.send_blocking(
-                r,
-                crate::reactor::Msg::Task(Box::new(move |re: &mut Reactor| {
-                    re.hold(vol, false, Box::new(on_drained))
-                })),
-            );
-        }
-        drop(tx);
-        // A reactor that has not drained by the deadline aborts the snapshot, unless the
-        // last one to drain is committing it already (then its freezes are waited for).
-        let mut aborted = false;
-        let frozen = self.wait_answers(&mut c, &rx, n, started + Duration::from_secs(60), || {
-            aborted = started.elapsed() >= BARRIER_DEADLINE
-                && barrier
-                    .state
-                    .compare_exchange(PREPARING, ABORTED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-            aborted
-        });
-        if aborted {
-            self.on_all(move |r| r.release_hold(vol));
-            tracing::warn!(
-                volume,
-                snapshot = name,
-                "snapshot barrier timed out; released"
-            );
-            return Err(ControlError::BarrierTimeout);
-        }
-        match frozen {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(ControlError::Io(e)),
-            Err(()) => return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT))),
-        }
-        let epoch = barrier.epoch.load(Ordering::Acquire);
-        let drained = Duration::from_nanos(barrier.drained_ns.load(Ordering::Acquire));
+        let (epoch, drained) = match self.barrier(vol, Scope::Writes, Plan::Snapshot { snap }) {
+            Outcome::Committed { epoch, drained } => (epoch, drained),
+            Outcome::Aborted => {
+                tracing::warn!(
+                    volume,
+                    snapshot = name,
+                    "snapshot barrier timed out; released"
+                );
+                return Err(ControlError::BarrierTimeout);
+            }
+            Outcome::Failed(e) => return Err(ControlError::Io(e)),
+        };
         let paused = started.elapsed();
-        let shared = &self.inner.shared;
+        let mut c = self.control();
         let rec = VolumeRecord {
             id: snap,
             name: name.into(),
@@ -276,7 +220,10 @@ impl Engine {
             vr.epoch = epoch;
         }
         c.state.volumes.insert(snap, rec.clone());
-        shared.volumes.insert(Arc::new(meta_of(&rec, Some(volume))));
+        self.inner
+            .shared
+            .volumes
+            .insert(Arc::new(meta_of(&rec, Some(volume))));
         tracing::info!(
             volume,
             snapshot = name,
@@ -594,29 +541,20 @@ impl Engine {
         }
     }
 
-    /// Return a volume to a snapshot's contents. In-flight I/O to the volume drains first;
-    /// the caller makes sure no host is writing (the daemon refuses for exported volumes
-    /// unless forced).
+    /// Return a volume to a snapshot's contents, through the barrier with reads held too:
+    /// in-flight I/O to the volume drains first; the caller makes sure no host is writing
+    /// (the daemon refuses for exported volumes unless forced).
     pub fn rollback(&self, volume: &str, snapshot: &str) -> Result<(), ControlError> {
-        let mut c = self.control();
-        let (v, s) = Self::find_snapshot(&c, volume, snapshot)?;
-        let (vol, snap) = (v.id, s.id);
-        self.journal_room(&mut c)?;
-        if self
-            .on_all_until(&mut c, BARRIER_DEADLINE, move |r, done| {
-                r.hold(vol, true, Box::new(move |_| done(Ok(()))))
-            })
-            .is_err()
-        {
-            self.on_all(move |r| r.release_hold(vol));
-            return Err(ControlError::BarrierTimeout);
-        }
-        match self.on_all_until(&mut c, Duration::from_secs(60), move |r, done| {
-            r.rollback(vol, snap, done)
-        }) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(ControlError::Io(e)),
-            Err(()) => return Err(ControlError::Io(IoError::Device(libc::ETIMEDOUT))),
+        let (vol, snap, _busy) = {
+            let mut c = self.control_idle(volume);
+            let (v, s) = Self::find_snapshot(&c, volume, snapshot)?;
+            let busy = Busy::mark(self, &mut c, v.id);
+            (v.id, s.id, busy)
+        };
+        match self.barrier(vol, Scope::All, Plan::Rollback { snap }) {
+            Outcome::Committed { .. } => {}
+            Outcome::Aborted => return Err(ControlError::BarrierTimeout),
+            Outcome::Failed(e) => return Err(ControlError::Io(e)),
         }
         tracing::info!(volume, snapshot, "volume rolled back");
         Ok(())
@@ -637,6 +575,37 @@ impl Engine {
         for id in ids {
             self.inflate_progress_of(id);
         }
+    }
+}
+
+/// The reactors as barrier participants: participant i is reactor i.
+struct Reactors<'a>(&'a crate::reactor::Shared);
+
+impl Participants for Reactors<'_> {
+    fn send(&self, to: usize, m: ToParticipant, reply: &Reply) {
+        self.0
+            .send_blocking(to, crate::reactor::Msg::Barrier(m, reply.clone()));
+    }
+}
+
+/// A volume in a barrier: control operations on it wait (`control_idle`) until this is
+/// dropped.
+struct Busy<'a> {
+    engine: &'a Engine,
+    vol: u64,
+}
+
+impl<'a> Busy<'a> {
+    fn mark(engine: &'a Engine, c: &mut ControlState, vol: u64) -> Busy<'a> {
+        c.busy.insert(vol);
+        Busy { engine, vol }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.engine.control().busy.remove(&self.vol);
+        self.engine.inner.idle.notify_all();
     }
 }
 

@@ -963,9 +963,7 @@ impl Reactor {
                 None => false,
             };
             if drained {
-                if let Some(f) = v.hold.as_mut().and_then(|h| h.on_drained.take()) {
-                    f(self);
-                }
+                self.hold_drained(vol);
             }
             if let Some(v) = self.vols.get(&vol) {
                 if v.deleting && v.inflight == 0 {

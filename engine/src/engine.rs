@@ -14,9 +14,9 @@ use crate::reactor::{CoreStats, Inbox, Msg, PollMode, Poller, Reactor, Shard, Sh
 use crate::request::{Doorbell, ReplyTo, Sink};
 use crate::volume::{MetaCache, VolumeMeta, VolumeTable};
 use crossbeam_queue::ArrayQueue;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -131,6 +131,8 @@ pub(crate) struct ControlState {
     pub(crate) state: PoolState,
     /// Clones being inflated: clusters queued at the start.
     pub(crate) inflating: HashMap<u64, u64>,
+    /// Volumes in a barrier: control operations on them wait (`Engine::control_idle`).
+    pub(crate) busy: HashSet<u64>,
 }
 
 impl ControlState {
@@ -167,6 +169,10 @@ impl ControlState {
 pub(crate) struct Inner {
     pub(crate) shared: Arc<Shared>,
     pub(crate) control: Mutex<ControlState>,
+    /// Signalled when a volume leaves a barrier (`ControlState::busy`).
+    pub(crate) idle: Condvar,
+    /// The next barrier round's id.
+    pub(crate) barriers: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stopped: AtomicBool,
     /// Held while a checkpoint is encoded and written: one at a time, the control lock
@@ -434,7 +440,10 @@ impl Engine {
             control: Mutex::new(ControlState {
                 state: st,
                 inflating: HashMap::new(),
+                busy: HashSet::new(),
             }),
+            idle: Condvar::new(),
+            barriers: AtomicU64::new(1),
             threads: Mutex::new(threads),
             stopped: AtomicBool::new(false),
             checkpointing: Mutex::new(()),
@@ -542,7 +551,7 @@ impl Engine {
 
     /// Delete a volume and free its clusters.
     pub fn delete_volume(&self, name: &str) -> Result<(), ControlError> {
-        let mut c = self.control();
+        let mut c = self.control_idle(name);
         let id = c
             .find_volume(name)
             .map(|v| v.id)
@@ -571,7 +580,7 @@ impl Engine {
 
     /// Grow a volume.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, ControlError> {
-        let mut c = self.control();
+        let mut c = self.control_idle(name);
         let v = c
             .find_volume(name)
             .cloned()

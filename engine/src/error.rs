@@ -4,7 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 /// Why an I/O request failed. Targets map these to NBD errno values and SCSI sense data.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Serialisable: a barrier participant's answer carries one (`barrier::ToCoordinator`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IoError {
     /// The volume id is unknown or the volume was deleted.
     UnknownVolume,

@@ -174,6 +174,8 @@ pub enum Msg {
     Piece(Piece),
     /// Run a closure on the reactor (control operations: volume table, checkpoint, stats).
     Task(Box<dyn FnOnce(&mut Reactor) + Send>),
+    /// A barrier message from a coordinator, and where to answer it.
+    Barrier(crate::barrier::ToParticipant, crate::barrier::Reply),
     /// Clusters of groups the receiver owns, freed elsewhere (and counted free there).
     Free(Vec<u64>),
     /// Reactor `from` ran out of space: give it a group if you can.
@@ -283,15 +285,14 @@ pub struct VolState {
     pub hold: Option<Hold>,
 }
 
-/// What a hold runs on its reactor once the volume is drained.
-pub type OnDrained = Box<dyn FnOnce(&mut Reactor) + Send>;
-
-/// Pieces held by a barrier, and what to do once the volume is drained.
+/// Pieces held by a barrier, and whom to tell once the volume is drained.
 pub struct Hold {
+    pub barrier: crate::barrier::BarrierId,
     /// Hold reads too (rollback), not only writes (snapshot).
     pub all: bool,
     pub pieces: Vec<Piece>,
-    pub on_drained: Option<OnDrained>,
+    /// The coordinator waiting for `Ready`, until it is sent.
+    pub(crate) ready: Option<crate::barrier::Reply>,
 }
 
 /// A shard owned by this reactor: its map and its cluster range locks.
@@ -605,6 +606,7 @@ impl Reactor {
         match m {
             Msg::Piece(p) => self.start_piece(p),
             Msg::Task(f) => f(self),
+            Msg::Barrier(m, reply) => self.on_barrier(m, reply),
             Msg::Free(cs) => {
                 // Freed by another reactor (a durable commit's frees, a failed write's
                 // cluster), which counted them as free.

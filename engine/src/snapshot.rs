@@ -2,6 +2,7 @@
 //! the barrier's hold and freeze, clone and rollback of this reactor's shards, dropping an
 //! image, cluster reference checks, and the background jobs (fill, inflate).
 
+use crate::barrier::{Action, BarrierId, Reply, Scope, ToCoordinator, ToParticipant};
 use crate::datapath::{Job, Stage};
 use crate::error::IoError;
 use crate::io::Op;
@@ -219,16 +220,62 @@ impl Reactor {
         }
     }
 
-    /// Barrier, prepare: hold new writes (and reads, with `all`) to `vol`; run
-    /// `on_drained` once those admitted before are done.
-    pub(crate) fn hold(&mut self, vol: u64, all: bool, on_drained: crate::reactor::OnDrained) {
+    /// A barrier message (see `barrier`): prepare holds, commit acts and releases, abort
+    /// releases; each is answered through `reply`.
+    pub(crate) fn on_barrier(&mut self, m: ToParticipant, reply: Reply) {
+        let from = self.id as u32;
+        match m {
+            ToParticipant::Prepare {
+                barrier,
+                vol,
+                scope,
+            } => self.hold(vol, barrier, scope, reply),
+            ToParticipant::Commit {
+                barrier,
+                vol,
+                action,
+            } => {
+                let done = Box::new(move |result| {
+                    reply.send(ToCoordinator::Committed {
+                        barrier,
+                        from,
+                        result,
+                    })
+                });
+                match action {
+                    Action::Freeze { snap, epoch } => self.freeze(vol, snap, epoch, done),
+                    Action::Rollback { snap } => self.rollback(vol, snap, done),
+                }
+            }
+            ToParticipant::Abort { barrier, vol } => {
+                if self
+                    .vols
+                    .get(&vol)
+                    .and_then(|v| v.hold.as_ref())
+                    .is_some_and(|h| h.barrier == barrier)
+                {
+                    self.release_hold(vol);
+                }
+                reply.send(ToCoordinator::Released { barrier, from });
+            }
+        }
+    }
+
+    /// Barrier, prepare: hold new writes (and reads, with `Scope::All`) to `vol`; answer
+    /// ready once those admitted before are done.
+    fn hold(&mut self, vol: u64, barrier: BarrierId, scope: Scope, reply: Reply) {
         let Some(v) = self.vols.get_mut(&vol) else {
-            return on_drained(self);
+            return reply.send(ToCoordinator::Ready {
+                barrier,
+                from: self.id as u32,
+            });
         };
+        let all = scope == Scope::All;
         v.hold = Some(Hold {
+            barrier,
             all,
             pieces: Vec::new(),
-            on_drained: None,
+            ready: Some(reply),
         });
         let drained = if all {
             v.inflight == 0
@@ -236,9 +283,20 @@ impl Reactor {
             v.writes_inflight == 0
         };
         if drained {
-            on_drained(self)
-        } else if let Some(h) = &mut v.hold {
-            h.on_drained = Some(on_drained);
+            self.hold_drained(vol);
+        }
+    }
+
+    /// The volume a hold is on has drained: tell the coordinator (once).
+    pub(crate) fn hold_drained(&mut self, vol: u64) {
+        let from = self.id as u32;
+        if let Some(h) = self.vols.get_mut(&vol).and_then(|v| v.hold.as_mut()) {
+            if let Some(reply) = h.ready.take() {
+                reply.send(ToCoordinator::Ready {
+                    barrier: h.barrier,
+                    from,
+                });
+            }
         }
     }
 
@@ -253,7 +311,7 @@ impl Reactor {
     /// Barrier, commit: freeze this reactor's shards of `vol` into snapshot `snap` (pages
     /// shared, nothing copied), release the held writes, and call `done` once the record is
     /// durable.
-    pub(crate) fn freeze(
+    fn freeze(
         &mut self,
         vol: u64,
         snap: u64,
@@ -299,12 +357,7 @@ impl Reactor {
     }
 
     /// Rollback, once `vol` is drained: its shards here become snapshot `snap`'s.
-    pub(crate) fn rollback(
-        &mut self,
-        vol: u64,
-        snap: u64,
-        done: Box<dyn FnOnce(Result<(), IoError>) + Send>,
-    ) {
+    fn rollback(&mut self, vol: u64, snap: u64, done: Box<dyn FnOnce(Result<(), IoError>) + Send>) {
         let Some(src) = self.vols.get(&snap) else {
             self.release_hold(vol);
             return done(Err(IoError::UnknownVolume));
