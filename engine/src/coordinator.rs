@@ -5,9 +5,8 @@
 use crate::barrier::{
     self, BarrierId, Deadlines, Outcome, Participants, Plan, Reply, Round, Scope, ToParticipant,
 };
-use crate::engine::{
-    check_size, info_of, meta_of, now_unix, valid_name, vol_state, ControlState, Engine, VolumeInfo,
-};
+use crate::control::{check_size, info_of, meta_of, vol_state};
+use crate::engine::{now_unix, valid_name, ControlState, Engine, VolumeInfo};
 use crate::error::{ControlError, IoError};
 use crate::journal::{ImageKind, Record, VolumeRecord};
 use crate::map::NONE;

@@ -1,21 +1,17 @@
-//! The engine: opens a pool, starts one reactor per core, and offers the control
-//! operations (volumes, checkpoints, stats) and clients for I/O.
+//! The engine: its shared state and control lock, checkpoints, stats and clients for I/O.
+//! Opening and stopping it are in `lifecycle.rs`, volume control in `control.rs`, snapshots
+//! and the barrier's coordinator in `coordinator.rs`.
 
-use crate::alloc::{self, Allocator};
-use crate::error::{ControlError, PoolError};
-use crate::format::{FormatOptions, Superblock};
+use crate::error::ControlError;
 use crate::io::{Completion, Request, VolumeId};
-use crate::journal::{ImageKind, Journal, Record, VolumeRecord};
-use crate::layout::Layout;
+use crate::journal::{ImageKind, Record, VolumeRecord};
 use crate::map::ShardMap;
-use crate::media::DeviceSpec;
 use crate::pool::{self, PoolState};
-use crate::reactor::{CoreStats, Inbox, Msg, PollMode, Poller, Reactor, Shard, Shared, VolState};
-use crate::request::{Doorbell, ReplyTo, Sink};
-use crate::volume::{MetaCache, VolumeMeta, VolumeTable};
-use crossbeam_queue::ArrayQueue;
+use crate::reactor::{Msg, PollMode, Poller, Reactor, Shared};
+use crate::request::{ReplyTo, Sink};
+use crate::volume::MetaCache;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -173,17 +169,17 @@ pub(crate) struct Inner {
     pub(crate) idle: Condvar,
     /// The next barrier round's id.
     pub(crate) barriers: AtomicU64,
-    threads: Mutex<Vec<JoinHandle<()>>>,
-    stopped: AtomicBool,
+    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) stopped: AtomicBool,
     /// Held while a checkpoint is encoded and written: one at a time, the control lock
     /// held only for its cut.
-    checkpointing: Mutex<()>,
+    pub(crate) checkpointing: Mutex<()>,
     /// First control-log block the newest durable checkpoint needs.
-    control_tail: AtomicU64,
+    pub(crate) control_tail: AtomicU64,
     /// Generation of the newest durable checkpoint. The next one goes to the other slot:
     /// after a failed checkpoint write (its slot half written) the retry takes the same
     /// slot again, never the one holding the newest good checkpoint.
-    durable_gen: AtomicU64,
+    pub(crate) durable_gen: AtomicU64,
 }
 
 /// A running engine. Cheap to clone; `shutdown` stops it.
@@ -212,249 +208,6 @@ pub fn valid_name(n: &str) -> bool {
 }
 
 impl Engine {
-    /// Format a pool on the devices.
-    pub fn format(devices: &[DeviceSpec], opts: &FormatOptions) -> Result<Superblock, PoolError> {
-        pool::format(devices, opts)
-    }
-
-    /// Open a pool (recovering it if it was not closed cleanly) and start the reactors.
-    pub fn open(devices: &[DeviceSpec], cfg: EngineConfig) -> Result<Engine, PoolError> {
-        if devices.is_empty() {
-            return Err(PoolError::Geometry(
-                "a pool needs at least one device".into(),
-            ));
-        }
-        let (members, sbs) = pool::open_members(devices)?;
-        let layout = Layout::new(&sbs);
-        let n = cfg.cores.len().max(1);
-        if n > layout.sb.journal_regions as usize {
-            return Err(PoolError::Geometry(format!(
-                "{n} cores requested but the pool was formatted with {} journal regions",
-                layout.sb.journal_regions
-            )));
-        }
-        let (mut st, _) = pool::recover(&members, &layout, false)?;
-        let maps = std::mem::take(&mut st.maps);
-        let mut used = vec![false; layout.total_clusters as usize];
-        for m in maps.values() {
-            for (_, e) in m.allocated() {
-                used[e.phys as usize] = true;
-                // A redirected entry still reads blocks from its parent until fill copies
-                // them: the parent stays allocated even when no image maps it as its own.
-                if e.parent != crate::map::NONE {
-                    used[e.parent as usize] = true;
-                }
-            }
-        }
-        let used_count = used.iter().filter(|&&u| u).count() as u64;
-        tracing::info!(
-            volumes = st.volumes.len(),
-            used_clusters = used_count,
-            total_clusters = layout.total_clusters,
-            "pool recovered"
-        );
-        pool::begin_run(&members, &layout, &mut st, &maps, n as u32)?;
-
-        let gsize = alloc::group_size(layout.total_clusters, n);
-        let mut groups = alloc::groups(layout.total_clusters, gsize);
-        for g in &mut groups {
-            for c in g.first..g.first + g.count {
-                if used[c as usize] {
-                    g.mark_used(c);
-                }
-            }
-        }
-        let group_owner: Vec<AtomicU32> = groups
-            .iter()
-            .map(|g| AtomicU32::new(g.index % n as u32))
-            .collect();
-        let mut allocs: Vec<Allocator> = (0..n).map(|_| Allocator::default()).collect();
-        for g in groups {
-            let r = (g.index as usize) % n;
-            allocs[r].groups.push(g);
-        }
-        let mut inboxes = Vec::new();
-        for _ in 0..n {
-            let bell = Doorbell::new().map_err(|e| PoolError::Io {
-                device: members[0].path(),
-                source: e,
-            })?;
-            inboxes.push(Arc::new(Inbox {
-                queue: ArrayQueue::new((cfg.ring_entries as usize * 4).max(1024)),
-                sink: Sink::for_reactor(bell.clone()),
-                bell,
-            }));
-        }
-        let volumes = VolumeTable::default();
-        for v in st.volumes.values() {
-            let of = st.volumes.get(&v.of).map(|o| o.name.as_str());
-            volumes.insert(Arc::new(meta_of(v, of)));
-        }
-        let shared = Arc::new(Shared {
-            layout: layout.clone(),
-            members,
-            inboxes,
-            volumes,
-            epoch: AtomicU64::new(st.epoch),
-            used_clusters: AtomicU64::new(used_count),
-            stopping: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
-            want_checkpoint: AtomicBool::new(false),
-            journal_fill: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            stats: (0..n).map(|_| CoreStats::default()).collect(),
-            group_size: gsize,
-            group_owner,
-            poll: cfg.poll,
-            spin: cfg.spin,
-            ring_entries: cfg.ring_entries,
-            submit_batch: cfg.submit_batch.clamp(1, cfg.ring_entries.max(8)) as usize,
-            fills_paused: AtomicBool::new(false),
-        });
-        let sb = &layout.sb;
-        let mut maps_by_reactor: Vec<HashMap<(u64, u64), ShardMap>> =
-            (0..n).map(|_| HashMap::new()).collect();
-        for ((v, s), m) in maps {
-            maps_by_reactor[shared.owner(s)].insert((v, s), m);
-        }
-        let mut reactors = Vec::new();
-        for (r, (alloc, maps)) in allocs.into_iter().zip(maps_by_reactor).enumerate() {
-            let j = Journal::new(
-                r as u32,
-                st.run,
-                sb.journal_start + r as u64 * sb.journal_region_bytes,
-                sb.journal_region_bytes,
-            );
-            let mut reactor =
-                Reactor::new(r, shared.clone(), alloc, j).map_err(|e| PoolError::Io {
-                    device: shared.members[0].path(),
-                    source: e,
-                })?;
-            for v in st.volumes.values() {
-                reactor.vols.insert(v.id, vol_state(v));
-            }
-            for ((v, s), map) in maps {
-                if let Some(vs) = reactor.vols.get_mut(&v) {
-                    // Fills queued before the close (or crash) are lost with the reactor:
-                    // queue again every cluster the image owns that still has a parent.
-                    if !vs.read_only {
-                        for (i, e) in map.allocated() {
-                            if e.parent != crate::map::NONE {
-                                reactor.fills.push_back((v, s, i as u32));
-                            }
-                        }
-                    }
-                    vs.shards.insert(
-                        s,
-                        Shard {
-                            map,
-                            locks: Default::default(),
-                        },
-                    );
-                }
-            }
-            reactors.push(reactor);
-        }
-        // Each reactor reports whether it could start (enable its ring) before it runs;
-        // the engine opens only when every one did, and otherwise stops the others.
-        let (started_tx, started) = std::sync::mpsc::channel::<(usize, std::io::Result<()>)>();
-        let mut threads = Vec::new();
-        let mut failed: Option<PoolError> = None;
-        // Reactor i's CPU (the first when none are configured).
-        let cpus: Vec<usize> = cfg
-            .cores
-            .iter()
-            .chain(std::iter::repeat(&0))
-            .take(n)
-            .copied()
-            .collect();
-        for (mut reactor, &core) in reactors.into_iter().zip(&cpus) {
-            let pin = cfg.pin;
-            let tx = started_tx.clone();
-            #[cfg(test)]
-            let fail = cfg.fail_start == Some(reactor.id);
-            let spawned = std::thread::Builder::new()
-                .name(format!("reactor-{}", reactor.id))
-                .spawn(move || {
-                    if pin && !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-                        tracing::warn!(core, "could not pin reactor to its core");
-                    }
-                    let r = reactor.start();
-                    #[cfg(test)]
-                    let r = if fail {
-                        Err(std::io::Error::from_raw_os_error(libc::EBADFD))
-                    } else {
-                        r
-                    };
-                    let ok = r.is_ok();
-                    let (id, shared) = (reactor.id, reactor.shared.clone());
-                    let _ = tx.send((id, r));
-                    // AssertUnwindSafe: after a panic the reactor is dropped, never run
-                    // again; the flag tells the engine's host to stop the process.
-                    let run = std::panic::AssertUnwindSafe(|| reactor.run());
-                    if ok && std::panic::catch_unwind(run).is_err() {
-                        shared.panicked.store(true, Ordering::Release);
-                        tracing::error!(reactor = id, "reactor thread panicked");
-                    }
-                });
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    failed = Some(PoolError::Io {
-                        device: shared.members[0].path(),
-                        source: e,
-                    });
-                    break;
-                }
-            }
-        }
-        drop(started_tx);
-        for _ in 0..threads.len() {
-            match started.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((id, Err(e))) => {
-                    failed.get_or_insert(PoolError::Io {
-                        device: shared.members[0].path(),
-                        source: std::io::Error::new(
-                            e.kind(),
-                            format!("reactor {id} could not enable its io_uring ring: {e}"),
-                        ),
-                    });
-                }
-                Err(_) => break,
-            }
-        }
-        if let Some(e) = failed {
-            shared.stopping.store(true, Ordering::Release);
-            for inbox in &shared.inboxes {
-                inbox.bell.ring();
-            }
-            for t in threads {
-                let _ = t.join();
-            }
-            return Err(e);
-        }
-        tracing::info!(reactors = n, poll = ?cfg.poll, "engine started");
-        let gen = st.gen;
-        let inner = Arc::new(Inner {
-            shared,
-            control: Mutex::new(ControlState {
-                state: st,
-                inflating: HashMap::new(),
-                busy: HashSet::new(),
-            }),
-            idle: Condvar::new(),
-            barriers: AtomicU64::new(1),
-            threads: Mutex::new(threads),
-            stopped: AtomicBool::new(false),
-            checkpointing: Mutex::new(()),
-            control_tail: AtomicU64::new(0),
-            durable_gen: AtomicU64::new(gen),
-        });
-        let pinned = if cfg.pin { cpus } else { Vec::new() };
-        crate::coordinator::spawn_housekeeper(Arc::downgrade(&inner), pinned);
-        Ok(Engine { inner })
-    }
-
     pub(crate) fn control(&self) -> std::sync::MutexGuard<'_, ControlState> {
         self.inner.control.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -504,146 +257,6 @@ impl Engine {
         pool::append_control(&s.members[0], &s.layout, c.state.run, seq, &rec)?;
         c.state.control_next += 1;
         Ok(())
-    }
-
-    /// Create a thin volume.
-    pub fn create_volume(
-        &self,
-        name: &str,
-        size: u64,
-        block_size: u32,
-    ) -> Result<VolumeInfo, ControlError> {
-        if !valid_name(name) {
-            return Err(ControlError::BadName(name.into()));
-        }
-        if block_size != 512 && block_size != 4096 {
-            return Err(ControlError::BadBlockSize(block_size));
-        }
-        check_size(size, block_size)?;
-        let mut c = self.control();
-        if c.find_volume(name).is_some() {
-            return Err(ControlError::Exists(name.into()));
-        }
-        let v = VolumeRecord {
-            id: c.state.next_volume_id,
-            name: name.into(),
-            size,
-            block_size,
-            created_unix: now_unix(),
-            kind: ImageKind::Volume,
-            of: crate::map::NONE,
-            epoch: 0,
-        };
-        self.log_control(&mut c, Record::VolumeCreate(v.clone()))?;
-        c.state.next_volume_id += 1;
-        c.state.volumes.insert(v.id, v.clone());
-        let vr = v.clone();
-        self.on_all(move |r| {
-            r.vols.insert(vr.id, vol_state(&vr));
-        });
-        self.inner
-            .shared
-            .volumes
-            .insert(Arc::new(meta_of(&v, None)));
-        tracing::info!(volume = name, size, block_size, "volume created");
-        Ok(info_of(&v))
-    }
-
-    /// Delete a volume and free its clusters.
-    pub fn delete_volume(&self, name: &str) -> Result<(), ControlError> {
-        let mut c = self.control_idle(name);
-        let id = c
-            .find_volume(name)
-            .map(|v| v.id)
-            .ok_or_else(|| ControlError::UnknownVolume(name.into()))?;
-        let snaps: Vec<String> = c.snapshots_of(id).iter().map(|s| s.name.clone()).collect();
-        if !snaps.is_empty() {
-            return Err(ControlError::InUse(format!(
-                "volume '{name}' has snapshots ({}); delete them first",
-                snaps.join(", ")
-            )));
-        }
-        self.log_control(&mut c, Record::VolumeDelete { id })?;
-        c.state.volumes.remove(&id);
-        self.inner.shared.volumes.remove(id);
-        self.on_all(move |r| {
-            if let Some(v) = r.vols.get_mut(&id) {
-                v.deleting = true;
-                if v.inflight == 0 {
-                    r.drop_image(id);
-                }
-            }
-        });
-        tracing::info!(volume = name, "volume deleted");
-        Ok(())
-    }
-
-    /// Grow a volume.
-    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, ControlError> {
-        let mut c = self.control_idle(name);
-        let v = c
-            .find_volume(name)
-            .cloned()
-            .ok_or_else(|| ControlError::UnknownVolume(name.into()))?;
-        check_size(size, v.block_size)?;
-        if size < v.size {
-            return Err(ControlError::BadSize(format!(
-                "{size} is smaller than the current size {}; volumes only grow",
-                v.size
-            )));
-        }
-        self.log_control(&mut c, Record::VolumeResize { id: v.id, size })?;
-        let id = v.id;
-        if let Some(rec) = c.state.volumes.get_mut(&id) {
-            rec.size = size;
-        }
-        self.on_all(move |r| {
-            if let Some(vs) = r.vols.get_mut(&id) {
-                vs.size = size;
-            }
-        });
-        if let Some(m) = self.inner.shared.volumes.get(id) {
-            m.size.store(size, Ordering::Release);
-        }
-        Ok(VolumeInfo {
-            size,
-            ..info_of(&v)
-        })
-    }
-
-    /// Every volume, by name.
-    pub fn volumes(&self) -> Vec<VolumeInfo> {
-        let c = self.control();
-        let mut v: Vec<VolumeInfo> = c
-            .state
-            .volumes
-            .values()
-            .filter(|v| v.kind == ImageKind::Volume)
-            .map(info_of)
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
-    }
-
-    /// The volume of that name.
-    pub fn volume(&self, name: &str) -> Option<VolumeInfo> {
-        self.control().find_volume(name).map(info_of)
-    }
-
-    /// Bytes of clusters a volume has allocated.
-    pub fn allocated_bytes(&self, id: VolumeId) -> u64 {
-        let cs = self.inner.shared.layout.cluster_size;
-        self.on_all(move |r| {
-            r.vols.get(&id.0).map_or(0, |v| {
-                v.shards
-                    .values()
-                    .map(|s| s.map.allocated().count() as u64)
-                    .sum::<u64>()
-            })
-        })
-        .into_iter()
-        .sum::<u64>()
-            * cs
     }
 
     /// Test hook: hold (true) or resume (false) the background fills of redirected clusters,
@@ -893,103 +506,10 @@ impl Engine {
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::Acquire)
     }
-
-    /// Stop: fail new requests, let in-flight ones finish, flush, checkpoint, join reactors.
-    pub fn shutdown(&self) -> Result<(), ControlError> {
-        if self.inner.stopped.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let s = &self.inner.shared;
-        // Make everything durable while the reactors still run, then checkpoint. The wait
-        // serves checkpoints itself: the housekeeper has stopped, and a commit that finds
-        // its journal ring full waits for one.
-        let r = {
-            let mut c = self.control();
-            let flushed = self.on_all_until(&mut c, Duration::from_secs(60), |r, done| {
-                r.commit_wanted(Some(crate::reactor::Waiter::Call(done)))
-            });
-            if !matches!(flushed, Ok(Ok(()))) {
-                tracing::error!("flush at shutdown failed or timed out");
-            }
-            self.checkpoint_locked(&mut c)
-        };
-        s.stopping.store(true, Ordering::Release);
-        for inbox in &s.inboxes {
-            inbox.bell.sleeping.store(true, Ordering::SeqCst);
-            inbox.bell.ring();
-        }
-        for t in self
-            .inner
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = t.join();
-        }
-        tracing::info!("engine stopped");
-        r
-    }
 }
 
 /// One reactor's maps handed to a checkpoint: (image, shard, map) at journal sequence `.1`.
 type ReactorMaps = (Vec<(u64, u64, ShardMap)>, u64);
-
-pub(crate) fn check_size(size: u64, block_size: u32) -> Result<(), ControlError> {
-    if size == 0 || !size.is_multiple_of(block_size as u64) {
-        return Err(ControlError::BadSize(format!(
-            "{size} bytes is not a non-zero multiple of the block size {block_size}"
-        )));
-    }
-    if size > crate::MAX_VOLUME_SIZE {
-        return Err(ControlError::BadSize(format!(
-            "{size} bytes is above the limit of {} bytes",
-            crate::MAX_VOLUME_SIZE
-        )));
-    }
-    Ok(())
-}
-
-/// The submit path's view of an image; snapshots are named `volume@snapshot`.
-pub(crate) fn meta_of(v: &VolumeRecord, of: Option<&str>) -> VolumeMeta {
-    let name = match (v.kind, of) {
-        (ImageKind::Snapshot, Some(vol)) => format!("{vol}@{}", v.name),
-        _ => v.name.clone(),
-    };
-    VolumeMeta {
-        id: v.id,
-        name,
-        block_size: v.block_size,
-        size: AtomicU64::new(v.size),
-        read_only: v.kind != ImageKind::Volume,
-        deleted: AtomicBool::new(false),
-        created_unix: v.created_unix,
-    }
-}
-
-pub(crate) fn info_of(v: &VolumeRecord) -> VolumeInfo {
-    VolumeInfo {
-        id: VolumeId(v.id),
-        name: v.name.clone(),
-        size: v.size,
-        block_size: v.block_size,
-        created_unix: v.created_unix,
-    }
-}
-
-pub(crate) fn vol_state(v: &VolumeRecord) -> VolState {
-    VolState {
-        size: v.size,
-        block_size: v.block_size,
-        read_only: v.kind != ImageKind::Volume,
-        snap_epoch: v.epoch,
-        shards: Default::default(),
-        inflight: 0,
-        writes_inflight: 0,
-        deleting: false,
-        hold: None,
-    }
-}
 
 /// Submits requests from one thread and collects their completions.
 pub struct Client {

@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod barrier;
 pub mod buf;
+mod control;
 pub mod coordinator;
 mod datapath;
 mod dispatch;
@@ -16,6 +17,7 @@ pub mod format;
 pub mod io;
 pub mod journal;
 pub mod layout;
+mod lifecycle;
 pub mod map;
 pub mod media;
 pub mod pool;
