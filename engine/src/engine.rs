@@ -578,9 +578,12 @@ pub(crate) fn mem_engine(reactors: usize) -> Engine {
 }
 
 #[cfg(test)]
-fn mem_engine_with(reactors: usize, fail_start: Option<usize>) -> Result<Engine, PoolError> {
-    let dev = [DeviceSpec::Mem(crate::media::MemDisk::new(64 << 20, false))];
-    let opts = FormatOptions {
+fn mem_engine_with(reactors: usize, fail_start: Option<usize>) -> Result<Engine, crate::PoolError> {
+    let dev = [crate::DeviceSpec::Mem(crate::media::MemDisk::new(
+        64 << 20,
+        false,
+    ))];
+    let opts = crate::FormatOptions {
         cluster_size: 16 << 10,
         shard_size: 1 << 20,
         journal_regions: 4,
