@@ -223,9 +223,34 @@ pub struct IscsiConfig {
     pub listen: Option<SocketAddr>,
     /// Each volume is the target `<iqn_prefix>:<volume>`.
     pub iqn_prefix: String,
-    /// Per-volume access rules (`[[iscsi.target]]`); volumes without one are open to all.
+    /// Access rules by volume name or pattern (`[[iscsi.target]]`); clones follow their
+    /// origin's rule (docs/iscsi.md, "Access rules").
     #[serde(rename = "target")]
     pub targets: Vec<IscsiTargetConfig>,
+    /// Volumes no rule covers: open or refused. Unset: refused when the file has any
+    /// `[[iscsi.target]]`, open when it has none (see `unmatched_policy`).
+    pub unmatched: Option<Unmatched>,
+}
+
+impl IscsiConfig {
+    /// What happens to volumes no rule covers, with the default applied.
+    pub fn unmatched_policy(&self) -> Unmatched {
+        self.unmatched.unwrap_or(if self.targets.is_empty() {
+            Unmatched::Allow
+        } else {
+            Unmatched::Deny
+        })
+    }
+}
+
+/// `iscsi.unmatched`: what happens to a volume that no `[[iscsi.target]]` covers.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Any initiator logs in without authentication.
+    Allow,
+    /// Logins are refused, and discovery does not list the volume.
+    Deny,
 }
 
 impl Default for IscsiConfig {
@@ -234,15 +259,17 @@ impl Default for IscsiConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 3260))),
             iqn_prefix: "iqn.2026-11.dev.tessel".to_string(),
             targets: Vec::new(),
+            unmatched: None,
         }
     }
 }
 
-/// `[[iscsi.target]]`: who may log in to one volume's target.
+/// `[[iscsi.target]]`: who may log in to the targets of the volumes a rule covers.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IscsiTargetConfig {
-    /// The volume this rule is for.
+    /// A volume name, or a pattern (`*` any run of characters, `?` one character); the
+    /// volumes need not exist yet.
     pub volume: String,
     /// Initiator IQNs allowed to log in; empty allows any.
     #[serde(default)]

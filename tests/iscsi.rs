@@ -206,6 +206,9 @@ name = "open"
 pool = "default"
 size = "1G"
 
+[iscsi]
+unmatched = "allow"
+
 [[iscsi.target]]
 volume = "vol0"
 allowed_initiators = ["iqn.2026-11.dev.tessel:allowed"]
@@ -243,12 +246,151 @@ fn chap_right_secret_logs_in_wrong_secret_and_unknown_initiator_are_refused() {
         let r = inq(who, cred, "vol0");
         assert!(r.is_err(), "{why}: logged in anyway: {r:?}");
     }
-    // A volume without access rules stays open, and discovery needs no credentials.
+    // With `unmatched = "allow"`, a volume no rule covers is open; discovery needs no
+    // credentials.
     inq(stranger, "", "open").expect("open volume refused");
     let ls = tool(&["iscsi-ls", &format!("iscsi://{addr}/")]).unwrap();
     assert!(ls.contains("iqn.2026-11.dev.tessel:open"), "{ls}");
     let mut d = d;
     assert!(d.healthy(), "daemon unhealthy after refused logins");
+}
+
+/// One CHAP-protected volume and the documented default for the others (deny, as the file
+/// has a rule); `extra` adds rules.
+fn access_config(extra: &str) -> String {
+    format!(
+        r#"
+[[pool]]
+name = "default"
+devices = ["pool0.img"]
+create_size = "2G"
+
+[[volume]]
+name = "vol0"
+pool = "default"
+size = "256M"
+
+[[iscsi.target]]
+volume = "vol0"
+chap_user = "alice"
+chap_secret = "alice-secret-12"
+{extra}"#
+    )
+}
+
+/// A daemon with iSCSI on `dir/data`, configured by `config` (kept in `dir`).
+fn start_with_config(dir: &common::TestDir, config: &str) -> Daemon {
+    let conf = dir.join("tessel.toml");
+    std::fs::write(&conf, config).unwrap();
+    Daemon::start_iscsi_in(&dir.join("data"), &["--config", conf.to_str().unwrap()])
+}
+
+const ALICE: &str = "alice%alice-secret-12@";
+const INITIATOR: &str = "iqn.2026-11.dev.tessel:host";
+
+/// iscsi-inq against `volume` as `initiator`, with `cred` (`user%secret@` or "").
+fn inquiry(d: &Daemon, initiator: &str, cred: &str, volume: &str) -> Result<String, String> {
+    let url = format!(
+        "iscsi://{cred}{}/iqn.2026-11.dev.tessel:{volume}/0",
+        d.iscsi_addr()
+    );
+    tool(&["iscsi-inq", "-i", initiator, &url])
+}
+
+/// The targets SendTargets lists to `initiator`.
+fn discovered(d: &Daemon, initiator: &str) -> String {
+    let url = format!("iscsi://{}/", d.iscsi_addr());
+    tool(&["iscsi-ls", "-i", initiator, &url]).expect("discovery")
+}
+
+/// A clone's login: refused without CHAP, accepted with its origin's secret.
+fn assert_needs_alice(d: &Daemon, volume: &str, when: &str) {
+    let r = inquiry(d, INITIATOR, "", volume);
+    assert!(r.is_err(), "{when}: {volume} logged in without CHAP: {r:?}");
+    let r = inquiry(d, INITIATOR, ALICE, volume);
+    assert!(
+        r.as_ref().is_ok_and(|o| o.contains("DIRECT_ACCESS")),
+        "{when}: {volume} refused its origin's secret: {r:?}"
+    );
+}
+
+#[test]
+fn a_clone_of_a_chap_protected_volume_refuses_logins_without_chap() {
+    require!("iscsi-inq");
+    let dir = common::TestDir::new("iscsi-clone-access");
+    let config = access_config("");
+    let mut d = start_with_config(&dir, &config);
+    assert_needs_alice(&d, "vol0", "the origin");
+    d.cli_ok(&["snapshot", "create", "vol0", "base"]);
+    d.cli_ok(&["clone", "create", "vol0@base", "copy"]);
+    assert_needs_alice(&d, "copy", "at once");
+    // A clone of the clone holds the same data.
+    d.cli_ok(&["snapshot", "create", "copy", "s"]);
+    d.cli_ok(&["clone", "create", "copy@s", "copy2"]);
+    assert_needs_alice(&d, "copy2", "clone of a clone");
+    // Inflated, the clone no longer depends on vol0 in the engine, but holds its data.
+    d.cli_ok(&["clone", "inflate", "copy", "--wait"]);
+    d.cli_ok(&["snapshot", "delete", "vol0", "base"]);
+    assert_needs_alice(&d, "copy", "inflated");
+    d.stop();
+    let d = start_with_config(&dir, &config);
+    assert_needs_alice(&d, "copy", "after a restart");
+    assert_needs_alice(&d, "copy2", "after a restart");
+}
+
+#[test]
+fn a_cli_created_volume_matching_a_pattern_requires_chap() {
+    require!("iscsi-inq", "iscsi-ls");
+    let dir = common::TestDir::new("iscsi-pattern-access");
+    let rule = r#"
+[[iscsi.target]]
+volume = "db-*"
+allowed_initiators = ["iqn.2026-11.dev.tessel:db-host"]
+chap_user = "bob"
+chap_secret = "bob-secret-1234"
+"#;
+    let d = start_with_config(&dir, &access_config(rule));
+    d.cli_ok(&["volume", "create", "db-7", "64M"]);
+    let (host, bob) = ("iqn.2026-11.dev.tessel:db-host", "bob%bob-secret-1234@");
+    let r = inquiry(&d, host, "", "db-7");
+    assert!(r.is_err(), "db-7 logged in without CHAP: {r:?}");
+    let r = inquiry(&d, host, bob, "db-7");
+    assert!(r.is_ok(), "db-7 refused the pattern's secret: {r:?}");
+    let r = inquiry(&d, INITIATOR, bob, "db-7");
+    assert!(r.is_err(), "an initiator outside the list logged in: {r:?}");
+    // Discovery lists db-7 only to the initiator its rule allows.
+    assert!(discovered(&d, host).contains("tessel:db-7"));
+    let others = discovered(&d, INITIATOR);
+    assert!(
+        !others.contains("tessel:db-7") && others.contains("tessel:vol0"),
+        "{others}"
+    );
+}
+
+#[test]
+fn volumes_no_rule_covers_are_refused_and_not_discovered_once_rules_exist() {
+    require!("iscsi-inq", "iscsi-ls");
+    let dir = common::TestDir::new("iscsi-unmatched");
+    let d = start_with_config(&dir, &access_config(""));
+    d.cli_ok(&["volume", "create", "other", "64M"]);
+    for cred in ["", ALICE] {
+        let r = inquiry(&d, INITIATOR, cred, "other");
+        assert!(
+            r.is_err(),
+            "a volume no rule covers logged in ({cred}): {r:?}"
+        );
+    }
+    let listed = discovered(&d, INITIATOR);
+    assert!(
+        listed.contains("tessel:vol0") && !listed.contains("tessel:other"),
+        "{listed}"
+    );
+    // Without any rule (the embedded default on 127.0.0.1) every volume is open.
+    let open = Daemon::start_iscsi("iscsi-unmatched-open", &[]);
+    open.cli_ok(&["volume", "create", "other", "64M"]);
+    let r = inquiry(&open, INITIATOR, "", "other");
+    assert!(r.is_ok(), "the embedded default refused a volume: {r:?}");
+    assert!(discovered(&open, INITIATOR).contains("tessel:other"));
 }
 
 #[test]

@@ -88,7 +88,7 @@ impl Config {
                 ))
             }
         };
-        self.iscsi.check(&known_volume)?;
+        self.iscsi.check()?;
         let mut exports = HashSet::new();
         for (i, export) in self.exports.iter().enumerate() {
             let at = |key| vec![Seg::Key("export"), Seg::Index(i), Seg::Key(key)];
@@ -240,11 +240,8 @@ impl LimitsConfig {
     }
 }
 
-/// Checks that a volume named at a key path exists.
-type KnownVolume<'a> = dyn Fn(&str, Vec<Seg<'static>>) -> Result<(), Problem> + 'a;
-
 impl IscsiConfig {
-    fn check(&self, known_volume: &KnownVolume<'_>) -> Result<(), Problem> {
+    fn check(&self) -> Result<(), Problem> {
         if !self.iqn_prefix.starts_with("iqn.") || self.iqn_prefix.ends_with(':') {
             return Err(Problem::new(
                 vec![Seg::Key("iscsi"), Seg::Key("iqn_prefix")],
@@ -264,7 +261,19 @@ impl IscsiConfig {
                     Seg::Key(key),
                 ]
             };
-            known_volume(&target.volume, at("volume"))?;
+            // Rules may name volumes that do not exist yet (created or cloned later).
+            let pattern = tessel_targets::iscsi::access::is_pattern(&target.volume);
+            if !pattern && !tessel_engine::valid_name(&target.volume) {
+                return Err(Problem::new(
+                    at("volume"),
+                    format!(
+                        "'{}' is neither a volume name ({}) nor a pattern of such \
+                         characters with * or ?",
+                        target.volume,
+                        tessel_engine::NAME_RULE
+                    ),
+                ));
+            }
             if !seen.insert(target.volume.as_str()) {
                 return Err(Problem::new(
                     at("volume"),

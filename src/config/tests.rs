@@ -196,6 +196,37 @@ fn references_in_exports_schedules_and_targets_are_checked() {
 }
 
 #[test]
+fn iscsi_rules_take_names_and_patterns_of_volumes_not_yet_declared() {
+    let c = Config::parse(
+        &format!("{MINIMAL}\n[[iscsi.target]]\nvolume = \"db-*\"\n\n[[iscsi.target]]\nvolume = \"later\"\n"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.iscsi.targets.len(), 2);
+    assert_eq!(c.iscsi.unmatched_policy(), Unmatched::Deny, "rules: deny");
+    let open = Config::parse(MINIMAL, "t").unwrap();
+    assert_eq!(
+        open.iscsi.unmatched_policy(),
+        Unmatched::Allow,
+        "no rule: allow"
+    );
+    let c = Config::parse(
+        &format!("{MINIMAL}\n[iscsi]\nunmatched = \"allow\"\n[[iscsi.target]]\nvolume = \"v\"\n"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.iscsi.unmatched_policy(), Unmatched::Allow, "as written");
+    for bad in ["db/*", "", "-x", "a b"] {
+        let e = refuse(&format!(
+            "{MINIMAL}\n[[iscsi.target]]\nvolume = \"{bad}\"\n"
+        ));
+        assert_eq!(e.key.as_deref(), Some("iscsi.target[0].volume"), "{bad}");
+    }
+    let e = refuse(&format!("{MINIMAL}\n[iscsi]\nunmatched = \"maybe\"\n"));
+    assert_eq!(e.key.as_deref(), Some("iscsi.unmatched"));
+}
+
+#[test]
 fn listen_addresses_are_checked_and_empty_disables() {
     let c = Config::parse("[nbd]\nlisten = \"\"\n", "t").unwrap();
     assert_eq!(c.nbd.listen, None);

@@ -191,7 +191,9 @@ impl ControlServer {
                 ControlResponse::ok(&self.volume_info(&name)?)
             }
             ControlRequest::VolumeDelete { name } => {
-                self.engine.delete_volume(&name)?;
+                self.exports
+                    .origins
+                    .volume_deleted(&name, || self.engine.delete_volume(&name))?;
                 let _ = self.schedules.set(&name, 0, 0);
                 ControlResponse::done()
             }
@@ -262,7 +264,11 @@ impl ControlServer {
                 snapshot,
                 new_volume,
             } => {
-                self.engine.clone_create(&volume, &snapshot, &new_volume)?;
+                self.exports
+                    .origins
+                    .clone_created(&new_volume, &volume, || {
+                        self.engine.clone_create(&volume, &snapshot, &new_volume)
+                    })?;
                 ControlResponse::ok(&self.volume_info(&new_volume)?)
             }
             ControlRequest::CloneInflate { volume, wait } => self.inflate(&volume, wait)?,

@@ -2,8 +2,9 @@
 //! snapshots an operator exported (`[[export]]` or `tessel export add vol@snap`) read-only
 //! as `vol@snap`.
 
+use super::origins::Origins;
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tessel_engine::Engine;
 use tessel_targets::export::{ExportInfo, Exports};
 
@@ -11,14 +12,17 @@ use tessel_targets::export::{ExportInfo, Exports};
 pub struct EngineExports {
     pub engine: Engine,
     snapshots: Mutex<BTreeSet<String>>,
+    /// Where each clone came from (iSCSI access rules follow it).
+    pub origins: Arc<Origins>,
 }
 
 impl EngineExports {
     /// Volumes only, until snapshots are added.
-    pub fn new(engine: Engine) -> EngineExports {
+    pub fn new(engine: Engine, origins: Arc<Origins>) -> EngineExports {
         EngineExports {
             engine,
             snapshots: Mutex::new(BTreeSet::new()),
+            origins,
         }
     }
 
@@ -80,5 +84,9 @@ impl Exports for EngineExports {
             return None;
         }
         self.info(name)
+    }
+
+    fn origin(&self, volume: &str) -> Option<String> {
+        self.origins.get(volume)
     }
 }

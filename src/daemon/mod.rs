@@ -5,11 +5,13 @@ pub mod clients;
 pub mod conn;
 pub mod control;
 pub mod exports;
+pub mod origins;
 pub mod schedule;
 
-use crate::config::{Config, Cores, FormatPolicy, PollMode};
+use crate::config::{Config, Cores, FormatPolicy, PollMode, Unmatched};
 use conn::{Limits, Registry, Session, VolumeUse};
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -69,12 +71,16 @@ fn iscsi_config(c: &Config, portal: std::net::SocketAddr) -> IscsiConfig {
             .targets
             .iter()
             .map(|t| TargetAccess {
-                volume: Some(t.volume.clone()),
+                volume: t.volume.clone(),
                 allowed_initiators: t.allowed_initiators.clone(),
                 chap: creds(&t.chap_user, &t.chap_secret),
                 mutual_chap: creds(&t.mutual_user, &t.mutual_secret),
             })
             .collect(),
+        unmatched: match c.iscsi.unmatched_policy() {
+            Unmatched::Allow => iscsi::Unmatched::Allow,
+            Unmatched::Deny => iscsi::Unmatched::Deny,
+        },
         ..IscsiConfig::default()
     }
 }
@@ -238,7 +244,13 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let (tx, rx) = mpsc::channel::<&'static str>();
     let stop = Arc::new(AtomicBool::new(false));
-    let engine_exports = Arc::new(exports::EngineExports::new(engine.clone()));
+    let origins_path = config.resolve(Path::new(origins::FILE));
+    let origins = origins::Origins::open(&origins_path, &engine)
+        .map_err(|e| format!("{}: {e}", origins_path.display()))?;
+    let engine_exports = Arc::new(exports::EngineExports::new(
+        engine.clone(),
+        Arc::new(origins),
+    ));
     for x in &config.exports {
         let name = x.name();
         if x.snapshot.is_some() && !engine_exports.add(&name) {
@@ -292,6 +304,13 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some((l, addr)) = iscsi_listener {
         tracing::info!(%addr, prefix = %config.iscsi.iqn_prefix, "iSCSI portal listening");
+        if !addr.ip().is_loopback() && config.iscsi.unmatched_policy() == Unmatched::Allow {
+            tracing::warn!(
+                %addr,
+                "volumes no [[iscsi.target]] covers are open to any initiator on this network \
+                 (set iscsi.unmatched = \"deny\" or add rules)"
+            );
+        }
         listeners.push(addr);
         let icfg = Arc::new(iscsi_config(&config, addr));
         let (engine, exports, stop, registry) = (

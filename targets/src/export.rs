@@ -27,6 +27,11 @@ pub trait Exports {
     fn list(&self) -> Vec<ExportInfo>;
     /// The export of that name, if it exists now.
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// The volume `volume` was cloned from, if it is a clone (also once inflated: its data
+    /// came from there, and so do its iSCSI access rules).
+    fn origin(&self, _volume: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A fixed list of exports (tests, and the daemon's snapshot of the volume table).

@@ -25,7 +25,7 @@ pub fn send_targets(
             "" => current == Some(volume.as_str()),
             named => named == name,
         };
-        if wanted && config.access_for(&volume).allows(initiator) {
+        if wanted && config.may_log_in(initiator, &volume, exports) {
             out.push("TargetName", name);
             out.push("TargetAddress", format!("{},1", config.portal));
         }
@@ -35,7 +35,7 @@ pub fn send_targets(
 
 #[cfg(test)]
 mod tests {
-    use super::super::TargetAccess;
+    use super::super::{TargetAccess, Unmatched};
     use super::*;
     use crate::export::ExportInfo;
     use tessel_engine::VolumeId;
@@ -52,11 +52,11 @@ mod tests {
     }
 
     #[test]
-    fn send_targets_lists_volumes_not_snapshots_and_respects_acls() {
+    fn send_targets_lists_volumes_not_snapshots_and_only_those_the_initiator_may_log_in_to() {
         let exports = vec![export("a"), export("a@s1"), export("b")];
         let mut cfg = IscsiConfig::default();
         cfg.targets.push(TargetAccess {
-            volume: Some("b".into()),
+            volume: "b".into(),
             allowed_initiators: vec!["iqn.x:only".into()],
             ..TargetAccess::default()
         });
@@ -84,5 +84,11 @@ mod tests {
             2
         );
         assert!(send_targets("iqn.nope", "iqn.x:host", None, &cfg, &exports).is_empty());
+        // Volumes no rule covers are refused, so not listed either: only b, to its initiator.
+        cfg.unmatched = Unmatched::Deny;
+        assert!(send_targets("All", "iqn.x:host", None, &cfg, &exports).is_empty());
+        let only = send_targets("All", "iqn.x:only", None, &cfg, &exports);
+        assert_eq!(only.get("TargetName"), Some("iqn.2026-11.dev.tessel:b"));
+        assert_eq!(only.0.len(), 2);
     }
 }

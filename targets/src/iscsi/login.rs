@@ -3,10 +3,11 @@
 //! operational negotiation. Produces the keys and flags of each Login Response; the
 //! session wraps them in PDUs.
 
+use super::access::{TargetAccess, OPEN};
 use super::chap::{self, ChapError, ChapExchange};
 use super::negotiate::{Limits, Negotiator};
 use super::text::{TextPairs, MAX_TEXT_LEN};
-use super::{IscsiConfig, TargetAccess};
+use super::IscsiConfig;
 use crate::export::{ExportInfo, Exports};
 
 /// Login stages (CSG/NSG values).
@@ -221,14 +222,13 @@ impl Login {
             _ => return Err(LoginStatus::UNSUPPORTED_SESSION_TYPE),
         };
         self.access = match &kind {
-            SessionKind::Discovery => config.default_access.clone(),
-            SessionKind::Normal { volume, .. } => {
-                let access = config.access_for(volume).clone();
-                if !access.allows(initiator) {
-                    return Err(LoginStatus::AUTHORIZATION_FAILED);
-                }
-                access
-            }
+            // Discovery sessions are never authenticated; they list only what the
+            // initiator may log in to.
+            SessionKind::Discovery => OPEN.clone(),
+            SessionKind::Normal { volume, .. } => match config.access_for(volume, exports) {
+                Some(access) if access.allows(initiator) => access.clone(),
+                _ => return Err(LoginStatus::AUTHORIZATION_FAILED),
+            },
         };
         if let SessionKind::Normal { .. } = kind {
             out.push("TargetPortalGroupTag", "1");
@@ -302,21 +302,6 @@ impl IscsiConfig {
     pub fn target_name(&self, volume: &str) -> String {
         format!("{}:{}", self.iqn_prefix, volume)
     }
-
-    /// The access rules of a volume: its override, or the default.
-    pub fn access_for(&self, volume: &str) -> &TargetAccess {
-        self.targets
-            .iter()
-            .find(|t| t.volume.as_deref() == Some(volume))
-            .unwrap_or(&self.default_access)
-    }
-}
-
-impl TargetAccess {
-    /// True when `initiator` may log in.
-    pub fn allows(&self, initiator: &str) -> bool {
-        self.allowed_initiators.is_empty() || self.allowed_initiators.iter().any(|i| i == initiator)
-    }
 }
 
 #[cfg(test)]
@@ -372,9 +357,13 @@ mod tests {
 
     fn chap_config() -> IscsiConfig {
         let mut c = IscsiConfig::default();
-        c.default_access.chap = Some(ChapCredentials {
-            user: "alice".into(),
-            secret: "secretsecret".into(),
+        c.targets.push(TargetAccess {
+            volume: "vol0".into(),
+            chap: Some(ChapCredentials {
+                user: "alice".into(),
+                secret: "secretsecret".into(),
+            }),
+            ..TargetAccess::default()
         });
         c
     }
@@ -426,11 +415,37 @@ mod tests {
     #[test]
     fn initiators_outside_the_allow_list_are_refused() {
         let mut cfg = IscsiConfig::default();
-        cfg.default_access.allowed_initiators = vec!["iqn.x:other".into()];
+        cfg.targets.push(TargetAccess {
+            volume: "vol*".into(),
+            allowed_initiators: vec!["iqn.x:other".into()],
+            ..TargetAccess::default()
+        });
         let e = Login::new()
             .step(&req(0, 1, true), &text(NORMAL), &cfg, &exports())
             .unwrap_err();
         assert_eq!(e, LoginStatus::AUTHORIZATION_FAILED);
+    }
+
+    #[test]
+    fn volumes_no_rule_covers_are_refused_when_unmatched_is_deny() {
+        let mut cfg = IscsiConfig {
+            unmatched: super::super::Unmatched::Deny,
+            ..IscsiConfig::default()
+        };
+        let e = Login::new()
+            .step(&req(0, 1, true), &text(NORMAL), &cfg, &exports())
+            .unwrap_err();
+        assert_eq!(e, LoginStatus::AUTHORIZATION_FAILED);
+        cfg.targets.push(TargetAccess {
+            volume: "v?l*".into(),
+            ..TargetAccess::default()
+        });
+        assert!(
+            Login::new()
+                .step(&req(1, 3, true), &text(NORMAL), &cfg, &exports())
+                .unwrap()
+                .transit
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! One target per volume, named `<iqn_prefix>:<volume>`; LUN 0 is the volume, LUNs 1.. its
 //! exported snapshots (read-only) in the order the exports list them.
 
+pub mod access;
 pub mod chap;
 mod discovery;
 pub mod login;
@@ -21,6 +22,7 @@ pub mod text;
 use std::fmt;
 use std::sync::Arc;
 
+pub use access::{TargetAccess, Unmatched};
 pub use chap::ChapCredentials;
 pub use session::{IscsiSession, State};
 
@@ -31,10 +33,10 @@ pub struct IscsiConfig {
     pub iqn_prefix: String,
     /// The portal address reported by SendTargets (`host:port`; `,1` is the portal group).
     pub portal: String,
-    /// Per-volume access rules, overriding `default_access`.
+    /// Access rules by volume name or pattern, in file order (see `access`).
     pub targets: Vec<TargetAccess>,
-    /// Access rules of volumes without an override, and of discovery sessions.
-    pub default_access: TargetAccess,
+    /// Whether volumes no rule covers are open or refused.
+    pub unmatched: Unmatched,
     /// Seconds of silence before we ping the initiator with a NOP-In (0: never).
     pub nop_interval_secs: u32,
     /// Seconds a ping may stay unanswered before the session is dropped.
@@ -53,26 +55,13 @@ impl Default for IscsiConfig {
             iqn_prefix: "iqn.2026-11.dev.tessel".to_string(),
             portal: "127.0.0.1:3260".to_string(),
             targets: Vec::new(),
-            default_access: TargetAccess::default(),
+            unmatched: Unmatched::Allow,
             nop_interval_secs: 5,
             nop_timeout_secs: 30,
             reservations: Arc::default(),
             session_buffer_bytes: 16 << 20,
         }
     }
-}
-
-/// Who may log in to a target, and how they authenticate.
-#[derive(Clone, Debug, Default)]
-pub struct TargetAccess {
-    /// The volume these rules apply to (None for the default rules).
-    pub volume: Option<String>,
-    /// Initiator IQNs allowed to log in; empty allows any.
-    pub allowed_initiators: Vec<String>,
-    /// CHAP credentials the initiator must prove; None: no authentication.
-    pub chap: Option<ChapCredentials>,
-    /// Credentials the target proves when the initiator asks for mutual CHAP.
-    pub mutual_chap: Option<ChapCredentials>,
 }
 
 /// Why a session must end; the driver sends what is in `Actions::send`, then closes.
