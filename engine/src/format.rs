@@ -58,6 +58,8 @@ pub enum SbError {
     NotAPool,
     BadChecksum,
     UnknownVersion(u32),
+    /// The checksum matches but the geometry is not one `plan` lays out: which field.
+    BadGeometry(String),
 }
 
 struct Writer<'a> {
@@ -160,7 +162,7 @@ impl Superblock {
         let mut pool_uuid = [0u8; 16];
         pool_uuid.copy_from_slice(r.take(16).ok_or(SbError::NotAPool)?);
         let bad = || SbError::NotAPool;
-        Ok(Superblock {
+        let sb = Superblock {
             version,
             pool_uuid,
             member_index: r.u32().ok_or_else(bad)?,
@@ -179,7 +181,78 @@ impl Superblock {
             journal_start: r.u64().ok_or_else(bad)?,
             journal_region_bytes: r.u64().ok_or_else(bad)?,
             journal_regions: r.u32().ok_or_else(bad)?,
-        })
+        };
+        sb.check_geometry().map_err(SbError::BadGeometry)?;
+        Ok(sb)
+    }
+
+    /// What `plan` guarantees, checked on every decoded copy: a checksum says the bytes are
+    /// the ones written, not that their sizes are sane, and every size here drives a
+    /// division, a loop or an allocation at open.
+    fn check_geometry(&self) -> Result<(), String> {
+        let cs = self.cluster_size as u64;
+        if !self.cluster_size.is_power_of_two() || !(4096..=(1 << 20)).contains(&self.cluster_size)
+        {
+            return Err(format!("cluster size {}", self.cluster_size));
+        }
+        // Cluster indexes within a shard are u32 on disk.
+        if self.shard_size == 0
+            || !self.shard_size.is_multiple_of(cs)
+            || self.shard_size / cs > u32::MAX as u64
+        {
+            return Err(format!("shard size {}", self.shard_size));
+        }
+        if !(1..=256).contains(&self.journal_regions) {
+            return Err(format!("{} journal regions", self.journal_regions));
+        }
+        if self.member_index >= self.member_count {
+            return Err(format!(
+                "member {} of {}",
+                self.member_index, self.member_count
+            ));
+        }
+        // The metadata regions follow the superblocks in order, whole blocks each.
+        let mut end = 2 * SB_SIZE as u64;
+        for (what, start, bytes, count) in [
+            ("control log", self.control_start, self.control_bytes, 1),
+            ("checkpoint slots", self.ckpt_start, self.ckpt_slot_bytes, 2),
+            (
+                "journal regions",
+                self.journal_start,
+                self.journal_region_bytes,
+                self.journal_regions as u64,
+            ),
+        ] {
+            end = match bytes.checked_mul(count).and_then(|b| start.checked_add(b)) {
+                Some(e) if start >= end && bytes > 0 && bytes.is_multiple_of(BLOCK) => e,
+                _ => return Err(format!("{what} at {start}, {bytes} bytes")),
+            };
+        }
+        let data_end = self
+            .member_clusters
+            .checked_mul(cs)
+            .and_then(|b| self.data_start.checked_add(b));
+        let data_ok = data_end.is_some_and(|e| e <= self.member_bytes)
+            && self.data_start.is_multiple_of(cs)
+            && (self.member_index != 0 || self.data_start >= end);
+        if !data_ok {
+            return Err(format!(
+                "{} data clusters at {} in {} bytes",
+                self.member_clusters, self.data_start, self.member_bytes
+            ));
+        }
+        if self
+            .first_cluster
+            .checked_add(self.member_clusters)
+            .is_none_or(|e| e > self.total_clusters)
+            || (self.member_count == 1 && self.member_clusters != self.total_clusters)
+        {
+            return Err(format!(
+                "clusters {} + {} of {}",
+                self.first_cluster, self.member_clusters, self.total_clusters
+            ));
+        }
+        Ok(())
     }
 
     /// Pool-wide data bytes.
@@ -361,6 +434,10 @@ pub fn sb_error(device: &Path, e: SbError) -> PoolError {
         SbError::NotAPool => PoolError::NotAPool { device },
         SbError::BadChecksum => PoolError::BadChecksum { device },
         SbError::UnknownVersion(version) => PoolError::UnknownVersion { device, version },
+        SbError::BadGeometry(what) => PoolError::Corrupt(format!(
+            "{}: superblock geometry is invalid ({what})",
+            device.display()
+        )),
     }
 }
 
@@ -393,6 +470,27 @@ mod tests {
         sb.version = 99;
         let b = sb.encode();
         assert_eq!(Superblock::decode(&b), Err(SbError::UnknownVersion(99)));
+    }
+
+    #[test]
+    fn a_checksummed_superblock_with_impossible_geometry_is_refused() {
+        let mut zero_shards = one();
+        zero_shards.shard_size = 0;
+        let mut endless_regions = one();
+        endless_regions.journal_regions = u32::MAX;
+        let mut overlapping = one();
+        overlapping.ckpt_start = overlapping.control_start;
+        let mut past_the_end = one();
+        past_the_end.member_clusters += 1;
+        for sb in [zero_shards, endless_regions, overlapping, past_the_end] {
+            assert!(
+                matches!(
+                    Superblock::decode(&sb.encode()),
+                    Err(SbError::BadGeometry(_))
+                ),
+                "{sb:?}"
+            );
+        }
     }
 
     #[test]

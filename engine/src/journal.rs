@@ -16,6 +16,8 @@ const MAGIC: u32 = u32::from_le_bytes(*b"TJNL");
 const HEADER: usize = 40;
 /// Record bytes that fit in one block.
 pub const BLOCK_PAYLOAD: usize = BLOCK as usize - HEADER;
+/// The shortest record: a tag and one id.
+const MIN_RECORD: usize = 9;
 
 /// What an image in the volume table is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -300,7 +302,8 @@ pub fn open_block(block: &[u8], run: u64, seq: u64) -> Option<OpenBlock> {
         return None;
     }
     let mut r = Reader::new(&block[HEADER..HEADER + used]);
-    let mut records = Vec::with_capacity(nrec as usize);
+    // The count sizes nothing until the bytes that hold the records vouch for it.
+    let mut records = Vec::with_capacity((nrec as usize).min(used / MIN_RECORD));
     for _ in 0..nrec {
         records.push(Record::decode(&mut r)?);
     }

@@ -63,11 +63,27 @@ pub fn open_members(specs: &[DeviceSpec]) -> Result<(Vec<Member>, Vec<Superblock
         }
     }
     found.sort_by_key(|(_, sb)| sb.member_index);
+    // Members number their clusters one after the other, and together hold them all.
+    let mut next_cluster = 0u64;
     for (i, (m, sb)) in found.iter().enumerate() {
         if sb.member_index as usize != i {
             return Err(PoolError::Membership {
                 device: m.path(),
                 reason: format!("member {i} is missing or given twice"),
+            });
+        }
+        let last = i + 1 == found.len();
+        next_cluster = next_cluster.saturating_add(sb.member_clusters);
+        if sb.first_cluster != next_cluster - sb.member_clusters
+            || sb.total_clusters != found[0].1.total_clusters
+            || (last && next_cluster != sb.total_clusters)
+        {
+            return Err(PoolError::Membership {
+                device: m.path(),
+                reason: format!(
+                    "member {i} holds clusters {} + {} of {}, which do not follow the other members'",
+                    sb.first_cluster, sb.member_clusters, sb.total_clusters
+                ),
             });
         }
         if m.size() < sb.member_bytes {
@@ -218,7 +234,9 @@ fn decode_part(
     maps: &mut HashMap<(u64, u64), ShardMap>,
 ) -> Option<()> {
     let npages = r.u32()?;
-    let mut pages: Vec<Arc<MapPage>> = Vec::with_capacity(npages as usize);
+    // Each page takes at least its kind and count (3 bytes): the count sizes nothing the
+    // bytes that follow cannot hold.
+    let mut pages: Vec<Arc<MapPage>> = Vec::with_capacity((npages as usize).min(r.remaining() / 3));
     for _ in 0..npages {
         let mut page = match r.u8()? {
             0 => [MapEntry::UNALLOCATED; crate::map::ENTRIES_PER_PAGE],
@@ -408,7 +426,10 @@ fn read_checkpoint(
     let run = u64::from_le_bytes(hb[32..40].try_into().unwrap());
     let len = u64::from_le_bytes(hb[40..48].try_into().unwrap());
     let pcrc = u32::from_le_bytes(hb[48..52].try_into().unwrap());
-    if len + BLOCK > sb.ckpt_slot_bytes {
+    if len
+        .checked_add(BLOCK)
+        .is_none_or(|end| end > sb.ckpt_slot_bytes)
+    {
         return Ok(None);
     }
     let mut pb =
