@@ -54,4 +54,8 @@ pub struct Actions {
     pub submit: Vec<Request>,
     /// Close the connection once `send` is written.
     pub close: bool,
+    /// Upgrade the connection to TLS once `send` is written in plain text: every later byte,
+    /// both ways, goes through TLS. The session consumed no input past the request for it
+    /// (what follows is the client's TLS handshake).
+    pub start_tls: bool,
 }

@@ -30,6 +30,7 @@ pub fn parse_client_flags(bytes: [u8; CLIENT_FLAGS_LEN]) -> Result<Negotiation, 
     }
     Ok(Negotiation {
         no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+        tls: false,
         structured: false,
         meta_export: None,
     })
@@ -74,6 +75,8 @@ pub enum ClientOption {
     Abort,
     /// NBD_OPT_LIST.
     List,
+    /// NBD_OPT_STARTTLS.
+    StartTls,
     /// NBD_OPT_INFO (`go: false`) or NBD_OPT_GO (`go: true`).
     Info {
         go: bool,
@@ -103,6 +106,7 @@ pub fn decode_option(option: u32, data: &[u8]) -> Result<ClientOption, Malformed
         OPT_EXPORT_NAME => ClientOption::ExportName(r.string(data.len())?),
         OPT_ABORT => ClientOption::Abort,
         OPT_LIST => ClientOption::List,
+        OPT_STARTTLS => ClientOption::StartTls,
         OPT_STRUCTURED_REPLY => ClientOption::StructuredReply,
         OPT_INFO | OPT_GO => {
             let name_len = r.u32()? as usize;
@@ -176,6 +180,9 @@ pub enum OptionOutcome {
     Continue,
     /// The client aborted: close once the reply is sent.
     Abort,
+    /// NBD_OPT_STARTTLS acknowledged: TLS starts after the reply, and the option phase
+    /// goes on inside it.
+    StartTls,
     /// Enter transmission on this export.
     Transmit(Transmission),
 }
@@ -195,6 +202,8 @@ pub struct OptionContext<'a> {
 pub struct Negotiation {
     /// The client set NBD_FLAG_C_NO_ZEROES.
     pub no_zeroes: bool,
+    /// NBD_OPT_STARTTLS was acknowledged: the connection runs TLS.
+    pub tls: bool,
     /// NBD_OPT_STRUCTURED_REPLY was acknowledged.
     pub structured: bool,
     /// The export `base:allocation` was selected for by NBD_OPT_SET_META_CONTEXT.
@@ -211,6 +220,16 @@ impl Negotiation {
         ctx: &OptionContext,
         out: &mut Vec<u8>,
     ) -> Result<OptionOutcome, NbdError> {
+        let reply = |out: &mut Vec<u8>, code| put_option_reply(out, option, code, &[]);
+        let forced = ctx.config.tls.as_ref().is_some_and(|p| p.forced());
+        if forced && !self.tls && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                let name = String::from_utf8_lossy(data).into_owned();
+                return Err(NbdError::TlsRequired(name));
+            }
+            reply(out, REP_ERR_TLS_REQD);
+            return Ok(OptionOutcome::Continue);
+        }
         let decoded = decode_option(option, data);
         if let Ok(ClientOption::ExportName(name)) = &decoded {
             return self.export_name(name, ctx, out);
@@ -220,7 +239,6 @@ impl Negotiation {
                 String::from_utf8_lossy(data).into_owned(),
             ));
         }
-        let reply = |out: &mut Vec<u8>, code| put_option_reply(out, option, code, &[]);
         if ctx.shutting_down && option != OPT_ABORT {
             reply(out, REP_ERR_SHUTDOWN);
             return Ok(OptionOutcome::Continue);
@@ -231,8 +249,26 @@ impl Negotiation {
                 reply(out, REP_ACK);
                 return Ok(OptionOutcome::Abort);
             }
+            Ok(ClientOption::StartTls) => match (&ctx.config.tls, self.tls) {
+                (None, _) => reply(out, REP_ERR_POLICY),
+                (Some(_), true) => reply(out, REP_ERR_INVALID),
+                (Some(_), false) => {
+                    reply(out, REP_ACK);
+                    // What was agreed in plain text may have been injected by a meddler
+                    // (CVE-2021-3716): start over inside TLS, keeping only the flags word.
+                    *self = Negotiation {
+                        no_zeroes: self.no_zeroes,
+                        tls: true,
+                        structured: false,
+                        meta_export: None,
+                    };
+                    return Ok(OptionOutcome::StartTls);
+                }
+            },
             Ok(ClientOption::List) => {
-                for export in ctx.exports.list() {
+                // SELECTIVETLS: exports that need TLS are not listed in plain text.
+                let visible = ctx.exports.list().into_iter();
+                for export in visible.filter(|e| !self.locked(&e.name, ctx)) {
                     let mut item = Vec::new();
                     item.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
                     item.extend_from_slice(export.name.as_bytes());
@@ -250,6 +286,10 @@ impl Negotiation {
                     reply(out, REP_ERR_UNKNOWN);
                     return Ok(OptionOutcome::Continue);
                 };
+                if self.locked(&export.name, ctx) {
+                    reply(out, REP_ERR_TLS_REQD);
+                    return Ok(OptionOutcome::Continue);
+                }
                 self.put_info(option, &export, &requests, ctx.config, out);
                 reply(out, REP_ACK);
                 if go {
@@ -279,6 +319,9 @@ impl Negotiation {
         }
         let export =
             resolve(ctx.exports, name).ok_or_else(|| NbdError::UnknownExport(name.into()))?;
+        if self.locked(&export.name, ctx) {
+            return Err(NbdError::TlsRequired(name.into()));
+        }
         let transmission = self.transmission(export);
         out.extend_from_slice(&transmission.export.size.to_be_bytes());
         out.extend_from_slice(&transmission.flags().to_be_bytes());
@@ -335,6 +378,9 @@ impl Negotiation {
         let Some(export) = resolve(ctx.exports, export) else {
             return put_option_reply(out, option, REP_ERR_UNKNOWN, &[]);
         };
+        if self.locked(&export.name, ctx) {
+            return put_option_reply(out, option, REP_ERR_TLS_REQD, &[]);
+        }
         let matches = |q: &String| q == BASE_ALLOCATION || (!set && q == "base:");
         let selected = if set {
             queries.iter().any(matches)
@@ -350,6 +396,11 @@ impl Negotiation {
             self.meta_export = selected.then_some(export.name);
         }
         put_option_reply(out, option, REP_ACK, &[]);
+    }
+
+    /// True when `export` needs TLS and this connection does not run it.
+    fn locked(&self, export: &str, ctx: &OptionContext) -> bool {
+        !self.tls && ctx.config.tls.as_ref().is_some_and(|p| p.requires(export))
     }
 
     fn transmission(&self, export: ExportInfo) -> Transmission {
@@ -427,7 +478,7 @@ mod tests {
 
     #[test]
     fn unknown_options_decode_as_unsupported() {
-        assert_eq!(decode_option(5, &[1, 2, 3]), Ok(ClientOption::Unsupported));
+        assert_eq!(decode_option(4, &[1, 2, 3]), Ok(ClientOption::Unsupported));
     }
 
     #[test]
@@ -568,7 +619,7 @@ mod tests {
     #[test]
     fn unsupported_option_answers_err_unsup_and_parsing_continues() {
         let mut c = Client::negotiated(true);
-        assert_eq!(c.option(5, b"tls please"), vec![(5, REP_ERR_UNSUP, vec![])]);
+        assert_eq!(c.option(4, b"peek"), vec![(4, REP_ERR_UNSUP, vec![])]);
         assert_eq!(c.option(0xdead, &[]), vec![(0xdead, REP_ERR_UNSUP, vec![])]);
         assert_eq!(
             c.option(OPT_GO, &go_data("vol0", &[])).last().unwrap().1,

@@ -2,11 +2,13 @@
 //! status, as a sans-IO session (bytes and completions in, bytes and engine requests out).
 //!
 //! `proto` holds the wire constants, `handshake` and `transmission` the codecs of the two
-//! protocol phases, `session` the connection state machine that the daemon drives.
+//! protocol phases, `session` the connection state machine that the daemon drives, `tls`
+//! which exports need TLS (the TLS itself runs in the driver, between socket and session).
 
 pub mod handshake;
 pub mod proto;
 pub mod session;
+pub mod tls;
 pub mod transmission;
 
 #[cfg(test)]
@@ -15,8 +17,10 @@ mod stream_fuzz;
 mod testing;
 
 pub use session::NbdSession;
+pub use tls::{TlsMode, TlsPolicy};
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Limits of an NBD session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +31,8 @@ pub struct NbdConfig {
     pub max_option_len: u32,
     /// Preferred block size advertised (raised to the export's block size if smaller).
     pub preferred_block_size: u32,
+    /// Which exports need TLS; None: the driver has no TLS, NBD_OPT_STARTTLS is refused.
+    pub tls: Option<Arc<TlsPolicy>>,
 }
 
 impl Default for NbdConfig {
@@ -35,6 +41,7 @@ impl Default for NbdConfig {
             max_payload: 32 << 20,
             max_option_len: 64 << 10,
             preferred_block_size: 4096,
+            tls: None,
         }
     }
 }
@@ -50,6 +57,9 @@ pub enum NbdError {
     ExportNameTooLong { len: u32, max: u32 },
     /// NBD_OPT_EXPORT_NAME named no export (it cannot be answered with an error).
     UnknownExport(String),
+    /// NBD_OPT_EXPORT_NAME without TLS for an export that needs it (or on a server that
+    /// needs TLS for every option).
+    TlsRequired(String),
     /// NBD_OPT_EXPORT_NAME while the daemon shuts down.
     ShuttingDown,
     /// A request did not start with the request magic.
@@ -71,6 +81,12 @@ impl fmt::Display for NbdError {
             }
             NbdError::UnknownExport(name) => {
                 write!(f, "NBD_OPT_EXPORT_NAME names no export: {name:?}")
+            }
+            NbdError::TlsRequired(name) => {
+                write!(
+                    f,
+                    "NBD_OPT_EXPORT_NAME {name:?} without TLS, which it needs"
+                )
             }
             NbdError::ShuttingDown => write!(f, "NBD_OPT_EXPORT_NAME while shutting down"),
             NbdError::BadRequestMagic(m) => write!(f, "request magic {m:#010x} is wrong"),

@@ -52,6 +52,8 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// Option: list the exports.
 pub const OPT_LIST: u32 = 3;
+/// Option: upgrade the connection to TLS.
+pub const OPT_STARTTLS: u32 = 5;
 /// Option: describe an export.
 pub const OPT_INFO: u32 = 6;
 /// Option: describe an export and enter transmission.
@@ -74,8 +76,12 @@ pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 /// Option error: the option is not supported.
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+/// Option error: known and well-formed, but refused by the server's configuration.
+pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
 /// Option error: the option is malformed or not valid now.
 pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+/// Option error: the option (or the export it names) needs TLS first.
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
 /// Option error: no export of that name.
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 /// Option error: the server is shutting down.

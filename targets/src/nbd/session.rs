@@ -156,7 +156,9 @@ impl NbdSession {
         actions: &mut Actions,
     ) -> Result<usize, NbdError> {
         let mut consumed = 0;
-        while consumed < input.len() {
+        // Past an acknowledged NBD_OPT_STARTTLS the bytes are the client's TLS handshake:
+        // they are the driver's, not options.
+        while consumed < input.len() && !actions.start_tls {
             match self.step(&input[consumed..], exports, actions)? {
                 0 => break,
                 n => consumed += n,
@@ -346,6 +348,10 @@ impl NbdSession {
             OptionOutcome::Abort => {
                 actions.close = true;
                 State::Closed
+            }
+            OptionOutcome::StartTls => {
+                actions.start_tls = true;
+                State::Options(negotiation)
             }
             OptionOutcome::Transmit(tx) => State::Requests(tx),
         };

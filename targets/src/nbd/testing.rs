@@ -108,8 +108,13 @@ pub struct Client {
 impl Client {
     /// A new connection, greeting checked and taken.
     pub fn connect(exports: Vec<ExportInfo>) -> Client {
+        Client::connect_with(NbdConfig::default(), exports)
+    }
+
+    /// A new connection under `config`, greeting checked and taken.
+    pub fn connect_with(config: NbdConfig, exports: Vec<ExportInfo>) -> Client {
         let mut actions = Actions::default();
-        let session = NbdSession::new(NbdConfig::default(), &mut actions);
+        let session = NbdSession::new(config, &mut actions);
         assert_eq!(&actions.send[..8], b"NBDMAGIC");
         actions.send.clear();
         Client {
@@ -125,6 +130,13 @@ impl Client {
         let mut c = Client::connect(exports());
         let no_zeroes = if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
         c.send(&(FLAG_C_FIXED_NEWSTYLE | no_zeroes).to_be_bytes());
+        c
+    }
+
+    /// Connected under `config` to the test exports, with NO_ZEROES set.
+    pub fn negotiated_with(config: NbdConfig) -> Client {
+        let mut c = Client::connect_with(config, exports());
+        c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
         c
     }
 
