@@ -204,14 +204,48 @@ pub struct NbdConfig {
     /// TCP address to listen on; `None` (written `""`) disables NBD.
     #[serde(deserialize_with = "listen_address")]
     pub listen: Option<SocketAddr>,
+    /// TLS (`[nbd.tls]`); None: NBD_OPT_STARTTLS is refused and every export is plain text.
+    pub tls: Option<NbdTlsConfig>,
 }
 
 impl Default for NbdConfig {
     fn default() -> Self {
         NbdConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
+            tls: None,
         }
     }
+}
+
+/// `[nbd.tls]`: the server's X.509 credentials, and who may connect.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NbdTlsConfig {
+    /// PEM file with the server certificate (then any intermediates); relative to data_dir.
+    pub certificate: PathBuf,
+    /// PEM file with the certificate's private key; relative to data_dir.
+    pub key: PathBuf,
+    /// PEM file with the CA certificates that sign client certificates: set, a client must
+    /// present a certificate one of them signed (mutual TLS, the authentication).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// What exports without their own `tls` key need.
+    #[serde(default = "tls_required")]
+    pub default: TlsMode,
+}
+
+fn tls_required() -> TlsMode {
+    TlsMode::Require
+}
+
+/// Whether an export may be used without TLS (on a daemon with `[nbd.tls]`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// With or without TLS.
+    Optional,
+    /// Only over TLS.
+    Require,
 }
 
 /// `[iscsi]`: the iSCSI target.
@@ -297,6 +331,9 @@ pub struct ExportConfig {
     /// A snapshot of it, exported read-only as `volume@snapshot`.
     #[serde(default)]
     pub snapshot: Option<String>,
+    /// Whether NBD clients need TLS for it; None: `nbd.tls.default`. Needs `[nbd.tls]`.
+    #[serde(default)]
+    pub tls: Option<TlsMode>,
 }
 
 impl ExportConfig {

@@ -96,6 +96,12 @@ impl Config {
             if let Some(snapshot) = &export.snapshot {
                 check_name(snapshot, "snapshot", at("snapshot"))?;
             }
+            if export.tls.is_some() && self.nbd.tls.is_none() {
+                return Err(Problem::new(
+                    at("tls"),
+                    "an export's tls needs the NBD TLS credentials in [nbd.tls]",
+                ));
+            }
             if !exports.insert(export.name()) {
                 return Err(Problem::new(
                     at("volume"),

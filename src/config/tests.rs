@@ -310,3 +310,39 @@ fn unreadable_file_names_the_path() {
     assert!(matches!(e, ConfigError::Read { .. }));
     assert!(e.to_string().contains("/nonexistent/tessel.toml"));
 }
+
+#[test]
+fn nbd_tls_defaults_to_require_and_exports_may_relax_it() {
+    let c = Config::parse(
+        &format!(
+            "{MINIMAL}\n[nbd.tls]\ncertificate = \"c.pem\"\nkey = \"k.pem\"\n\n\
+             [[export]]\nvolume = \"v\"\ntls = \"optional\"\n"
+        ),
+        "test.toml",
+    )
+    .unwrap();
+    let tls = c.nbd.tls.as_ref().unwrap();
+    assert_eq!(tls.default, TlsMode::Require);
+    assert_eq!(tls.client_ca, None);
+    assert_eq!(c.exports[0].tls, Some(TlsMode::Optional));
+    assert_eq!(
+        Config::embedded_default().nbd.tls,
+        None,
+        "no TLS by default"
+    );
+}
+
+#[test]
+fn export_tls_without_nbd_tls_and_unknown_modes_are_refused() {
+    let e = refuse(&format!(
+        "{MINIMAL}\n[[export]]\nvolume = \"v\"\ntls = \"require\"\n"
+    ));
+    assert_eq!(e.key.as_deref(), Some("export[0].tls"));
+    assert!(e.message.contains("[nbd.tls]"), "{}", e.message);
+    let e = refuse(&format!(
+        "{MINIMAL}\n[nbd.tls]\ncertificate = \"c\"\nkey = \"k\"\ndefault = \"off\"\n"
+    ));
+    assert_eq!(e.key.as_deref(), Some("nbd.tls.default"));
+    let e = refuse(&format!("{MINIMAL}\n[nbd.tls]\ncertificate = \"c\"\n"));
+    assert!(e.message.contains("key"), "{}", e.message);
+}

@@ -5,6 +5,11 @@
 //! connection only, the accept loops survive fd exhaustion with back-off, and every
 //! connection runs under the [`Limits`] of `[limits]` (counts per target and per client
 //! address, handshake and idle timeouts).
+//!
+//! A session that acknowledges NBD_OPT_STARTTLS gets a [`TlsLayer`] under it: from then on
+//! the socket carries ciphertext while the receive and send buffers keep holding the
+//! plaintext the session reads and writes. Without TLS the socket feeds those buffers
+//! directly, as before: no copy and no check beyond one branch per pass.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -16,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessel_engine::{Completion, Engine, PollCtx, Poller, VolumeId};
 use tessel_targets::export::{Actions, Exports};
+
+use super::tls::{Received, TlsLayer};
 
 /// What a connection needs from a protocol session.
 pub trait Session: Send {
@@ -262,6 +269,12 @@ pub struct Connection<S: Session> {
     in_flight: usize,
     closing: bool,
     broken: bool,
+    /// Credentials for a session that asks for TLS; None: no session of this target does.
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+    /// The session acknowledged STARTTLS: its plain-text reply drains, then TLS starts.
+    tls_pending: bool,
+    /// TLS under the session, once started.
+    tls: Option<Box<TlsLayer>>,
     /// The session panicked: it is never called again, only dropped.
     poisoned: bool,
     stopping_seen: bool,
@@ -273,7 +286,7 @@ pub struct Connection<S: Session> {
 
 impl<S: Session> Connection<S> {
     /// Wrap an accepted stream holding `slot`; `greeting` holds what the session queued
-    /// at creation.
+    /// at creation; `tls_config` serves a session that asks for TLS.
     fn new(
         stream: TcpStream,
         peer: SocketAddr,
@@ -281,6 +294,7 @@ impl<S: Session> Connection<S> {
         greeting: Actions,
         exports: Arc<dyn Exports + Send + Sync>,
         slot: Slot,
+        tls_config: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Self> {
         stream.set_nonblocking(true)?;
         stream.set_nodelay(true)?;
@@ -300,6 +314,9 @@ impl<S: Session> Connection<S> {
             in_flight: 0,
             closing,
             broken: false,
+            tls_config,
+            tls_pending: false,
+            tls: None,
             poisoned: false,
             stopping_seen: false,
             opened: now,
@@ -358,26 +375,18 @@ impl<S: Session> Connection<S> {
         if self.actions.close {
             self.closing = true;
         }
+        if std::mem::take(&mut self.actions.start_tls) {
+            self.tls_pending = true;
+        }
     }
 
     fn write_out(&mut self) -> bool {
-        let mut progress = false;
+        let progress = if self.tls.is_some() {
+            self.send_tls()
+        } else {
+            self.send_plain()
+        };
         let out = &mut self.actions.send;
-        while self.out_pos < out.len() && !self.broken {
-            match self.stream.write(&out[self.out_pos..]) {
-                Ok(0) => self.broken = true,
-                Ok(n) => {
-                    self.out_pos += n;
-                    progress = true;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, "send failed: {e}");
-                    self.broken = true;
-                }
-            }
-        }
         if self.out_pos == out.len() {
             out.clear();
             self.out_pos = 0;
@@ -393,6 +402,86 @@ impl<S: Session> Connection<S> {
         if progress {
             let queued = self.pending_out();
             self.with_session(|s, _| s.queued(queued));
+        }
+        progress
+    }
+
+    /// `send_plain` through TLS; once the connection closes and every reply is in, TLS
+    /// ends with close_notify.
+    fn send_tls(&mut self) -> bool {
+        let Some(tls) = self.tls.as_mut().filter(|_| !self.broken) else {
+            return false;
+        };
+        let plain = &self.actions.send[self.out_pos..];
+        let sent = tls.send(&mut self.stream, plain).and_then(|n| {
+            if self.closing && n == plain.len() {
+                tls.close();
+                tls.flush(&mut self.stream)?;
+            }
+            Ok(n)
+        });
+        match sent {
+            Ok(n) => {
+                self.out_pos += n;
+                n > 0
+            }
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, "send failed: {e}");
+                self.broken = true;
+                false
+            }
+        }
+    }
+
+    /// TLS failed (a bad handshake, a client certificate refused, a corrupt record): send the
+    /// alert rustls queued if the socket takes it, and drop the connection.
+    fn tls_failed(&mut self, e: &std::io::Error) {
+        tracing::warn!(protocol = S::PROTOCOL, peer = %self.peer, "closing connection: TLS: {e}");
+        if let Some(tls) = self.tls.as_mut() {
+            let _ = tls.flush(&mut self.stream);
+        }
+        self.broken = true;
+    }
+
+    /// The session's STARTTLS reply has left in plain text: put TLS under the session.
+    /// Bytes already received past the option are the client's first TLS bytes.
+    fn start_tls(&mut self) {
+        self.tls_pending = false;
+        let Some(config) = self.tls_config.clone() else {
+            let e = std::io::Error::other("the session asked for TLS, which is not configured");
+            return self.tls_failed(&e);
+        };
+        let early = &self.input[self.in_start..self.in_end];
+        let started = TlsLayer::new(config, self.peer).and_then(|mut tls| {
+            let fed = tls.feed(early);
+            self.tls = Some(Box::new(tls));
+            fed
+        });
+        self.in_start = 0;
+        self.in_end = 0;
+        if let Err(e) = started {
+            self.tls_failed(&e);
+        }
+    }
+
+    /// Write queued bytes to the socket until it takes no more.
+    fn send_plain(&mut self) -> bool {
+        let mut progress = false;
+        let out = &self.actions.send;
+        while self.out_pos < out.len() && !self.broken {
+            match self.stream.write(&out[self.out_pos..]) {
+                Ok(0) => self.broken = true,
+                Ok(n) => {
+                    self.out_pos += n;
+                    progress = true;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, "send failed: {e}");
+                    self.broken = true;
+                }
+            }
         }
         progress
     }
@@ -419,6 +508,9 @@ impl<S: Session> Connection<S> {
     }
 
     fn read_in(&mut self) -> bool {
+        if self.tls.is_some() {
+            return self.read_in_tls();
+        }
         let mut progress = false;
         let mut got = 0;
         while got < READ_CHUNK && !self.closing && !self.broken {
@@ -453,9 +545,37 @@ impl<S: Session> Connection<S> {
         progress
     }
 
-    /// Feed the unparsed input to the session.
+    /// `read_in` through TLS: decrypted bytes land in the same receive buffer.
+    fn read_in_tls(&mut self) -> bool {
+        let mut got = 0;
+        while got < READ_CHUNK && !self.closing && !self.broken {
+            self.make_room();
+            let Some(tls) = self.tls.as_mut() else {
+                break;
+            };
+            match tls.receive(&mut self.stream, &mut self.input[self.in_end..]) {
+                Ok(Received::Data(n)) => {
+                    self.in_end += n;
+                    got += n;
+                }
+                Ok(Received::Blocked) => break,
+                Ok(Received::Closed) => {
+                    self.closing = true;
+                    tracing::debug!(peer = %self.peer, "peer closed");
+                }
+                Err(e) => self.tls_failed(&e),
+            }
+        }
+        if got > 0 {
+            self.last_input = Instant::now();
+        }
+        got > 0
+    }
+
+    /// Feed the unparsed input to the session (none while TLS is about to start: those
+    /// bytes are the client's TLS handshake).
     fn parse(&mut self, ctx: &mut PollCtx<'_>) -> bool {
-        if self.in_start == self.in_end || self.broken {
+        if self.in_start == self.in_end || self.broken || self.tls_pending {
             return false;
         }
         let (input, exports) = (std::mem::take(&mut self.input), self.exports.clone());
@@ -532,7 +652,10 @@ impl<S: Session> Poller for Connection<S> {
             self.take_actions(ctx);
         }
         let waiting = self.with_session(|s, _| s.waiting_for_memory()) == Some(true);
-        let backlog = waiting || self.in_flight >= MAX_IN_FLIGHT || self.pending_out() >= MAX_OUT;
+        let backlog = waiting
+            || self.tls_pending
+            || self.in_flight >= MAX_IN_FLIGHT
+            || self.pending_out() >= MAX_OUT;
         if !backlog && self.read_in() {
             progress = true;
         }
@@ -543,6 +666,12 @@ impl<S: Session> Poller for Connection<S> {
         // One send for the replies of every completion delivered since the last pass and
         // for what parsing produced.
         progress |= self.write_out();
+        if self.tls_pending && self.pending_out() == 0 && !self.broken {
+            self.start_tls();
+            // The server's part of the handshake, when the client's start came early.
+            self.write_out();
+            progress = true;
+        }
         progress
     }
 
@@ -559,14 +688,15 @@ impl<S: Session> Poller for Connection<S> {
             return None;
         }
         let mut ev = libc::POLLIN as u32;
-        if self.pending_out() > 0 {
+        if self.pending_out() > 0 || self.tls.as_ref().is_some_and(|t| t.wants_write()) {
             ev |= libc::POLLOUT as u32;
         }
         Some((self.stream.as_raw_fd(), ev))
     }
 
     fn finished(&self) -> bool {
-        let done = (self.closing && self.pending_out() == 0) || self.broken;
+        let tls_unsent = self.tls.as_ref().is_some_and(|t| t.wants_write());
+        let done = (self.closing && self.pending_out() == 0 && !tls_unsent) || self.broken;
         done && self.in_flight == 0
     }
 }
@@ -589,12 +719,15 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The loop never ends on an error: a failing accept (EMFILE while fds are exhausted)
 /// is retried after a pause that doubles up to [`ACCEPT_BACKOFF_MAX`], logged at most every
 /// few seconds; a connection over a limit is closed at once.
+///
+/// `tls` serves the sessions that ask for TLS (NBD with `[nbd.tls]`).
 pub fn accept_loop<S: Session + 'static>(
     listener: std::net::TcpListener,
     engine: Engine,
     exports: Arc<dyn Exports + Send + Sync>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     registry: Arc<Registry>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     make: impl Fn() -> (S, Actions) + Send + 'static,
 ) {
     let mut next = 0usize;
@@ -638,7 +771,8 @@ pub fn accept_loop<S: Session + 'static>(
             }
         };
         let (session, greeting) = make();
-        match Connection::new(stream, peer, session, greeting, exports.clone(), slot) {
+        let tls = tls.clone();
+        match Connection::new(stream, peer, session, greeting, exports.clone(), slot, tls) {
             Ok(c) => {
                 engine.add_poller(next, Box::new(c));
                 next = next.wrapping_add(1);
@@ -725,7 +859,7 @@ mod tests {
         let accept = {
             let (engine, registry, stop) = (engine.clone(), registry.clone(), stop.clone());
             std::thread::spawn(move || {
-                accept_loop(listener, engine, exports, stop, registry, || {
+                accept_loop(listener, engine, exports, stop, registry, None, || {
                     (Echo, Actions::default())
                 })
             })

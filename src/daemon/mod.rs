@@ -7,6 +7,7 @@ pub mod control;
 pub mod exports;
 pub mod origins;
 pub mod schedule;
+pub mod tls;
 
 use crate::config::{Config, Cores, FormatPolicy, PollMode, Unmatched};
 use conn::{Limits, Registry, Session, VolumeUse};
@@ -220,6 +221,10 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         )),
         None => None,
     };
+    let nbd_tls = match &config.nbd.tls {
+        Some(t) => Some((tls::credentials(&config, t)?, tls::policy(&config, t))),
+        None => None,
+    };
     let iscsi_listener = match config.iscsi.listen {
         Some(addr) => Some((
             TcpListener::bind(addr).map_err(|e| format!("iSCSI listen on {addr}: {e}"))?,
@@ -291,13 +296,18 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             registry.clone(),
             budget.clone(),
         );
+        let (credentials, policy) = nbd_tls.unzip();
+        let nbd_config = NbdConfig {
+            tls: policy.map(Arc::new),
+            ..NbdConfig::default()
+        };
         std::thread::Builder::new()
             .name("nbd-accept".into())
             .spawn(move || {
-                conn::accept_loop(l, engine, exports, stop, registry, move || {
+                conn::accept_loop(l, engine, exports, stop, registry, credentials, move || {
                     let mut a = Actions::default();
                     let allowance = Allowance::new(budget.clone(), connection_memory);
-                    let s = NbdSession::new(NbdConfig::default(), &mut a).with_allowance(allowance);
+                    let s = NbdSession::new(nbd_config.clone(), &mut a).with_allowance(allowance);
                     (s, a)
                 })
             })?;
@@ -322,7 +332,7 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         std::thread::Builder::new()
             .name("iscsi-accept".into())
             .spawn(move || {
-                conn::accept_loop(l, engine, exports, stop, registry, move || {
+                conn::accept_loop(l, engine, exports, stop, registry, None, move || {
                     (IscsiSession::new(icfg.clone()), Actions::default())
                 })
             })?;
