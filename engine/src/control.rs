@@ -38,6 +38,7 @@ impl Engine {
             kind: ImageKind::Volume,
             of: crate::map::NONE,
             epoch: 0,
+            flags: 0,
         };
         self.log_control(&mut c, Record::VolumeCreate(v.clone()))?;
         c.state.next_volume_id += 1;

@@ -8,7 +8,7 @@ use crate::barrier::{
 use crate::control::{check_size, info_of, meta_of, vol_state};
 use crate::engine::{now_unix, valid_name, ControlState, Engine, VolumeInfo};
 use crate::error::{ControlError, IoError};
-use crate::journal::{ImageKind, Record, VolumeRecord};
+use crate::journal::{ImageKind, Record, VolumeRecord, FLAG_PROTECTED, FLAG_SCHEDULED};
 use crate::map::NONE;
 use crate::reactor::Reactor;
 use std::sync::atomic::Ordering;
@@ -36,6 +36,10 @@ pub struct SnapshotInfo {
     pub exclusive_bytes: u64,
     /// Bytes it shares with its volume, other snapshots or clones.
     pub shared_bytes: u64,
+    /// Taken by a schedule (recorded when it was taken): the only kind a schedule expires.
+    pub scheduled: bool,
+    /// Protected: nothing deletes it until it is unprotected.
+    pub protected: bool,
 }
 
 /// Progress of a clone inflate.
@@ -171,6 +175,25 @@ impl Engine {
 
     /// Take a crash-consistent snapshot of a volume through the barrier.
     pub fn snapshot_create(&self, volume: &str, name: &str) -> Result<SnapshotInfo, ControlError> {
+        self.snapshot_create_flagged(volume, name, 0)
+    }
+
+    /// `snapshot_create` for a schedule: the snapshot is recorded as scheduled, which is
+    /// what lets the schedule expire it later (its name plays no part).
+    pub fn snapshot_create_scheduled(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<SnapshotInfo, ControlError> {
+        self.snapshot_create_flagged(volume, name, FLAG_SCHEDULED)
+    }
+
+    fn snapshot_create_flagged(
+        &self,
+        volume: &str,
+        name: &str,
+        flags: u8,
+    ) -> Result<SnapshotInfo, ControlError> {
         if !valid_name(name) {
             return Err(ControlError::BadName(name.into()));
         }
@@ -213,6 +236,7 @@ impl Engine {
             kind: ImageKind::Snapshot,
             of: vol,
             epoch,
+            flags,
         };
         self.log_control(&mut c, Record::SnapshotCreate(rec.clone()))?;
         if let Some(vr) = c.state.volumes.get_mut(&vol) {
@@ -240,7 +264,40 @@ impl Engine {
             allocated_bytes: 0,
             exclusive_bytes: 0,
             shared_bytes: 0,
+            scheduled: flags & FLAG_SCHEDULED != 0,
+            protected: false,
         })
+    }
+
+    /// Protect a snapshot from deletion (by hand, by a schedule's expiry, with its volume),
+    /// or lift that; recorded in the control log, so it holds across restarts.
+    pub fn snapshot_protect(
+        &self,
+        volume: &str,
+        name: &str,
+        protected: bool,
+    ) -> Result<(), ControlError> {
+        let mut c = self.control();
+        let (_, s) = Self::find_snapshot(&c, volume, name)?;
+        let flags = if protected {
+            s.flags | FLAG_PROTECTED
+        } else {
+            s.flags & !FLAG_PROTECTED
+        };
+        if flags == s.flags {
+            return Ok(());
+        }
+        self.log_control(&mut c, Record::ImageFlags { id: s.id, flags })?;
+        if let Some(rec) = c.state.volumes.get_mut(&s.id) {
+            rec.flags = flags;
+        }
+        tracing::info!(
+            volume,
+            snapshot = name,
+            protected,
+            "snapshot protection changed"
+        );
+        Ok(())
     }
 
     fn find_snapshot(
@@ -268,6 +325,9 @@ impl Engine {
     pub fn snapshot_delete(&self, volume: &str, name: &str) -> Result<(), ControlError> {
         let mut c = self.control();
         let (_, s) = Self::find_snapshot(&c, volume, name)?;
+        if s.flags & FLAG_PROTECTED != 0 {
+            return Err(ControlError::Protected(format!("{volume}@{name}")));
+        }
         let clones: Vec<String> = c.clones_of(s.id).iter().map(|v| v.name.clone()).collect();
         if !clones.is_empty() {
             return Err(ControlError::InUse(format!(
@@ -325,6 +385,8 @@ impl Engine {
                     allocated_bytes: all * cs,
                     exclusive_bytes: own * cs,
                     shared_bytes: (all - own) * cs,
+                    scheduled: s.flags & FLAG_SCHEDULED != 0,
+                    protected: s.flags & FLAG_PROTECTED != 0,
                 });
             }
         }
@@ -356,6 +418,7 @@ impl Engine {
             kind: ImageKind::Volume,
             of: s.id,
             epoch: s.epoch,
+            flags: 0,
         };
         self.journal_room(&mut c)?;
         c.state.next_volume_id += 1;

@@ -178,6 +178,8 @@ pub enum ControlError {
     BadBlockSize(u32),
     /// The operation needs something that other objects still use (names them).
     InUse(String),
+    /// The snapshot (`volume@snapshot`) is protected from deletion.
+    Protected(String),
     /// A write-path error while making the change durable.
     Io(IoError),
     /// The pool refused the change.
@@ -202,6 +204,9 @@ impl fmt::Display for ControlError {
             ControlError::BadSize(s) => write!(f, "invalid size: {s}"),
             ControlError::BadBlockSize(b) => write!(f, "invalid block size {b}: use 512 or 4096"),
             ControlError::InUse(s) => write!(f, "in use: {s}"),
+            ControlError::Protected(s) => {
+                write!(f, "snapshot '{s}' is protected; unprotect it first")
+            }
             ControlError::Io(e) => write!(f, "{e}"),
             ControlError::Pool(e) => write!(f, "{e}"),
             ControlError::BarrierTimeout => {

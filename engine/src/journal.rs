@@ -43,7 +43,16 @@ pub struct VolumeRecord {
     /// Snapshot: the epoch it froze. Volume: S, the epoch of its newest snapshot (or of
     /// its origin snapshot), so entries born after it belong to the volume alone.
     pub epoch: u64,
+    /// [`FLAG_SCHEDULED`], [`FLAG_PROTECTED`]; 0 for volumes.
+    pub flags: u8,
 }
+
+/// A snapshot taken by a schedule: only these are ever expired by one.
+pub const FLAG_SCHEDULED: u8 = 1;
+/// A protected snapshot: nothing deletes it until it is unprotected.
+pub const FLAG_PROTECTED: u8 = 2;
+/// Every flag this build knows; a record with others is refused as corrupt.
+const KNOWN_FLAGS: u8 = FLAG_SCHEDULED | FLAG_PROTECTED;
 
 /// One metadata change.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +76,8 @@ pub enum Record {
     SnapshotDelete { id: u64 },
     /// Control log: a clone no longer depends on its origin snapshot.
     CloneInflated { id: u64 },
+    /// Control log: image `id`'s flags are now `flags` (a snapshot protected or not).
+    ImageFlags { id: u64, flags: u8 },
     /// Region: this region's shards of `vol` were frozen into snapshot `snap` here.
     Freeze { vol: u64, snap: u64, epoch: u64 },
     /// Region: clone `vol` starts with this region's shards of snapshot `from`.
@@ -130,25 +141,34 @@ pub(crate) fn put_volume(out: &mut Vec<u8>, v: &VolumeRecord) {
     out.extend_from_slice(&v.size.to_le_bytes());
     out.extend_from_slice(&v.block_size.to_le_bytes());
     out.extend_from_slice(&v.created_unix.to_le_bytes());
-    out.push(v.kind as u8);
+    // The flags share the kind's byte (kind in the low nibble): pools written before
+    // flags existed hold 0 or 1 there and read back with no flags.
+    out.push(v.kind as u8 | v.flags << 4);
     out.extend_from_slice(&v.of.to_le_bytes());
     out.extend_from_slice(&v.epoch.to_le_bytes());
 }
 
 pub(crate) fn get_volume(r: &mut Reader) -> Option<VolumeRecord> {
+    let (id, name, size, block_size, created_unix) =
+        (r.u64()?, get_str(r)?, r.u64()?, r.u32()?, r.u64()?);
+    let kind_byte = r.u8()?;
     Some(VolumeRecord {
-        id: r.u64()?,
-        name: get_str(r)?,
-        size: r.u64()?,
-        block_size: r.u32()?,
-        created_unix: r.u64()?,
-        kind: match r.u8()? {
+        id,
+        name,
+        size,
+        block_size,
+        created_unix,
+        kind: match kind_byte & 0x0f {
             0 => ImageKind::Volume,
             1 => ImageKind::Snapshot,
             _ => return None,
         },
         of: r.u64()?,
         epoch: r.u64()?,
+        flags: match kind_byte >> 4 {
+            f if f & !KNOWN_FLAGS == 0 => f,
+            _ => return None,
+        },
     })
 }
 
@@ -198,6 +218,10 @@ impl Record {
             Record::Clone { vol, from } => put_ids(out, 9, &[*vol, *from]),
             Record::Rollback { vol, snap } => put_ids(out, 10, &[*vol, *snap]),
             Record::Drop { id } => put_ids(out, 11, &[*id]),
+            Record::ImageFlags { id, flags } => {
+                put_ids(out, 12, &[*id]);
+                out.push(*flags);
+            }
         }
     }
 
@@ -233,6 +257,13 @@ impl Record {
                 snap: r.u64()?,
             },
             11 => Record::Drop { id: r.u64()? },
+            12 => Record::ImageFlags {
+                id: r.u64()?,
+                flags: match r.u8()? {
+                    f if f & !KNOWN_FLAGS == 0 => f,
+                    _ => return None,
+                },
+            },
             _ => return None,
         })
     }
@@ -594,7 +625,23 @@ mod tests {
                     kind: ImageKind::Volume,
                     of: NONE,
                     epoch: 0,
+                    flags: 0,
                 }),
+                Record::SnapshotCreate(VolumeRecord {
+                    id: 4,
+                    name: "s".into(),
+                    size: 1 << 30,
+                    block_size: 512,
+                    created_unix: 6,
+                    kind: ImageKind::Snapshot,
+                    of: 3,
+                    epoch: 9,
+                    flags: FLAG_SCHEDULED | FLAG_PROTECTED,
+                }),
+                Record::ImageFlags {
+                    id: 4,
+                    flags: FLAG_SCHEDULED,
+                },
                 Record::SnapshotDelete { id: 4 },
                 Record::CloneInflated { id: 5 },
                 Record::Freeze {

@@ -655,6 +655,11 @@ pub fn recover(
                     v.of = crate::map::NONE;
                 }
             }
+            Record::ImageFlags { id, flags } => {
+                if let Some(v) = st.volumes.get_mut(&id) {
+                    v.flags = flags;
+                }
+            }
             other => {
                 return Err(PoolError::Corrupt(format!(
                     "region record in the control log: {other:?}"
@@ -821,7 +826,8 @@ fn apply_region_record(
         | Record::VolumeResize { .. }
         | Record::SnapshotCreate(_)
         | Record::SnapshotDelete { .. }
-        | Record::CloneInflated { .. } => {}
+        | Record::CloneInflated { .. }
+        | Record::ImageFlags { .. } => {}
     }
 }
 
