@@ -6,13 +6,13 @@ use std::fmt;
 use serde_json::Value;
 use tessel_targets::control::proto::{
     ExportInfo, ExportList, JobKind, JobProgress, ResponseError, ScheduleInfo, ScheduleList,
-    SnapshotInfo, SnapshotList, Stats, VolumeInfo, VolumeList,
+    SessionInfo, SessionList, SnapshotInfo, SnapshotList, Stats, VolumeInfo, VolumeList,
 };
 use tessel_targets::control::{ClientError, ControlClient, ControlRequest, ControlResponse};
 
 use crate::cli::{
-    CloneCommand, Command, ExportCommand, PoolArgs, PoolCommand, ScheduleCommand, SnapshotCommand,
-    VolumeCommand,
+    CloneCommand, Command, ExportCommand, PoolArgs, PoolCommand, ScheduleCommand, SessionCommand,
+    SnapshotCommand, VolumeCommand,
 };
 use tessel_engine::pool::Ring;
 use tessel_engine::DeviceSpec;
@@ -88,7 +88,10 @@ pub fn request(command: &Command) -> ControlRequest {
                 size: *size,
                 block_size: *block_size,
             },
-            VolumeCommand::Delete { name } => ControlRequest::VolumeDelete { name: s(name) },
+            VolumeCommand::Delete { name, force } => ControlRequest::VolumeDelete {
+                name: s(name),
+                force: *force,
+            },
             VolumeCommand::Resize { name, size } => ControlRequest::VolumeResize {
                 name: s(name),
                 size: *size,
@@ -110,7 +113,20 @@ pub fn request(command: &Command) -> ControlRequest {
                 volume: s(volume),
                 name: s(name),
             },
-            SnapshotCommand::Delete { volume, name } => ControlRequest::SnapshotDelete {
+            SnapshotCommand::Delete {
+                volume,
+                name,
+                force,
+            } => ControlRequest::SnapshotDelete {
+                volume: s(volume),
+                name: s(name),
+                force: *force,
+            },
+            SnapshotCommand::Protect { volume, name } => ControlRequest::SnapshotProtect {
+                volume: s(volume),
+                name: s(name),
+            },
+            SnapshotCommand::Unprotect { volume, name } => ControlRequest::SnapshotUnprotect {
                 volume: s(volume),
                 name: s(name),
             },
@@ -145,7 +161,14 @@ pub fn request(command: &Command) -> ControlRequest {
                 every_secs: *every,
                 keep: *keep,
             },
+            ScheduleCommand::Remove { volume } => {
+                ControlRequest::ScheduleRemove { volume: s(volume) }
+            }
             ScheduleCommand::List => ControlRequest::ScheduleList,
+        },
+        Command::Session(c) => match c {
+            SessionCommand::List => ControlRequest::SessionList,
+            SessionCommand::Close { id } => ControlRequest::SessionClose { id: *id },
         },
     }
 }
@@ -166,7 +189,7 @@ pub fn render(command: &Command, data: Value) -> Result<String, ResponseError> {
                     info.block_size
                 )
             }
-            VolumeCommand::Delete { name } => format!("deleted volume '{name}'\n"),
+            VolumeCommand::Delete { name, .. } => format!("deleted volume '{name}'\n"),
             VolumeCommand::Resize { name, .. } => {
                 let info: VolumeInfo = ok().into_data()?;
                 format!("resized volume '{name}' to {}\n", format_size(info.size))
@@ -187,8 +210,16 @@ pub fn render(command: &Command, data: Value) -> Result<String, ResponseError> {
                     info.epoch
                 )
             }
-            SnapshotCommand::Delete { volume, name } => {
+            SnapshotCommand::Delete { volume, name, .. } => {
                 format!("deleted snapshot '{volume}@{name}'\n")
+            }
+            SnapshotCommand::Protect { volume, name } => {
+                ok().into_data::<SnapshotInfo>()?;
+                format!("protected snapshot '{volume}@{name}'\n")
+            }
+            SnapshotCommand::Unprotect { volume, name } => {
+                ok().into_data::<SnapshotInfo>()?;
+                format!("unprotected snapshot '{volume}@{name}'\n")
             }
             SnapshotCommand::List { .. } => {
                 snapshot_table(&ok().into_data::<SnapshotList>()?.snapshots)
@@ -228,9 +259,46 @@ pub fn render(command: &Command, data: Value) -> Result<String, ResponseError> {
                     s.keep
                 )
             }
+            ScheduleCommand::Remove { volume } => format!("removed the schedule of '{volume}'\n"),
             ScheduleCommand::List => schedule_table(&ok().into_data::<ScheduleList>()?.schedules),
         },
+        Command::Session(c) => match c {
+            SessionCommand::List => session_table(&ok().into_data::<SessionList>()?.sessions),
+            SessionCommand::Close { id } => format!("closed session {id}\n"),
+        },
     })
+}
+
+fn session_table(sessions: &[SessionInfo]) -> String {
+    let mut t = Table::new(&[
+        ("ID", Align::Right),
+        ("PROTOCOL", Align::Left),
+        ("PEER", Align::Left),
+        ("EXPORT/TARGET", Align::Left),
+        ("INITIATOR", Align::Left),
+        ("SINCE", Align::Left),
+        ("IN FLIGHT", Align::Right),
+        ("READ", Align::Right),
+        ("WRITTEN", Align::Right),
+    ]);
+    for s in sessions {
+        let dash = || "-".to_string();
+        t.row(vec![
+            s.id.to_string(),
+            s.protocol.clone(),
+            s.peer.clone(),
+            s.export
+                .clone()
+                .or_else(|| s.target.clone())
+                .unwrap_or_else(dash),
+            s.initiator.clone().unwrap_or_else(dash),
+            table::format_unix(s.since_unix),
+            s.in_flight.to_string(),
+            format_size(s.read_bytes),
+            format_size(s.written_bytes),
+        ]);
+    }
+    t.render()
 }
 
 fn volume_table(volumes: &[VolumeInfo]) -> String {
@@ -285,8 +353,16 @@ fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
         ("ALLOCATED", Align::Right),
         ("EXCLUSIVE", Align::Right),
         ("SHARED", Align::Right),
+        ("FLAGS", Align::Left),
     ]);
     for s in snapshots {
+        let mut flags: Vec<&str> = Vec::new();
+        if s.scheduled {
+            flags.push("scheduled");
+        }
+        if s.protected {
+            flags.push("protected");
+        }
         t.row(vec![
             s.volume.clone(),
             s.name.clone(),
@@ -295,6 +371,11 @@ fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
             format_size(s.allocated_bytes),
             format_size(s.exclusive_bytes),
             format_size(s.shared_bytes),
+            if flags.is_empty() {
+                "-".into()
+            } else {
+                flags.join(",")
+            },
         ]);
     }
     t.render()
@@ -584,15 +665,20 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_list_shows_times_and_space() {
+    fn snapshot_list_shows_times_space_and_flags() {
         let data = json!({"snapshots": [{
             "volume": "vol0", "name": "nightly", "created_unix": 1_795_313_045u64, "epoch": 7,
             "allocated_bytes": 1u64 << 30, "exclusive_bytes": 65536, "shared_bytes": 512u64 << 20
+        }, {
+            "volume": "vol0", "name": "auto-x", "created_unix": 1_795_313_045u64, "epoch": 8,
+            "allocated_bytes": 0, "exclusive_bytes": 0, "shared_bytes": 0,
+            "scheduled": true, "protected": true
         }]});
         assert_eq!(
             render(&command(&["snapshot", "list"]), data).unwrap(),
-            "VOLUME  NAME     CREATED               EPOCH  ALLOCATED  EXCLUSIVE     SHARED\n\
-             vol0    nightly  2026-11-22 02:04:05Z      7    1.0 GiB   64.0 KiB  512.0 MiB\n"
+            "VOLUME  NAME     CREATED               EPOCH  ALLOCATED  EXCLUSIVE     SHARED  FLAGS\n\
+             vol0    nightly  2026-11-22 02:04:05Z      7    1.0 GiB   64.0 KiB  512.0 MiB  -\n\
+             vol0    auto-x   2026-11-22 02:04:05Z      8        0 B        0 B        0 B  scheduled,protected\n"
         );
     }
 

@@ -52,6 +52,9 @@ pub enum Command {
     /// Periodic snapshots.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Who is connected: list and close NBD connections and iSCSI sessions.
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// Offline pool maintenance (the daemon must be stopped).
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -198,10 +201,14 @@ pub enum VolumeCommand {
         #[arg(long, default_value = "4096", value_parser = parse_block_size)]
         block_size: u32,
     },
-    /// Delete a volume and free its space (snapshots of it must have no clones).
+    /// Delete a volume and free its space (delete its snapshots first). Refused while hosts
+    /// are connected to it.
     Delete {
         /// Volume name.
         name: String,
+        /// Delete it even while hosts are connected: their connections are closed.
+        #[arg(long)]
+        force: bool,
     },
     /// Grow a volume to a new size; hosts see it at their next capacity check.
     Resize {
@@ -241,8 +248,27 @@ pub enum SnapshotCommand {
         /// Snapshot name, unique per volume; exported read-only as VOLUME@NAME.
         name: String,
     },
-    /// Delete a snapshot and free the space only it used.
+    /// Delete a snapshot and free the space only it used. Refused while the snapshot is
+    /// protected, or while hosts are connected to it.
     Delete {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+        /// Delete it even while hosts are connected: their connections are closed.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Protect a snapshot: nothing deletes it (by hand or a schedule's expiry) until it is
+    /// unprotected.
+    Protect {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Lift a snapshot's protection.
+    Unprotect {
         /// Volume name.
         volume: String,
         /// Snapshot name.
@@ -310,8 +336,26 @@ pub enum ScheduleCommand {
         #[arg(long, value_name = "N")]
         keep: u32,
     },
+    /// Stop snapshotting a volume; the snapshots the schedule took stay.
+    Remove {
+        /// Volume name.
+        volume: String,
+    },
     /// List schedules and when each next runs.
     List,
+}
+
+/// `tessel session ...`
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Open NBD connections and iSCSI sessions: peer, export or initiator and target,
+    /// since when, requests in flight, bytes read and written.
+    List,
+    /// Disconnect one host connection.
+    Close {
+        /// Its ID, from `tessel session list`.
+        id: u64,
+    },
 }
 
 /// A snapshot named on the command line as `VOLUME@SNAPSHOT`.

@@ -11,15 +11,15 @@
 //! plaintext the session reads and writes. Without TLS the socket feeds those buffers
 //! directly, as before: no copy and no check beyond one branch per pass.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tessel_engine::{Completion, Engine, PollCtx, Poller, VolumeId};
+use tessel_engine::{Completion, Engine, Op, PollCtx, Poller, VolumeId};
 use tessel_targets::export::{Actions, Exports};
 
 use super::tls::{Received, TlsLayer};
@@ -45,8 +45,10 @@ pub trait Session: Send {
     fn shut_down(&mut self, actions: &mut Actions);
     /// True until the peer has chosen an export or logged in: the handshake timeout runs.
     fn handshaking(&self) -> bool;
-    /// The volume the connection may write, for the rollback in-use check.
+    /// The images the connection uses, for the in-use checks of destructive commands.
     fn volume_use(&self) -> VolumeUse;
+    /// What `session list` shows of it; asked when `volume_use` changes.
+    fn describe(&self) -> Described;
     /// True while a request waits for memory: read no more input until bytes come back.
     fn waiting_for_memory(&self) -> bool {
         false
@@ -55,15 +57,27 @@ pub trait Session: Send {
     fn queued(&mut self, _bytes: usize) {}
 }
 
-/// Which volume a connection uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which images a connection uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum VolumeUse {
     /// None yet (handshake, discovery).
+    #[default]
     None,
-    /// This one.
+    /// This one image (an NBD export: a volume or a snapshot).
     One(VolumeId),
-    /// Any: the session does not say which.
-    Any,
+    /// The iSCSI target of this volume: the volume as LUN 0 and its exported snapshots.
+    Target(VolumeId),
+}
+
+/// A session as `session list` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Described {
+    /// NBD: the export chosen.
+    pub export: Option<String>,
+    /// iSCSI: the initiator's IQN.
+    pub initiator: Option<String>,
+    /// iSCSI: the target's IQN.
+    pub target: Option<String>,
 }
 
 /// Limits every host connection runs under (`[limits]` in the configuration).
@@ -79,19 +93,47 @@ pub struct Limits {
     pub idle_timeout: Option<Duration>,
 }
 
-/// The daemon's open host connections: what the limits count, and what the control
-/// server reports (and checks before a rollback).
+/// The daemon's open host connections: what the limits count, what `session list` shows,
+/// and what destructive commands check (and close) before they run.
 pub struct Registry {
     limits: Limits,
     tally: Mutex<Tally>,
+    sessions: Mutex<BTreeMap<u64, Arc<Entry>>>,
+    next_id: AtomicU64,
 }
 
 #[derive(Default)]
 struct Tally {
     per_target: HashMap<&'static str, u32>,
     per_client: HashMap<(&'static str, IpAddr), u32>,
-    per_volume: HashMap<VolumeId, u32>,
-    any_volume: u32,
+}
+
+/// One open connection as the control side sees it. The connection updates the counters
+/// (relaxed atomics: figures for people, read while it runs) and its use when it changes.
+pub struct Entry {
+    pub id: u64,
+    pub protocol: &'static str,
+    pub peer: SocketAddr,
+    pub since_unix: u64,
+    pub in_flight: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub written_bytes: AtomicU64,
+    state: Mutex<(VolumeUse, Described)>,
+    /// A second handle on the socket: shutting it down ends the connection from any
+    /// thread (its reactor sees end of file and closes it once its requests are done).
+    closer: TcpStream,
+}
+
+impl Entry {
+    /// The images it uses and its description.
+    pub fn state(&self) -> (VolumeUse, Described) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Disconnect the host.
+    pub fn close(&self) {
+        let _ = self.closer.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Registry {
@@ -100,6 +142,8 @@ impl Registry {
         Arc::new(Registry {
             limits,
             tally: Mutex::new(Tally::default()),
+            sessions: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
         })
     }
 
@@ -107,8 +151,22 @@ impl Registry {
         self.tally.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A slot for a new connection of `protocol` from `ip`, or why there is none.
-    fn admit(self: &Arc<Self>, protocol: &'static str, ip: IpAddr) -> Result<Slot, String> {
+    fn sessions_locked(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Entry>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for a new connection of `protocol` from `peer` on `stream`, or why there is
+    /// none.
+    fn admit(
+        self: &Arc<Self>,
+        protocol: &'static str,
+        peer: SocketAddr,
+        stream: &TcpStream,
+    ) -> Result<Slot, String> {
+        let ip = peer.ip();
+        let closer = stream
+            .try_clone()
+            .map_err(|e| format!("cannot keep a handle on the socket: {e}"))?;
         let mut t = self.tally();
         let target = t.per_target.get(protocol).copied().unwrap_or(0);
         if target >= self.limits.connections {
@@ -124,10 +182,24 @@ impl Registry {
         }
         *t.per_target.entry(protocol).or_default() += 1;
         *t.per_client.entry((protocol, ip)).or_default() += 1;
+        drop(t);
+        let entry = Arc::new(Entry {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            protocol,
+            peer,
+            since_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            in_flight: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+            state: Mutex::new(Default::default()),
+            closer,
+        });
+        self.sessions_locked().insert(entry.id, entry.clone());
         Ok(Slot {
             registry: self.clone(),
-            protocol,
-            ip,
+            entry,
             volume: VolumeUse::None,
         })
     }
@@ -137,59 +209,53 @@ impl Registry {
         self.tally().per_target.values().sum()
     }
 
-    /// Open connections that may be writing `volume`.
-    pub fn using(&self, volume: VolumeId) -> u32 {
-        let t = self.tally();
-        t.per_volume.get(&volume).copied().unwrap_or(0) + t.any_volume
+    /// Every open connection, oldest first.
+    pub fn sessions(&self) -> Vec<Arc<Entry>> {
+        self.sessions_locked().values().cloned().collect()
     }
 
-    /// Open connections on exactly `volume` (an export's count).
-    pub fn on(&self, volume: VolumeId) -> u32 {
-        self.tally().per_volume.get(&volume).copied().unwrap_or(0)
+    /// The open connection `id`.
+    pub fn session(&self, id: u64) -> Option<Arc<Entry>> {
+        self.sessions_locked().get(&id).cloned()
+    }
+
+    /// Open connections whose use `matches`.
+    pub fn matching(&self, matches: impl Fn(VolumeUse) -> bool) -> Vec<Arc<Entry>> {
+        self.sessions()
+            .into_iter()
+            .filter(|e| matches(e.state().0))
+            .collect()
     }
 }
 
 /// One connection's place in the [`Registry`], given back when dropped.
 struct Slot {
     registry: Arc<Registry>,
-    protocol: &'static str,
-    ip: IpAddr,
+    entry: Arc<Entry>,
+    /// The use last recorded in `entry`, so that an unchanged one costs no lock.
     volume: VolumeUse,
 }
 
 impl Slot {
-    fn set_volume(&mut self, volume: VolumeUse) {
+    fn set_volume(&mut self, volume: VolumeUse, describe: impl FnOnce() -> Described) {
         if volume == self.volume {
             return;
         }
-        let mut t = self.registry.tally();
-        count_volume(&mut t, self.volume, false);
-        count_volume(&mut t, volume, true);
         self.volume = volume;
-    }
-}
-
-fn count_volume(t: &mut Tally, volume: VolumeUse, add: bool) {
-    let n = match volume {
-        VolumeUse::None => return,
-        VolumeUse::One(v) => t.per_volume.entry(v).or_default(),
-        VolumeUse::Any => &mut t.any_volume,
-    };
-    if add {
-        *n += 1;
-    } else {
-        *n = n.saturating_sub(1);
+        let described = describe();
+        *self.entry.state.lock().unwrap_or_else(|p| p.into_inner()) = (volume, described);
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.registry.sessions_locked().remove(&self.entry.id);
         let mut t = self.registry.tally();
-        count_volume(&mut t, self.volume, false);
-        if let Some(n) = t.per_target.get_mut(self.protocol) {
+        let protocol = self.entry.protocol;
+        if let Some(n) = t.per_target.get_mut(protocol) {
             *n = n.saturating_sub(1);
         }
-        let key = (self.protocol, self.ip);
+        let key = (protocol, self.entry.peer.ip());
         if let Some(n) = t.per_client.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
@@ -368,10 +434,19 @@ impl<S: Session> Connection<S> {
 
     /// Hand the requests the session produced to the engine and note a close.
     fn take_actions(&mut self, ctx: &mut PollCtx<'_>) {
+        let entry = &self.slot.entry;
         for r in self.actions.submit.drain(..) {
+            match r.op {
+                Op::Read => entry.read_bytes.fetch_add(r.len, Ordering::Relaxed),
+                Op::Write { .. } => entry.written_bytes.fetch_add(r.len, Ordering::Relaxed),
+                _ => 0,
+            };
             self.in_flight += 1;
             ctx.submit(r);
         }
+        entry
+            .in_flight
+            .store(self.in_flight as u64, Ordering::Relaxed);
         if self.actions.close {
             self.closing = true;
         }
@@ -598,7 +673,8 @@ impl<S: Session> Connection<S> {
         };
         self.take_actions(ctx);
         if let Some(volume) = self.with_session(|s, _| s.volume_use()) {
-            self.slot.set_volume(volume);
+            let session = &self.session;
+            self.slot.set_volume(volume, || session.describe());
         }
         progress
     }
@@ -677,6 +753,10 @@ impl<S: Session> Poller for Connection<S> {
 
     fn complete(&mut self, c: Completion, ctx: &mut PollCtx<'_>) {
         self.in_flight -= 1;
+        self.slot
+            .entry
+            .in_flight
+            .store(self.in_flight as u64, Ordering::Relaxed);
         // Only queue the reply: the reactor polls this connection later in the same pass,
         // and that poll writes all queued replies with one send.
         self.with_session(|s, a| s.complete(c, a));
@@ -757,7 +837,7 @@ pub fn accept_loop<S: Session + 'static>(
                 continue;
             }
         };
-        let slot = match registry.admit(S::PROTOCOL, peer.ip()) {
+        let slot = match registry.admit(S::PROTOCOL, peer, &stream) {
             Ok(slot) => slot,
             Err(why) => {
                 if let Some(held) = refusals.pass() {
@@ -811,6 +891,9 @@ mod tests {
         }
         fn volume_use(&self) -> VolumeUse {
             VolumeUse::None
+        }
+        fn describe(&self) -> Described {
+            Described::default()
         }
     }
 
@@ -941,29 +1024,39 @@ mod tests {
             connections_per_client: 2,
             ..limits()
         });
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let a1 = registry.admit("nbd", a).unwrap();
-        let _a2 = registry.admit("nbd", a).unwrap();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:1000".parse().unwrap(),
+            "10.0.0.2:1000".parse().unwrap(),
+        );
+        // The registry only keeps a handle on the socket; any connected one will do.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let a1 = registry.admit("nbd", a, &s).unwrap();
+        let _a2 = registry.admit("nbd", a, &s).unwrap();
         assert!(registry
-            .admit("nbd", a)
+            .admit("nbd", a, &s)
             .err()
             .unwrap()
             .contains("connections_per_client"));
-        let _iscsi = registry.admit("iscsi", a).unwrap();
-        let mut b1 = registry.admit("nbd", b).unwrap();
+        let _iscsi = registry.admit("iscsi", a, &s).unwrap();
+        let mut b1 = registry.admit("nbd", b, &s).unwrap();
         assert!(registry
-            .admit("nbd", b)
+            .admit("nbd", b, &s)
             .err()
             .unwrap()
             .contains("limits.connections"));
-        b1.set_volume(VolumeUse::One(VolumeId(7)));
-        assert_eq!(
-            (registry.using(VolumeId(7)), registry.using(VolumeId(8))),
-            (1, 0)
-        );
+        b1.set_volume(VolumeUse::One(VolumeId(7)), Described::default);
+        let on = |v| {
+            registry
+                .matching(|u| u == VolumeUse::One(VolumeId(v)))
+                .len()
+        };
+        assert_eq!((on(7), on(8)), (1, 0));
+        assert_eq!(registry.sessions().len(), 4);
         drop(a1);
         drop(b1);
-        assert_eq!(registry.using(VolumeId(7)), 0);
-        assert!(registry.admit("nbd", b).is_ok());
+        assert_eq!(on(7), 0);
+        assert_eq!(registry.sessions().len(), 2);
+        assert!(registry.admit("nbd", b, &s).is_ok());
     }
 }

@@ -1,11 +1,12 @@
 //! The control server: JSON lines over a unix socket (docs/control.md); each request runs
 //! against the engine and gets one response line (clients.rs serves the socket).
 
-use super::conn::Registry;
+use super::conn::{Entry, Registry, VolumeUse};
 use super::exports::EngineExports;
 use super::schedule::Schedules;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +34,7 @@ fn code_of(e: &ControlError) -> ErrorCode {
             ErrorCode::InvalidArgument
         }
         ControlError::InUse(_) => ErrorCode::InUse,
+        ControlError::Protected(_) => ErrorCode::Protected,
         ControlError::Io(IoError::NoSpace) => ErrorCode::NoSpace,
         ControlError::ShuttingDown => ErrorCode::ShuttingDown,
         _ => ErrorCode::Internal,
@@ -48,7 +50,31 @@ fn snapshot_info(s: SnapshotInfo) -> proto::SnapshotInfo {
         allocated_bytes: s.allocated_bytes,
         exclusive_bytes: s.exclusive_bytes,
         shared_bytes: s.shared_bytes,
+        scheduled: s.scheduled,
+        protected: s.protected,
     }
+}
+
+/// Refuse a destructive command while `users` are connected, unless forced; forced, close
+/// their connections (they would read a deleted image).
+fn refuse_or_close(users: &[Arc<Entry>], what: &str, force: bool) -> Result<(), ControlError> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        let ids: Vec<String> = users.iter().map(|e| e.id.to_string()).collect();
+        return Err(ControlError::InUse(format!(
+            "{} host connection(s) are open on '{what}' (sessions {}); disconnect them \
+             (`tessel session close ID`) or use --force",
+            users.len(),
+            ids.join(", ")
+        )));
+    }
+    for e in users {
+        tracing::warn!(session = e.id, peer = %e.peer, image = what, "closing a host connection: forced");
+        e.close();
+    }
+    Ok(())
 }
 
 impl ControlServer {
@@ -69,6 +95,76 @@ impl ControlServer {
             shutdown,
             last: Mutex::new((Instant::now(), now)),
         }
+    }
+
+    fn volume_id(&self, name: &str) -> Result<tessel_engine::VolumeId, ControlError> {
+        Ok(self
+            .engine
+            .volume(name)
+            .ok_or_else(|| ControlError::UnknownVolume(name.into()))?
+            .id)
+    }
+
+    /// Open connections that use volume `id`: NBD on it, iSCSI on its target.
+    fn users_of_volume(&self, id: tessel_engine::VolumeId) -> Vec<Arc<Entry>> {
+        self.connections
+            .matching(|u| u == VolumeUse::One(id) || u == VolumeUse::Target(id))
+    }
+
+    /// Open connections that use snapshot `volume@name`: NBD on it, and iSCSI on its
+    /// volume's target while it is exported (a LUN of that target).
+    fn users_of_snapshot(&self, volume: &str, name: &str) -> Result<Vec<Arc<Entry>>, ControlError> {
+        let full = format!("{volume}@{name}");
+        let vol = self.volume_id(volume)?;
+        let snap = self
+            .engine
+            .image(&full)
+            .ok_or_else(|| ControlError::UnknownSnapshot {
+                volume: volume.into(),
+                snapshot: name.into(),
+            })?
+            .0
+            .id;
+        let lun = self.exports.is_exported(&full);
+        Ok(self
+            .connections
+            .matching(|u| u == VolumeUse::One(snap) || (lun && u == VolumeUse::Target(vol))))
+    }
+
+    fn snapshot_of(&self, volume: &str, name: &str) -> Result<proto::SnapshotInfo, ControlError> {
+        self.engine
+            .snapshots(Some(volume))?
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(snapshot_info)
+            .ok_or_else(|| ControlError::UnknownSnapshot {
+                volume: volume.into(),
+                snapshot: name.into(),
+            })
+    }
+
+    fn session_list(&self) -> proto::SessionList {
+        let sessions = self
+            .connections
+            .sessions()
+            .into_iter()
+            .map(|e| {
+                let (_, d) = e.state();
+                proto::SessionInfo {
+                    id: e.id,
+                    protocol: e.protocol.to_string(),
+                    peer: e.peer.to_string(),
+                    export: d.export,
+                    initiator: d.initiator,
+                    target: d.target,
+                    since_unix: e.since_unix,
+                    in_flight: e.in_flight.load(Ordering::Relaxed),
+                    read_bytes: e.read_bytes.load(Ordering::Relaxed),
+                    written_bytes: e.written_bytes.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        proto::SessionList { sessions }
     }
 
     fn volume_info(&self, name: &str) -> Result<proto::VolumeInfo, ControlError> {
@@ -158,17 +254,38 @@ impl ControlServer {
     }
 
     fn export_list(&self) -> proto::ExportList {
+        let exports = self.exports.list();
+        let sessions: Vec<VolumeUse> = self
+            .connections
+            .sessions()
+            .iter()
+            .map(|e| e.state().0)
+            .collect();
+        // An iSCSI session on a volume's target counts for the volume and for each of its
+        // exported snapshots: they are all LUNs of that target.
+        let target_of = |name: &str| {
+            let volume = name.split('@').next().unwrap_or(name);
+            exports.iter().find(|x| x.name == volume).map(|x| x.volume)
+        };
         proto::ExportList {
-            exports: self
-                .exports
-                .list()
-                .into_iter()
-                .map(|e| proto::ExportInfo {
-                    name: e.name,
-                    size: e.size,
-                    block_size: e.block_size,
-                    read_only: e.read_only,
-                    connections: self.connections.on(e.volume),
+            exports: exports
+                .iter()
+                .map(|e| {
+                    let target = target_of(&e.name);
+                    let connections = sessions
+                        .iter()
+                        .filter(|&&u| {
+                            u == VolumeUse::One(e.volume)
+                                || target.is_some_and(|t| u == VolumeUse::Target(t))
+                        })
+                        .count() as u32;
+                    proto::ExportInfo {
+                        name: e.name.clone(),
+                        size: e.size,
+                        block_size: e.block_size,
+                        read_only: e.read_only,
+                        connections,
+                    }
                 })
                 .collect(),
         }
@@ -190,7 +307,9 @@ impl ControlServer {
                 self.engine.create_volume(&name, size, block_size)?;
                 ControlResponse::ok(&self.volume_info(&name)?)
             }
-            ControlRequest::VolumeDelete { name } => {
+            ControlRequest::VolumeDelete { name, force } => {
+                let users = self.users_of_volume(self.volume_id(&name)?);
+                refuse_or_close(&users, &name, force)?;
                 self.exports
                     .origins
                     .volume_deleted(&name, || self.engine.delete_volume(&name))?;
@@ -214,12 +333,7 @@ impl ControlServer {
                 snapshot,
                 force,
             } => {
-                let id = self
-                    .engine
-                    .volume(&volume)
-                    .ok_or_else(|| ControlError::UnknownVolume(volume.clone()))?
-                    .id;
-                let open = self.connections.using(id);
+                let open = self.users_of_volume(self.volume_id(&volume)?).len();
                 if open > 0 && !force {
                     return Err(ControlError::InUse(format!(
                         "{open} host connection(s) are open and may be using '{volume}'; disconnect them or use --force"
@@ -245,10 +359,28 @@ impl ControlServer {
                     }
                 }
             }
-            ControlRequest::SnapshotDelete { volume, name } => {
+            ControlRequest::SnapshotDelete {
+                volume,
+                name,
+                force,
+            } => {
+                let full = format!("{volume}@{name}");
+                let users = self.users_of_snapshot(&volume, &name)?;
+                if self.snapshot_of(&volume, &name)?.protected {
+                    return Err(ControlError::Protected(full));
+                }
+                refuse_or_close(&users, &full, force)?;
                 self.engine.snapshot_delete(&volume, &name)?;
-                self.exports.remove(&format!("{volume}@{name}"));
+                self.exports.remove(&full);
                 ControlResponse::done()
+            }
+            ControlRequest::SnapshotProtect { volume, name } => {
+                self.engine.snapshot_protect(&volume, &name, true)?;
+                ControlResponse::ok(&self.snapshot_of(&volume, &name)?)
+            }
+            ControlRequest::SnapshotUnprotect { volume, name } => {
+                self.engine.snapshot_protect(&volume, &name, false)?;
+                ControlResponse::ok(&self.snapshot_of(&volume, &name)?)
             }
             ControlRequest::SnapshotList { volume } => {
                 let snapshots = self
@@ -290,6 +422,12 @@ impl ControlServer {
                 }
             }
             ControlRequest::ExportRemove { name } => {
+                let users = match name.split_once('@') {
+                    Some((volume, snap)) if self.exports.is_exported(&name) => {
+                        self.users_of_snapshot(volume, snap)?
+                    }
+                    _ => Vec::new(),
+                };
                 if !self.exports.remove(&name) {
                     return Ok(ControlResponse::error(
                         ErrorCode::UnknownExport,
@@ -297,6 +435,12 @@ impl ControlServer {
                             "'{name}' is not an exported snapshot (volumes are always exported)"
                         ),
                     ));
+                }
+                // Its hosts are disconnected: an NBD client would read on, and an iSCSI
+                // session keeps its LUN table until it logs in again.
+                for e in users {
+                    tracing::info!(session = e.id, peer = %e.peer, export = %name, "closing a host connection: export removed");
+                    e.close();
                 }
                 ControlResponse::done()
             }
@@ -328,6 +472,28 @@ impl ControlServer {
             ControlRequest::ScheduleList => ControlResponse::ok(&proto::ScheduleList {
                 schedules: self.schedules.list(),
             }),
+            ControlRequest::ScheduleRemove { volume } => {
+                if !self.schedules.list().iter().any(|s| s.volume == volume) {
+                    return Ok(ControlResponse::error(
+                        ErrorCode::UnknownSchedule,
+                        format!("volume '{volume}' has no schedule"),
+                    ));
+                }
+                let _ = self.schedules.set(&volume, 0, 0);
+                ControlResponse::done()
+            }
+            ControlRequest::SessionList => ControlResponse::ok(&self.session_list()),
+            ControlRequest::SessionClose { id } => match self.connections.session(id) {
+                Some(e) => {
+                    tracing::info!(session = id, peer = %e.peer, "closing a host connection: asked to");
+                    e.close();
+                    ControlResponse::done()
+                }
+                None => ControlResponse::error(
+                    ErrorCode::UnknownSession,
+                    format!("no open session {id}"),
+                ),
+            },
             ControlRequest::Shutdown => {
                 let _ = self.shutdown.send("control request");
                 ControlResponse::done()

@@ -39,6 +39,11 @@ impl EngineExports {
         ok
     }
 
+    /// True when the snapshot `vol@snap` is exported.
+    pub fn is_exported(&self, name: &str) -> bool {
+        self.set().contains(name)
+    }
+
     /// Stop exporting a snapshot. False when it was not exported.
     pub fn remove(&self, name: &str) -> bool {
         self.set().remove(name)

@@ -10,7 +10,7 @@ pub mod schedule;
 pub mod tls;
 
 use crate::config::{Config, Cores, FormatPolicy, PollMode, Unmatched};
-use conn::{Limits, Registry, Session, VolumeUse};
+use conn::{Described, Limits, Registry, Session, VolumeUse};
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,12 +45,14 @@ impl Session for IscsiSession {
         matches!(self.state(), iscsi::State::Login(_))
     }
     fn volume_use(&self) -> VolumeUse {
-        // A session does not say which target it logged in to: count it against every
-        // volume, as the rollback check did for all connections before.
-        if self.handshaking() {
-            VolumeUse::None
-        } else {
-            VolumeUse::Any
+        self.target()
+            .map_or(VolumeUse::None, |(_, volume)| VolumeUse::Target(volume))
+    }
+    fn describe(&self) -> Described {
+        Described {
+            export: None,
+            initiator: Some(self.initiator().to_string()).filter(|i| !i.is_empty()),
+            target: self.target().map(|(t, _)| t.to_string()),
         }
     }
 }
@@ -107,6 +109,12 @@ impl Session for NbdSession {
     }
     fn volume_use(&self) -> VolumeUse {
         self.volume().map_or(VolumeUse::None, VolumeUse::One)
+    }
+    fn describe(&self) -> Described {
+        Described {
+            export: self.export_name().map(str::to_string),
+            ..Described::default()
+        }
     }
     fn waiting_for_memory(&self) -> bool {
         NbdSession::waiting_for_memory(self)

@@ -1,5 +1,7 @@
 //! Periodic snapshots: every N seconds take `auto-<UTC time>` of a volume and delete the
-//! oldest automatic ones beyond `keep`. Snapshots taken by hand are never deleted here.
+//! oldest scheduled ones beyond `keep`. A snapshot is scheduled when the pool recorded it
+//! so as it was taken (its name plays no part): snapshots taken by hand, whatever their
+//! name, and protected ones are never deleted here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tessel_engine::Engine;
 use tessel_targets::control::proto::ScheduleInfo;
 
-/// Prefix of snapshots the scheduler owns.
+/// Prefix of the names the scheduler gives its snapshots.
 pub const AUTO_PREFIX: &str = "auto-";
 
 struct Schedule {
@@ -101,21 +103,28 @@ impl Schedules {
             n += 1;
             name = format!("{AUTO_PREFIX}{}-{n}", utc_stamp(now));
         }
-        match self.engine.snapshot_create(volume, &name) {
+        match self.engine.snapshot_create_scheduled(volume, &name) {
             Ok(_) => tracing::info!(volume, snapshot = %name, "scheduled snapshot taken"),
             Err(e) => {
                 tracing::warn!(volume, "scheduled snapshot failed: {e}");
                 return;
             }
         }
-        let autos: Vec<String> = self
-            .engine
-            .snapshot_names(volume)
-            .into_iter()
-            .filter(|s| s.starts_with(AUTO_PREFIX))
-            .collect();
-        let excess = autos.len().saturating_sub(keep as usize);
-        for old in autos.iter().take(excess) {
+        let scheduled: Vec<(String, bool)> = match self.engine.snapshots(Some(volume)) {
+            Ok(all) => all
+                .into_iter()
+                .filter(|s| s.scheduled)
+                .map(|s| (s.name, s.protected))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(volume, "cannot list snapshots to expire: {e}");
+                return;
+            }
+        };
+        // Protected ones count towards `keep` but are never deleted.
+        let excess = scheduled.len().saturating_sub(keep as usize);
+        let expired = scheduled.iter().take(excess).filter(|(_, p)| !p);
+        for (old, _) in expired {
             match self.engine.snapshot_delete(volume, old) {
                 Ok(()) => {
                     tracing::info!(volume, snapshot = %old, "expired scheduled snapshot deleted")

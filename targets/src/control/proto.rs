@@ -23,8 +23,13 @@ pub enum ControlRequest {
         #[serde(default = "default_block_size")]
         block_size: u32,
     },
-    /// Delete a volume that has no snapshots with clones. Data: `{}`.
-    VolumeDelete { name: String },
+    /// Delete a volume that has no snapshots. Without `force`, refused while hosts are
+    /// connected to it; with it, their connections are closed. Data: `{}`.
+    VolumeDelete {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
     /// Grow a volume to `size` bytes. Data: [`VolumeInfo`].
     VolumeResize { name: String, size: u64 },
     /// Every volume. Data: [`VolumeList`].
@@ -42,8 +47,20 @@ pub enum ControlRequest {
     },
     /// Take a crash-consistent snapshot. Data: [`SnapshotInfo`].
     SnapshotCreate { volume: String, name: String },
-    /// Delete a snapshot that no clone depends on. Data: `{}`.
-    SnapshotDelete { volume: String, name: String },
+    /// Delete a snapshot that no clone depends on and that is not protected. Without
+    /// `force`, refused while hosts are connected to it; with it, their connections are
+    /// closed. Data: `{}`.
+    SnapshotDelete {
+        volume: String,
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Protect a snapshot: nothing deletes it (by hand, a schedule's expiry) until it is
+    /// unprotected. Data: [`SnapshotInfo`].
+    SnapshotProtect { volume: String, name: String },
+    /// Lift a snapshot's protection. Data: [`SnapshotInfo`].
+    SnapshotUnprotect { volume: String, name: String },
     /// Snapshots of one volume, or of all when `volume` is absent. Data: [`SnapshotList`].
     SnapshotList {
         #[serde(default)]
@@ -77,8 +94,14 @@ pub enum ControlRequest {
         every_secs: u64,
         keep: u32,
     },
+    /// Remove a volume's schedule; its scheduled snapshots stay. Data: `{}`.
+    ScheduleRemove { volume: String },
     /// Every schedule. Data: [`ScheduleList`].
     ScheduleList,
+    /// Every open NBD connection and iSCSI session. Data: [`SessionList`].
+    SessionList,
+    /// Close one NBD connection or iSCSI session (from `session_list`). Data: `{}`.
+    SessionClose { id: u64 },
     /// Stop the daemon gracefully (as SIGTERM does). Data: `{}`.
     Shutdown,
 }
@@ -172,6 +195,10 @@ pub enum ErrorCode {
     UnknownExport,
     /// No schedule for that volume.
     UnknownSchedule,
+    /// No open session with that id.
+    UnknownSession,
+    /// The snapshot is protected (`snapshot_unprotect` first).
+    Protected,
     /// A volume, snapshot or export of that name exists already.
     AlreadyExists,
     /// Something depends on it (clones of a snapshot, connected clients, newer snapshots).
@@ -194,6 +221,8 @@ impl ErrorCode {
             ErrorCode::UnknownSnapshot => "unknown_snapshot",
             ErrorCode::UnknownExport => "unknown_export",
             ErrorCode::UnknownSchedule => "unknown_schedule",
+            ErrorCode::UnknownSession => "unknown_session",
+            ErrorCode::Protected => "protected",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::InUse => "in_use",
             ErrorCode::NoSpace => "no_space",
@@ -242,6 +271,12 @@ pub struct SnapshotInfo {
     pub exclusive_bytes: u64,
     /// Bytes it shares with the volume, other snapshots or clones.
     pub shared_bytes: u64,
+    /// Taken by a schedule (and so expired by it once older than its `keep` newest).
+    #[serde(default)]
+    pub scheduled: bool,
+    /// Protected from deletion.
+    #[serde(default)]
+    pub protected: bool,
 }
 
 /// Data of snapshot list.
@@ -279,6 +314,39 @@ pub struct ScheduleInfo {
     /// When the next snapshot is due, seconds since the Unix epoch.
     #[serde(default)]
     pub next_unix: Option<u64>,
+}
+
+/// One open host connection: an NBD connection or an iSCSI session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// For `session_close`; unique while the daemon runs.
+    pub id: u64,
+    /// `nbd` or `iscsi`.
+    pub protocol: String,
+    /// The host's address and port.
+    pub peer: String,
+    /// NBD: the export chosen (absent during the handshake).
+    #[serde(default)]
+    pub export: Option<String>,
+    /// iSCSI: the initiator's IQN.
+    #[serde(default)]
+    pub initiator: Option<String>,
+    /// iSCSI: the target's IQN (absent for discovery sessions and during login).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// When it connected, seconds since the Unix epoch.
+    pub since_unix: u64,
+    /// Engine requests submitted and not completed.
+    pub in_flight: u64,
+    /// Bytes the host read and wrote.
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+/// Data of session list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionList {
+    pub sessions: Vec<SessionInfo>,
 }
 
 /// Data of schedule list.
@@ -394,7 +462,10 @@ mod tests {
                 size: 4 << 30,
                 block_size: 512,
             },
-            ControlRequest::VolumeDelete { name: s("v") },
+            ControlRequest::VolumeDelete {
+                name: s("v"),
+                force: true,
+            },
             ControlRequest::VolumeResize {
                 name: s("v"),
                 size: 8 << 30,
@@ -411,6 +482,15 @@ mod tests {
                 name: s("s"),
             },
             ControlRequest::SnapshotDelete {
+                volume: s("v"),
+                name: s("s"),
+                force: false,
+            },
+            ControlRequest::SnapshotProtect {
+                volume: s("v"),
+                name: s("s"),
+            },
+            ControlRequest::SnapshotUnprotect {
                 volume: s("v"),
                 name: s("s"),
             },
@@ -436,7 +516,10 @@ mod tests {
                 every_secs: 3600,
                 keep: 24,
             },
+            ControlRequest::ScheduleRemove { volume: s("v") },
             ControlRequest::ScheduleList,
+            ControlRequest::SessionList,
+            ControlRequest::SessionClose { id: 7 },
             ControlRequest::Shutdown,
         ]
     }

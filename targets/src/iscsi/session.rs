@@ -136,6 +136,29 @@ impl IscsiSession {
         self.in_flight
     }
 
+    /// The initiator's IQN; empty until the login finished.
+    pub fn initiator(&self) -> &str {
+        &self.initiator
+    }
+
+    /// For a logged-in normal session: the target's IQN and the volume behind LUN 0.
+    pub fn target(&self) -> Option<(&str, tessel_engine::VolumeId)> {
+        match (&self.state, &self.kind) {
+            (State::Login(_), _) => None,
+            (
+                _,
+                Some(SessionKind::Normal {
+                    volume,
+                    target_name,
+                }),
+            ) => {
+                let lun = self.luns.iter().find(|l| l.export.name == *volume)?;
+                Some((target_name.as_str(), lun.export.volume))
+            }
+            _ => None,
+        }
+    }
+
     /// Feeds received bytes; returns how many were consumed (the driver keeps the rest and
     /// calls again with more). Err is fatal: send `actions.send`, then close.
     pub fn receive(

@@ -132,6 +132,16 @@ impl NbdSession {
         }
     }
 
+    /// The export's name once the handshake chose one.
+    pub fn export_name(&self) -> Option<&str> {
+        match &self.state {
+            State::Requests(tx)
+            | State::WritePayload { tx, .. }
+            | State::SkipPayload { tx, .. } => Some(&tx.export.name),
+            _ => None,
+        }
+    }
+
     /// True while a write's payload is being gathered (its bytes held from the allowance).
     #[cfg(test)]
     pub(crate) fn gathering_payload(&self) -> bool {
