@@ -210,6 +210,7 @@ fn volume(id: u64, name: &str, kind: ImageKind, of: u64) -> VolumeRecord {
         kind,
         of,
         epoch: 3,
+        flags: 0,
     }
 }
 
@@ -658,9 +659,10 @@ fn volume_record() -> impl Strategy<Value = VolumeRecord> {
         any::<bool>(),
         any::<u64>(),
         any::<u64>(),
+        0u8..4,
     )
         .prop_map(
-            |(id, name, size, block_size, created_unix, snap, of, epoch)| VolumeRecord {
+            |(id, name, size, block_size, created_unix, snap, of, epoch, flags)| VolumeRecord {
                 id,
                 name,
                 size,
@@ -673,6 +675,7 @@ fn volume_record() -> impl Strategy<Value = VolumeRecord> {
                 },
                 of,
                 epoch,
+                flags,
             },
         )
 }
@@ -694,5 +697,6 @@ fn record() -> impl Strategy<Value = Record> {
         1 => (any::<u64>(), any::<u64>()).prop_map(|(vol, from)| Record::Clone { vol, from }),
         1 => (any::<u64>(), any::<u64>()).prop_map(|(vol, snap)| Record::Rollback { vol, snap }),
         1 => id.prop_map(|id| Record::Drop { id }),
+        1 => (any::<u64>(), 0u8..4).prop_map(|(id, flags)| Record::ImageFlags { id, flags }),
     ]
 }
