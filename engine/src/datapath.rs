@@ -7,32 +7,15 @@ use crate::dispatch::FLUSH_SHARD;
 use crate::error::IoError;
 use crate::io::{Extent, Op};
 use crate::map::{MapEntry, ShardMap, Validity, NONE};
+use crate::rangelock::{Held, RangeLocks};
 use crate::reactor::{bump, Cont, Msg, Piece, Reactor, Shard, Waiter};
 use crate::request::Parent;
 use io_uring::{opcode, types};
-use rustc_hash::FxHashMap;
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Device alignment of an in-place write (O_DIRECT).
 const DEV_ALIGN: u32 = 4096;
-
-/// Readers and writers of one cluster. Reads and in-place writes share it; anything that
-/// changes the cluster's map entry holds it alone. Waiters are served in arrival order.
-#[derive(Default, Debug)]
-pub struct ClusterLock {
-    shared: u32,
-    exclusive: bool,
-    waiters: VecDeque<(usize, bool)>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Held {
-    None,
-    Shared,
-    Exclusive,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stage {
@@ -154,7 +137,7 @@ impl Shard {
     pub fn new(clusters: usize) -> Shard {
         Shard {
             map: ShardMap::new(clusters),
-            locks: FxHashMap::default(),
+            locks: RangeLocks::default(),
         }
     }
 }
@@ -360,24 +343,9 @@ impl Reactor {
         let Some(s) = self.shard_mut(vol, shard) else {
             return true;
         };
-        let l = s.locks.entry(idx).or_default();
-        let granted = if exclusive {
-            !l.exclusive && l.shared == 0 && l.waiters.is_empty()
-        } else {
-            !l.exclusive && l.waiters.is_empty()
-        };
+        let granted = s.locks.acquire(idx, i, exclusive);
         if granted {
-            if exclusive {
-                l.exclusive = true;
-            } else {
-                l.shared += 1;
-            }
-        } else {
-            l.waiters.push_back((i, exclusive));
-        }
-        let op = self.ops.get_mut(i).expect("op");
-        if granted {
-            op.held = if exclusive {
+            self.ops.get_mut(i).expect("op").held = if exclusive {
                 Held::Exclusive
             } else {
                 Held::Shared
@@ -397,35 +365,10 @@ impl Reactor {
         if held == Held::None {
             return;
         }
-        let mut granted = Vec::new();
-        if let Some(s) = self.shard_mut(vol, shard) {
-            if let Some(l) = s.locks.get_mut(&idx) {
-                match held {
-                    Held::Shared => l.shared -= 1,
-                    Held::Exclusive => l.exclusive = false,
-                    Held::None => {}
-                }
-                while let Some(&(w, excl)) = l.waiters.front() {
-                    if excl {
-                        if l.shared == 0 && !l.exclusive {
-                            l.waiters.pop_front();
-                            l.exclusive = true;
-                            granted.push((w, Held::Exclusive));
-                        }
-                        break;
-                    }
-                    if l.exclusive {
-                        break;
-                    }
-                    l.waiters.pop_front();
-                    l.shared += 1;
-                    granted.push((w, Held::Shared));
-                }
-                if l.shared == 0 && !l.exclusive && l.waiters.is_empty() {
-                    s.locks.remove(&idx);
-                }
-            }
-        }
+        let granted = match self.shard_mut(vol, shard) {
+            Some(s) => s.locks.release(idx, held),
+            None => Vec::new(),
+        };
         for (w, h) in granted {
             if let Some(op) = self.ops.get_mut(w) {
                 op.held = h;

@@ -21,6 +21,7 @@ mod lifecycle;
 pub mod map;
 pub mod media;
 pub mod pool;
+mod rangelock;
 pub mod reactor;
 pub mod request;
 mod slab;

@@ -298,7 +298,7 @@ pub struct Hold {
 /// A shard owned by this reactor: its map and its cluster range locks.
 pub struct Shard {
     pub map: ShardMap,
-    pub locks: FxHashMap<u32, crate::datapath::ClusterLock>,
+    pub(crate) locks: crate::rangelock::RangeLocks,
 }
 
 /// State of the journal commit pipeline (group commit: one in flight, the next gathers).

@@ -55,7 +55,7 @@ fn clone_shards(from: &FxHashMap<u64, Shard>) -> FxHashMap<u64, Shard> {
                 *s,
                 Shard {
                     map: sh.map.clone(),
-                    locks: FxHashMap::default(),
+                    locks: Default::default(),
                 },
             )
         })
