@@ -63,7 +63,7 @@ pub fn dispatch(
     if shared.stopping.load(Ordering::Relaxed) {
         let Request { tag, buf, .. } = req;
         reply.push(
-            shared,
+            |core| &shared.inboxes[core].sink,
             route,
             Completion {
                 tag,
@@ -94,7 +94,7 @@ pub fn dispatch(
     } = req;
     if let Err(e) = verdict {
         reply.push(
-            shared,
+            |core| &shared.inboxes[core].sink,
             route,
             Completion {
                 tag,

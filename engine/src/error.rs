@@ -91,10 +91,7 @@ pub enum PoolError {
     Busy { device: PathBuf },
     /// A metadata block recovery needs is damaged while blocks written after it are
     /// intact: opening would silently drop them. `tessel pool salvage` opens it anyway.
-    Damaged {
-        device: PathBuf,
-        damage: crate::pool::Damage,
-    },
+    Damaged { device: PathBuf, damage: Damage },
 }
 
 impl fmt::Display for PoolError {
@@ -199,7 +196,7 @@ impl fmt::Display for ControlError {
             }
             ControlError::Exists(n) => write!(f, "'{n}' already exists"),
             ControlError::BadName(n) => {
-                write!(f, "invalid name '{n}': use {}", crate::engine::NAME_RULE)
+                write!(f, "invalid name '{n}': use {}", crate::name::NAME_RULE)
             }
             ControlError::BadSize(s) => write!(f, "invalid size: {s}"),
             ControlError::BadBlockSize(b) => write!(f, "invalid block size {b}: use 512 or 4096"),
@@ -228,5 +225,48 @@ impl From<PoolError> for ControlError {
 impl From<IoError> for ControlError {
     fn from(e: IoError) -> Self {
         ControlError::Io(e)
+    }
+}
+
+/// A metadata ring: the control log or one reactor's journal region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ring {
+    ControlLog,
+    Journal(u32),
+}
+
+impl std::fmt::Display for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ring::ControlLog => write!(f, "control log"),
+            Ring::Journal(r) => write!(f, "journal region {r}"),
+        }
+    }
+}
+
+/// A block of a ring that recovery needs and cannot read, found because blocks written
+/// after it was durable are intact: corruption, not a torn tail. Replay cannot go past it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    pub ring: Ring,
+    /// Sequence number of the first block that does not open.
+    pub seq: u64,
+    /// Its byte offset on member 0.
+    pub offset: u64,
+    /// Intact blocks of the run found after it (their records are not replayed).
+    pub blocks_after: u64,
+    /// Records in those blocks.
+    pub records_after: u64,
+    /// Sequence number of the last of them.
+    pub last_seq: u64,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} block {} (byte offset {}) is damaged; {} intact blocks after it (up to sequence {}, {} records) cannot be replayed",
+            self.ring, self.seq, self.offset, self.blocks_after, self.last_seq, self.records_after
+        )
     }
 }

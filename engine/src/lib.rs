@@ -20,6 +20,7 @@ pub mod layout;
 mod lifecycle;
 pub mod map;
 pub mod media;
+mod name;
 pub mod pool;
 mod rangelock;
 pub mod reactor;

@@ -4,6 +4,7 @@
 
 use crate::buf::AlignedBuf;
 use crate::error::PoolError;
+pub use crate::error::{Damage, Ring};
 use crate::format::{self, FormatOptions, Reader, Superblock, BLOCK, SB_SIZE};
 use crate::journal::{self, open_block, seal_block, Record, VolumeRecord};
 use crate::layout::Layout;
@@ -469,49 +470,6 @@ fn read_checkpoint(
 /// some within this distance after it is told from a torn tail. Damage wider than this
 /// looks like a tail.
 const LOOKAHEAD: u64 = 64;
-
-/// A metadata ring: the control log or one reactor's journal region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ring {
-    ControlLog,
-    Journal(u32),
-}
-
-impl std::fmt::Display for Ring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ring::ControlLog => write!(f, "control log"),
-            Ring::Journal(r) => write!(f, "journal region {r}"),
-        }
-    }
-}
-
-/// A block of a ring that recovery needs and cannot read, found because blocks written
-/// after it was durable are intact: corruption, not a torn tail. Replay cannot go past it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Damage {
-    pub ring: Ring,
-    /// Sequence number of the first block that does not open.
-    pub seq: u64,
-    /// Its byte offset on member 0.
-    pub offset: u64,
-    /// Intact blocks of the run found after it (their records are not replayed).
-    pub blocks_after: u64,
-    /// Records in those blocks.
-    pub records_after: u64,
-    /// Sequence number of the last of them.
-    pub last_seq: u64,
-}
-
-impl std::fmt::Display for Damage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} block {} (byte offset {}) is damaged; {} intact blocks after it (up to sequence {}, {} records) cannot be replayed",
-            self.ring, self.seq, self.offset, self.blocks_after, self.last_seq, self.records_after
-        )
-    }
-}
 
 /// A ring replayed: its records in order, the sequence number after the last block read,
 /// and the damage that stopped it, if that was not its end.

@@ -501,7 +501,7 @@ impl Reactor {
         };
         match p.reply {
             ReplyTo::Reactor(core) if core == self.id => self.done_here.push_back((p.route, c)),
-            ref to => to.push(&self.shared, p.route, c),
+            ref to => to.push(|core| &self.shared.inboxes[core].sink, p.route, c),
         }
         true
     }

@@ -134,11 +134,12 @@ pub enum ReplyTo {
 }
 
 impl ReplyTo {
-    /// Deliver `c` for `route` through the sink (from any thread).
-    pub fn push(&self, shared: &crate::reactor::Shared, route: u32, c: Completion) {
+    /// Deliver `c` for `route` through the sink (from any thread); `sink_of(core)` is
+    /// reactor `core`'s completion sink.
+    pub fn push<'a>(&self, sink_of: impl FnOnce(usize) -> &'a Sink, route: u32, c: Completion) {
         match self {
             ReplyTo::Sink(s) => s.push(route, c),
-            ReplyTo::Reactor(core) => shared.inboxes[*core].sink.push(route, c),
+            ReplyTo::Reactor(core) => sink_of(*core).push(route, c),
         }
     }
 }
