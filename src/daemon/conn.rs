@@ -9,7 +9,7 @@
 //! A session that acknowledges NBD_OPT_STARTTLS gets a [`TlsLayer`] under it: from then on
 //! the socket carries ciphertext while the receive and send buffers keep holding the
 //! plaintext the session reads and writes. Without TLS the socket feeds those buffers
-//! directly, as before: no copy and no check beyond one branch per pass.
+//! directly, as before: no copy, only a few flag checks per pass.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
