@@ -20,6 +20,8 @@ use crate::size::{self, ByteSize};
 
 mod check;
 pub(crate) use check::is_log_filter;
+#[cfg(test)]
+mod fuzz;
 mod keys;
 #[cfg(test)]
 mod tests;

@@ -10,7 +10,7 @@ pub mod export;
 pub mod iscsi;
 pub mod nbd;
 
-/// Cases per run of the session stream fuzzers: 256, or `TESSEL_FUZZ_CASES` for longer runs.
+/// Cases per run of each fuzzer (session streams, control lines): 256, or `TESSEL_FUZZ_CASES` for longer runs.
 #[cfg(test)]
 fn fuzz_cases() -> u32 {
     std::env::var("TESSEL_FUZZ_CASES")

@@ -4,6 +4,9 @@
 
 pub mod proto;
 
+#[cfg(test)]
+mod fuzz;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
