@@ -20,6 +20,8 @@ const OPS: &[&str] = &[
     "volume_rollback",
     "snapshot_create",
     "snapshot_delete",
+    "snapshot_protect",
+    "snapshot_unprotect",
     "snapshot_list",
     "clone_create",
     "clone_inflate",
@@ -28,7 +30,10 @@ const OPS: &[&str] = &[
     "export_list",
     "stats",
     "schedule_set",
+    "schedule_remove",
     "schedule_list",
+    "session_list",
+    "session_close",
     "shutdown",
 ];
 
@@ -43,6 +48,7 @@ const FIELDS: &[&str] = &[
     "wait",
     "every_secs",
     "keep",
+    "id",
     "op",
     "status",
     "code",
@@ -63,7 +69,7 @@ fn request() -> impl Strategy<Value = ControlRequest> {
             size,
             block_size
         }),
-        n().prop_map(|name| R::VolumeDelete { name }),
+        (n(), any::<bool>()).prop_map(|(name, force)| R::VolumeDelete { name, force }),
         (n(), any::<u64>()).prop_map(|(name, size)| R::VolumeResize { name, size }),
         Just(R::VolumeList),
         n().prop_map(|name| R::VolumeInfo { name }),
@@ -73,7 +79,13 @@ fn request() -> impl Strategy<Value = ControlRequest> {
             force
         }),
         (n(), n()).prop_map(|(volume, name)| R::SnapshotCreate { volume, name }),
-        (n(), n()).prop_map(|(volume, name)| R::SnapshotDelete { volume, name }),
+        (n(), n(), any::<bool>()).prop_map(|(volume, name, force)| R::SnapshotDelete {
+            volume,
+            name,
+            force
+        }),
+        (n(), n()).prop_map(|(volume, name)| R::SnapshotProtect { volume, name }),
+        (n(), n()).prop_map(|(volume, name)| R::SnapshotUnprotect { volume, name }),
         proptest::option::of(n()).prop_map(|volume| R::SnapshotList { volume }),
         (n(), n(), n()).prop_map(|(volume, snapshot, new_volume)| R::CloneCreate {
             volume,
@@ -92,7 +104,10 @@ fn request() -> impl Strategy<Value = ControlRequest> {
                 keep,
             }
         }),
+        n().prop_map(|volume| R::ScheduleRemove { volume }),
         Just(R::ScheduleList),
+        Just(R::SessionList),
+        any::<u64>().prop_map(|id| R::SessionClose { id }),
         Just(R::Shutdown),
     ]
 }
