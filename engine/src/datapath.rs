@@ -2,6 +2,7 @@
 //! the cluster's range lock, resolves the map entry (DESIGN.md section 3), does its device
 //! I/O through io_uring, updates the map and journal, and finishes its part of the request.
 
+use crate::backend::DevOp;
 use crate::buf::AlignedBuf;
 use crate::dispatch::FLUSH_SHARD;
 use crate::error::IoError;
@@ -10,12 +11,36 @@ use crate::map::{MapEntry, ShardMap, Validity, NONE};
 use crate::rangelock::{Held, RangeLocks};
 use crate::reactor::{bump, Cont, Msg, Piece, Reactor, Shard, Waiter};
 use crate::request::Parent;
-use io_uring::{opcode, types};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Device alignment of an in-place write (O_DIRECT).
 const DEV_ALIGN: u32 = 4096;
+
+/// Which way a cluster operation's device I/O goes.
+#[derive(Clone, Copy, Debug)]
+enum Dir {
+    Read,
+    /// With `fua`, durable before it completes (only in-place writes: a write to a new
+    /// cluster is durable with the commit that points the map at it).
+    Write {
+        fua: bool,
+    },
+}
+
+/// Bytes `coff..coff + len` of cluster `cluster`.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    cluster: u64,
+    coff: u32,
+    len: u32,
+}
+
+impl At {
+    fn new(cluster: u64, coff: u32, len: u32) -> At {
+        At { cluster, coff, len }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stage {
@@ -164,19 +189,6 @@ fn runs<K: PartialEq>(
         }
         Some((first, b - first, k))
     })
-}
-
-/// One step of a commit chain run synchronously: its io_uring result (`done` on success),
-/// or a cancellation when a step before it failed.
-fn chain_step(
-    before: &[(i32, u32)],
-    step: impl FnOnce() -> Result<(), crate::error::PoolError>,
-    done: i32,
-) -> i32 {
-    if before.iter().any(|&(r, _)| r < 0) {
-        return -libc::ECANCELED;
-    }
-    step().map_or_else(|e| -e.errno(), |()| done)
 }
 
 /// (first grain, grains) that bytes `coff..coff + clen` of a cluster touch.
@@ -402,15 +414,8 @@ impl Reactor {
                 (Some((c, rs, _)), Some(x)) if c == x => run = Some((c, rs, t)),
                 _ => {
                     if let Some((c, rs, rt)) = run.take() {
-                        self.submit_data(
-                            i,
-                            false,
-                            c,
-                            rs,
-                            buf_off + (rs - coff) as usize,
-                            rt - rs,
-                            false,
-                        );
+                        let at = At::new(c, rs, rt - rs);
+                        self.submit_data(i, Dir::Read, at, buf_off + (rs - coff) as usize);
                     }
                     match src {
                         Some(x) => run = Some((x, s, t)),
@@ -429,15 +434,8 @@ impl Reactor {
             b += 1;
         }
         if let Some((c, rs, rt)) = run {
-            self.submit_data(
-                i,
-                false,
-                c,
-                rs,
-                buf_off + (rs - coff) as usize,
-                rt - rs,
-                false,
-            );
+            let at = At::new(c, rs, rt - rs);
+            self.submit_data(i, Dir::Read, at, buf_off + (rs - coff) as usize);
         }
         self.maybe_advance(i);
     }
@@ -476,7 +474,8 @@ impl Reactor {
                     op.stage = Stage::Write;
                     op.buf_off
                 };
-                self.submit_data(i, true, e.phys, coff, buf_off, clen, fua);
+                let at = At::new(e.phys, coff, clen);
+                self.submit_data(i, Dir::Write { fua }, at, buf_off);
                 return self.maybe_advance(i);
             }
         }
@@ -549,7 +548,8 @@ impl Reactor {
                 op.stage = Stage::Write;
                 op.buf_off
             };
-            self.submit_data(i, true, target, coff, buf_off, clen, false);
+            let at = At::new(target, coff, clen);
+            self.submit_data(i, Dir::Write { fua: false }, at, buf_off);
             return self.maybe_advance(i);
         }
         // Merge into a cluster-sized bounce buffer: the edge blocks' and copied blocks'
@@ -575,7 +575,7 @@ impl Reactor {
         let g = self.shared.layout.grain();
         for (b, n, src) in runs(set, bpc, |b| e.source(b)) {
             match src {
-                Some(c) => self.submit_bounce(i, false, c, b * g, n * g),
+                Some(c) => self.submit_bounce(i, Dir::Read, At::new(c, b * g, n * g)),
                 None => {
                     let op = self.ops.get_mut(i).expect("op");
                     let bounce = op.bounce.as_mut().expect("bounce").as_mut_slice();
@@ -594,7 +594,7 @@ impl Reactor {
         let bpc = self.shared.layout.blocks_per_cluster();
         let g = self.shared.layout.grain();
         for (b, n, ()) in runs(set, bpc, |_| ()) {
-            self.submit_bounce(i, true, target, b * g, n * g);
+            self.submit_bounce(i, Dir::Write { fua: false }, At::new(target, b * g, n * g));
         }
     }
 
@@ -707,76 +707,45 @@ impl Reactor {
     }
 
     /// Device I/O between a cluster and the caller's buffer.
-    #[allow(clippy::too_many_arguments)]
-    fn submit_data(
-        &mut self,
-        i: usize,
-        write: bool,
-        cluster: u64,
-        coff: u32,
-        buf_off: usize,
-        len: u32,
-        dsync: bool,
-    ) {
+    fn submit_data(&mut self, i: usize, dir: Dir, at: At, buf_off: usize) {
         let ptr = self.ops.get(i).expect("op").parent().ptr(buf_off);
-        self.submit_dev(i, write, cluster, coff, ptr, len, dsync);
+        // SAFETY: bytes buf_off..buf_off + len of the caller's buffer belong to this
+        // operation, and the request (held by the operation) lives until it completes.
+        unsafe { self.submit_dev(i, dir, at, ptr) };
     }
 
     /// Device I/O between a cluster and the operation's bounce buffer.
-    fn submit_bounce(&mut self, i: usize, write: bool, cluster: u64, coff: u32, len: u32) {
+    fn submit_bounce(&mut self, i: usize, dir: Dir, at: At) {
         let op = self.ops.get_mut(i).expect("op");
-        let at = coff as usize;
         let ptr = op.bounce.as_mut().expect("bounce").as_mut_ptr();
-        // SAFETY: the bounce buffer holds the whole cluster and coff + len lies inside it.
-        let ptr = unsafe { ptr.add(at) };
-        self.submit_dev(i, write, cluster, coff, ptr, len, false);
+        // SAFETY: the bounce buffer holds the whole cluster and coff + len lies inside it;
+        // the operation owns it until the operation finishes, after its I/O completed.
+        unsafe { self.submit_dev(i, dir, at, ptr.add(at.coff as usize)) };
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn submit_dev(
-        &mut self,
-        i: usize,
-        write: bool,
-        cluster: u64,
-        coff: u32,
-        ptr: *mut u8,
-        len: u32,
-        dsync: bool,
-    ) {
-        let (m, pos) = self.shared.layout.locate(cluster, coff as u64);
+    /// # Safety
+    /// `ptr..ptr + at.len` lies in a buffer this operation owns until the I/O completes.
+    unsafe fn submit_dev(&mut self, i: usize, dir: Dir, at: At, ptr: *mut u8) {
+        let (member, pos) = self.shared.layout.locate(at.cluster, at.coff as u64);
         self.ops.get_mut(i).expect("op").pending += 1;
-        if self.uring_files {
-            let e = if write {
-                let w = opcode::Write::new(types::Fixed(m as u32), ptr, len).offset(pos);
-                if dsync {
-                    w.rw_flags(libc::RWF_DSYNC).build()
-                } else {
-                    w.build()
-                }
-            } else {
-                opcode::Read::new(types::Fixed(m as u32), ptr, len)
-                    .offset(pos)
-                    .build()
-            };
-            self.push_sqe(e, Cont::Data { op: i, len });
-            if self.ring.submission().len() >= self.shared.submit_batch {
-                let _ = self.ring.submit();
-            }
-            return;
-        }
-        let member = &self.shared.members[m];
-        // SAFETY: ptr..ptr+len lies in a buffer this operation owns until it completes.
-        let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) };
-        let r = if write {
-            member
-                .write_at(pos, slice)
-                .and_then(|()| if dsync { member.sync() } else { Ok(()) })
-        } else {
-            member.read_slice(pos, slice)
+        let len = at.len;
+        let op = match dir {
+            Dir::Read => DevOp::Read {
+                member,
+                pos,
+                buf: ptr,
+                len,
+            },
+            Dir::Write { fua } => DevOp::Write {
+                member,
+                pos,
+                buf: ptr,
+                len,
+                fua,
+            },
         };
-        let key = self.conts.insert(Cont::Data { op: i, len });
-        self.inline_done
-            .push_back((key as u64, r.map_or_else(|e| -e.errno(), |()| len as i32)));
+        // SAFETY: the caller's contract.
+        unsafe { self.push_dev([(op, Cont::Data { op: i, len })]) };
     }
 
     /// A device read or write finished.
@@ -1043,51 +1012,28 @@ impl Reactor {
         let members = self.shared.members.len();
         let steps = members as u32 + if jw.is_some() { 2 } else { 0 };
         self.commit.steps = steps;
-        if self.uring_files {
-            for m in 0..members {
-                let last = m + 1 == members && jw.is_none();
-                let mut e = opcode::Fsync::new(types::Fixed(m as u32))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
-                if !last {
-                    e = e.flags(io_uring::squeue::Flags::IO_LINK);
-                }
-                self.push_sqe(e, Cont::Commit { len: 0 });
+        // One linked chain: the data of every member durable, then the journal blocks
+        // written, then durable. A step after a failed one is cancelled.
+        let flush = |member| (DevOp::Flush { member }, Cont::Commit { len: 0 });
+        let flushes = (0..members).map(flush);
+        match jw {
+            Some((pos, _)) => {
+                let buf = self.commit.buf.as_ref().expect("commit buffer");
+                let len = buf.len() as u32;
+                let write = DevOp::Write {
+                    member: 0,
+                    pos,
+                    buf: buf.as_ptr(),
+                    len,
+                    fua: false,
+                };
+                let chain = flushes.chain([(write, Cont::Commit { len }), flush(0)]);
+                // SAFETY: the commit's buffer is given back to the journal only once the
+                // chain's last step completed (`on_commit_step`).
+                unsafe { self.push_dev(chain) };
             }
-            if let Some((off, _)) = jw {
-                let buf = self.commit.buf.as_mut().expect("commit buffer");
-                let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
-                let w = opcode::Write::new(types::Fixed(0), ptr, len)
-                    .offset(off)
-                    .build()
-                    .flags(io_uring::squeue::Flags::IO_LINK);
-                self.push_sqe(w, Cont::Commit { len });
-                let s = opcode::Fsync::new(types::Fixed(0))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build();
-                self.push_sqe(s, Cont::Commit { len: 0 });
-            }
-            return;
-        }
-        // The same chain, run here: a step after a failed one is cancelled, as a linked
-        // io_uring chain cancels it.
-        let mut results: Vec<(i32, u32)> = Vec::with_capacity(steps as usize);
-        for m in &self.shared.members {
-            let r = chain_step(&results, || m.sync(), 0);
-            results.push((r, 0));
-        }
-        if let Some((off, _)) = jw {
-            let buf = self.commit.buf.as_ref().expect("commit buffer");
-            let m0 = &self.shared.members[0];
-            let len = buf.len() as u32;
-            let r = chain_step(&results, || m0.write_at(off, buf.as_slice()), len as i32);
-            results.push((r, len));
-            let r = chain_step(&results, || m0.sync(), 0);
-            results.push((r, 0));
-        }
-        for (res, len) in results {
-            let key = self.conts.insert(Cont::Commit { len });
-            self.inline_done.push_back((key as u64, res));
+            // SAFETY: flushes point to no buffer.
+            None => unsafe { self.push_dev(flushes) },
         }
     }
 

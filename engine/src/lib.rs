@@ -5,6 +5,7 @@
 //! `Client` (submit `Request`s from a thread), `Poller` (tasks hosted on a reactor).
 
 pub mod alloc;
+pub(crate) mod backend;
 pub mod barrier;
 pub mod buf;
 mod control;

@@ -1,6 +1,7 @@
 //! The devices under a pool: files and block devices opened O_DIRECT, an in-memory disk
 //! with an optional volatile-cache crash simulator (model tests), and a null device.
 
+use crate::backend::inline::Medium;
 use crate::buf::AlignedBuf;
 use crate::error::PoolError;
 use std::fs::{File, OpenOptions};
@@ -52,7 +53,8 @@ impl DeviceSpec {
 pub enum Member {
     File {
         path: PathBuf,
-        file: File,
+        /// Shared with a reactor's inline backend when io_uring cannot serve the pool.
+        file: Arc<File>,
         size: u64,
         /// Holds the device's claim (O_EXCL, or the advisory lock) while the member is open.
         _lock: File,
@@ -150,7 +152,7 @@ impl Member {
                 };
                 Ok(Member::File {
                     path: path.clone(),
-                    file,
+                    file: Arc::new(file),
                     size,
                     _lock: lock,
                 })
@@ -184,6 +186,23 @@ impl Member {
         }
     }
 
+    /// The member as a synchronous medium (for a reactor's inline backend).
+    pub(crate) fn medium(&self) -> Arc<dyn Medium> {
+        match self {
+            Member::File { file, .. } => file.clone(),
+            Member::Mem(m) => m.clone(),
+            Member::Null(n) => n.clone(),
+        }
+    }
+
+    fn as_medium(&self) -> &dyn Medium {
+        match self {
+            Member::File { file, .. } => &**file,
+            Member::Mem(m) => &**m,
+            Member::Null(n) => &**n,
+        }
+    }
+
     /// Synchronous read (open, recovery, checkpoint): fills `buf` from `off`.
     pub fn read_at(&self, off: u64, buf: &mut AlignedBuf) -> Result<(), PoolError> {
         self.read_slice(off, buf.as_mut_slice())
@@ -192,20 +211,9 @@ impl Member {
     /// Synchronous read into any slice (memory and null devices need no alignment; files
     /// opened O_DIRECT need a 512-byte aligned slice).
     pub fn read_slice(&self, off: u64, out: &mut [u8]) -> Result<(), PoolError> {
-        match self {
-            Member::File { path, file, .. } => {
-                file.read_exact_at(out, off).map_err(|e| io_err(path, e))
-            }
-            Member::Mem(m) => {
-                m.check(FaultOp::Read, off, out.len())?;
-                m.read(off, out);
-                Ok(())
-            }
-            Member::Null(n) => {
-                n.read(off, out);
-                Ok(())
-            }
-        }
+        self.as_medium()
+            .read_at(off, out)
+            .map_err(|e| io_err(&self.path(), e))
     }
 
     /// Synchronous write.
@@ -215,33 +223,66 @@ impl Member {
             0,
             "O_DIRECT needs aligned buffers"
         );
-        match self {
-            Member::File { path, file, .. } => {
-                file.write_all_at(buf, off).map_err(|e| io_err(path, e))
-            }
-            Member::Mem(m) => {
-                m.check(FaultOp::Write, off, buf.len())?;
-                m.write(off, buf);
-                Ok(())
-            }
-            Member::Null(n) => {
-                n.write(off, buf);
-                Ok(())
-            }
-        }
+        self.as_medium()
+            .write_at(off, buf)
+            .map_err(|e| io_err(&self.path(), e))
     }
 
     /// Make completed writes durable.
     pub fn sync(&self) -> Result<(), PoolError> {
-        match self {
-            Member::File { path, file, .. } => file.sync_data().map_err(|e| io_err(path, e)),
-            Member::Mem(m) => {
-                m.check(FaultOp::Flush, 0, 0)?;
-                m.flush();
-                Ok(())
-            }
-            Member::Null(_) => Ok(()),
-        }
+        self.as_medium()
+            .flush()
+            .map_err(|e| io_err(&self.path(), e))
+    }
+}
+
+impl Medium for File {
+    fn read_at(&self, pos: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.read_exact_at(out, pos)
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> std::io::Result<()> {
+        self.write_all_at(data, pos)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.sync_data()
+    }
+}
+
+impl Medium for MemDisk {
+    fn read_at(&self, pos: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.check(FaultOp::Read, pos, out.len())?;
+        self.read(pos, out);
+        Ok(())
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check(FaultOp::Write, pos, data.len())?;
+        self.write(pos, data);
+        Ok(())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.check(FaultOp::Flush, 0, 0)?;
+        MemDisk::flush(self);
+        Ok(())
+    }
+}
+
+impl Medium for NullDisk {
+    fn read_at(&self, pos: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.read(pos, out);
+        Ok(())
+    }
+
+    fn write_at(&self, pos: u64, data: &[u8]) -> std::io::Result<()> {
+        self.write(pos, data);
+        Ok(())
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -448,7 +489,7 @@ impl MemDisk {
     }
 
     /// Does an injected fault fail this operation? Err carries the device error.
-    fn check(&self, op: FaultOp, off: u64, len: usize) -> Result<(), PoolError> {
+    fn check(&self, op: FaultOp, off: u64, len: usize) -> std::io::Result<()> {
         let mut f = self.faults();
         let Faults { armed, rng, .. } = &mut *f;
         let end = off + len as u64;
@@ -463,10 +504,7 @@ impl MemDisk {
         let Some(errno) = hit else { return Ok(()) };
         f.armed.retain(|x| x.times > 0);
         f.injected += 1;
-        Err(io_err(
-            Path::new("mem"),
-            std::io::Error::from_raw_os_error(errno),
-        ))
+        Err(std::io::Error::from_raw_os_error(errno))
     }
 
     /// Size in bytes.

@@ -2,6 +2,9 @@
 //! and io_uring; other threads reach it only through its inbox (DESIGN.md section 4).
 
 use crate::alloc::{AllocGroup, Allocator};
+use crate::backend::inline::Inline;
+use crate::backend::uring::Ring;
+use crate::backend::{Backend, DevOp};
 use crate::io::{Completion, Request};
 use crate::journal::Journal;
 use crate::layout::Layout;
@@ -11,7 +14,6 @@ use crate::request::{Doorbell, Parent, ParentPool, ReplyTo, Sink};
 use crate::slab::Slab;
 use crate::volume::{MetaCache, VolumeTable};
 use crossbeam_queue::ArrayQueue;
-use io_uring::{opcode, squeue, types, IoUring};
 use rustc_hash::FxHashMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +29,7 @@ pub enum PollMode {
     Adaptive,
 }
 
-/// On synchronous media (memory, null) a commit's device write runs on the reactor thread,
+/// On inline media (memory, null) a commit's device write runs on the reactor thread,
 /// a pause of all its I/O as long as the write: a commit starts once this many blocks are
 /// sealed, not only every 50 ms, so that no single commit is long (a snapshot's freeze
 /// waits for one, with the volume's writes in flight). io_uring media write off the
@@ -352,7 +354,10 @@ impl Sender<'_> {
 pub struct Reactor {
     pub id: usize,
     pub shared: Arc<Shared>,
-    pub(crate) ring: IoUring,
+    /// The reactor's io_uring: its doorbell and pollers' waits, and device I/O on files.
+    pub(crate) ring: Ring,
+    /// Device I/O on media io_uring cannot serve (memory, null): run inline.
+    inline: Option<Inline>,
     pub(crate) conts: Slab<Cont>,
     pub vols: FxHashMap<u64, VolState>,
     pub alloc: Allocator,
@@ -362,8 +367,6 @@ pub struct Reactor {
     pub(crate) ready: VecDeque<usize>,
     pub(crate) local: VecDeque<Msg>,
     outbox: Vec<VecDeque<Msg>>,
-    /// Completions of operations on synchronous media (memory, null), reaped like CQEs.
-    pub(crate) inline_done: VecDeque<(u64, i32)>,
     /// Completions being handled by `reap`, kept between passes for its capacity.
     reaped: Vec<(u64, i32)>,
     /// Completions of requests this reactor's pollers submitted, finished here.
@@ -394,11 +397,10 @@ pub struct Reactor {
     bell_armed: bool,
     bell_buf: Box<u64>,
     last_commit: Instant,
-    pub(crate) uring_files: bool,
-    /// The ring was set up with deferred task work (completions are run by this thread's
-    /// own `io_uring_enter` with GETEVENTS, never by interrupting it) and starts disabled:
-    /// `start` enables it on the reactor's thread, its single issuer.
-    deferred: bool,
+    /// Reused by `push_dev` to key a chain's operations without allocating each time.
+    dev_chain: Vec<(DevOp, u64)>,
+    /// The first error of a submit to the ring, logged once (they are retried every pass).
+    submit_failed: bool,
 }
 
 impl Reactor {
@@ -409,31 +411,20 @@ impl Reactor {
         alloc: Allocator,
         journal: Journal,
     ) -> std::io::Result<Reactor> {
-        // Completions as fio sets up its rings: deferred task work run by the reactor's own
-        // enters (no interrupting signal while it spins), one issuer. Kernels before 6.1
-        // refuse the flags and get a plain ring.
-        let entries = shared.ring_entries.max(8);
-        let (ring, deferred) = match IoUring::builder()
-            .setup_r_disabled()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_taskrun_flag()
-            .build(entries)
-        {
-            Ok(r) => (r, true),
-            Err(_) => (IoUring::builder().build(entries)?, false),
-        };
-        let fds: Vec<i32> = shared.members.iter().filter_map(|m| m.raw_fd()).collect();
-        let uring_files = !fds.is_empty() && fds.len() == shared.members.len();
-        if uring_files {
-            ring.submitter().register_files(&fds)?;
-        }
+        // Files and block devices go through the ring as registered files; a pool with
+        // any other member runs all its device I/O inline.
+        let fds: Option<Vec<i32>> = shared.members.iter().map(|m| m.raw_fd()).collect();
+        let ring = Ring::new(shared.ring_entries, fds.as_deref().unwrap_or_default())?;
+        let inline = fds
+            .is_none()
+            .then(|| Inline::new(shared.members.iter().map(|m| m.medium()).collect()));
         let n = shared.inboxes.len();
         let meta = MetaCache::default();
         Ok(Reactor {
             id,
             shared,
             ring,
+            inline,
             conts: Slab::default(),
             vols: FxHashMap::default(),
             alloc,
@@ -443,7 +434,6 @@ impl Reactor {
             ready: VecDeque::new(),
             local: VecDeque::new(),
             outbox: (0..n).map(|_| VecDeque::new()).collect(),
-            inline_done: VecDeque::new(),
             reaped: Vec::new(),
             done_here: VecDeque::new(),
             done_clock: None,
@@ -462,8 +452,8 @@ impl Reactor {
             bell_armed: false,
             bell_buf: Box::new(0),
             last_commit: Instant::now(),
-            uring_files,
-            deferred,
+            dev_chain: Vec::new(),
+            submit_failed: false,
         })
     }
 
@@ -526,18 +516,47 @@ impl Reactor {
         progress
     }
 
-    /// Queue an io_uring entry with a continuation, submitting if the queue is full.
-    pub(crate) fn push_sqe(&mut self, e: squeue::Entry, c: Cont) -> u64 {
-        let key = self.conts.insert(c) as u64;
-        let e = e.user_data(key);
-        loop {
-            // SAFETY: every buffer an entry points to is owned by state that lives until
-            // its completion is reaped (the caller's request, a cluster op's bounce buffer,
-            // the commit's buffer or the reactor's bell buffer).
-            if unsafe { self.ring.submission().push(&e) }.is_ok() {
-                return key;
+    /// Where this reactor's device I/O goes.
+    fn dev(&mut self) -> &mut dyn Backend {
+        match &mut self.inline {
+            Some(inline) => inline,
+            None => &mut self.ring,
+        }
+    }
+
+    /// Start a chain of device operations (see `Backend::push`), each with the continuation
+    /// its completion runs; each operation after the first runs only if the one before it
+    /// succeeded. Submitted once `submit_batch` operations are queued, or at the end of
+    /// the pass.
+    ///
+    /// # Safety
+    /// Every buffer of `chain` belongs to state that lives, untouched by anyone else, until
+    /// the operation's completion is reaped (the caller's request, a cluster operation's
+    /// bounce buffer, the commit's buffer).
+    pub(crate) unsafe fn push_dev(&mut self, chain: impl IntoIterator<Item = (DevOp, Cont)>) {
+        let mut ops = std::mem::take(&mut self.dev_chain);
+        ops.extend(
+            chain
+                .into_iter()
+                .map(|(op, c)| (op, self.conts.insert(c) as u64)),
+        );
+        // SAFETY: the caller's contract.
+        unsafe { self.dev().push(&ops) };
+        ops.clear();
+        self.dev_chain = ops;
+        if self.dev().queued() >= self.shared.submit_batch {
+            self.submit();
+        }
+    }
+
+    /// Hand queued entries to the kernel. A failure is not retried here: the entries stay
+    /// queued and the next pass submits them again.
+    fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            if !self.submit_failed {
+                self.submit_failed = true;
+                tracing::warn!(core = self.id, error = %e, "io_uring submit failed; retrying every pass");
             }
-            let _ = self.ring.submit();
         }
     }
 
@@ -679,7 +698,7 @@ impl Reactor {
         progress |= self.drain_local();
         if self.journal.has_pending()
             && (self.last_commit.elapsed() > Duration::from_millis(50)
-                || (!self.uring_files && self.journal.staged_blocks() >= SYNC_COMMIT_BLOCKS))
+                || (self.dev().runs_inline() && self.journal.staged_blocks() >= SYNC_COMMIT_BLOCKS))
         {
             self.commit_wanted(None);
         }
@@ -689,24 +708,20 @@ impl Reactor {
             .in_flight
             .store(self.ops.len() as u64, Ordering::Relaxed);
         // An empty submit is a wasted syscall on every spinning pass: completions are
-        // reaped from the shared ring without one. The enter is needed when the kernel
-        // holds deferred completions for us (TASKRUN flag: they are run by an enter with
-        // GETEVENTS, which `submit` then passes) or an overflowed completion queue.
-        let flush = {
-            let sq = self.ring.submission();
-            !sq.is_empty() || sq.cq_overflow() || sq.taskrun()
-        };
-        if flush {
-            let _ = self.ring.submit();
-        }
+        // reaped from the shared ring without one. `Ring::submit` enters only when entries
+        // wait or the kernel holds deferred completions for us (TASKRUN flag: they are run
+        // by an enter with GETEVENTS, which it then passes).
+        self.submit();
         progress
     }
 
     fn reap(&mut self) -> bool {
         // Handlers may queue new inline completions; those wait for the next pass.
         let mut done = std::mem::take(&mut self.reaped);
-        done.extend(self.inline_done.drain(..));
-        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        if let Some(inline) = &mut self.inline {
+            inline.reap(&mut done);
+        }
+        self.ring.reap(&mut done);
         let progress = !done.is_empty();
         for &(ud, res) in &done {
             let Some(c) = self.conts.remove(ud as usize) else {
@@ -731,14 +746,11 @@ impl Reactor {
 
     fn sleep(&mut self) {
         if !self.bell_armed {
-            let bell = self.shared.inboxes[self.id].bell.clone();
-            let e = opcode::Read::new(
-                types::Fd(bell.fd),
-                &mut *self.bell_buf as *mut u64 as *mut u8,
-                8,
-            )
-            .build();
-            self.push_sqe(e, Cont::Bell);
+            let fd = self.shared.inboxes[self.id].bell.fd;
+            let key = self.conts.insert(Cont::Bell) as u64;
+            // SAFETY: the buffer is the reactor's own and boxed (its address is stable),
+            // and `ring` is declared before it: the ring is torn down first.
+            unsafe { self.ring.read_eventfd(fd, &mut *self.bell_buf, key) };
             self.bell_armed = true;
         }
         // One readiness poll per poller, re-armed only when it fired or its fd or events
@@ -754,10 +766,8 @@ impl Reactor {
         }
         for (k, fd, ev) in arm {
             self.disarm(k);
-            let key = self.push_sqe(
-                opcode::PollAdd::new(types::Fd(fd), ev).build(),
-                Cont::PollFd { poller: k },
-            );
+            let key = self.conts.insert(Cont::PollFd { poller: k }) as u64;
+            self.ring.poll_fd(fd, ev, key);
             self.poll_armed.insert(k, (fd, ev, key));
         }
         let bell = self.shared.inboxes[self.id].bell.clone();
@@ -767,16 +777,12 @@ impl Reactor {
             && self.done_here.is_empty()
             && self.local.is_empty()
             && self.ready.is_empty()
-            && self.inline_done.is_empty()
+            && self.inline.as_ref().is_none_or(Inline::is_idle)
             && self.drops.is_empty();
         if idle {
-            let ts = types::Timespec::new().nsec(if self.journal.has_pending() {
-                20_000_000
-            } else {
-                200_000_000
-            });
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let timeout = Duration::from_millis(if self.journal.has_pending() { 20 } else { 200 });
+            // A failed wait (a signal) returns to the loop, which spins and sleeps again.
+            let _ = self.ring.wait(timeout);
         }
         bell.sleeping.store(false, Ordering::SeqCst);
     }
@@ -784,17 +790,15 @@ impl Reactor {
     /// Cancel a poller's readiness poll, if one is in flight.
     fn disarm(&mut self, k: usize) {
         if let Some((_, _, key)) = self.poll_armed.remove(&k) {
-            self.push_sqe(opcode::AsyncCancel::new(key).build(), Cont::Cancel);
+            let me = self.conts.insert(Cont::Cancel) as u64;
+            self.ring.cancel(key, me);
         }
     }
 
     /// Make the reactor ready to run on this thread: a ring set up disabled for deferred
     /// task work is enabled by the thread that will be its only issuer.
     pub fn start(&mut self) -> std::io::Result<()> {
-        if self.deferred {
-            self.ring.submitter().register_enable_rings()?;
-        }
-        Ok(())
+        self.ring.enable()
     }
 
     /// The loop, after `start`: runs until the engine stops and nothing is in flight.
@@ -831,11 +835,6 @@ impl Reactor {
             } else if self.shared.poll == PollMode::Busy {
                 std::hint::spin_loop();
             }
-        }
-        // The kernel drops a ring's registered files lazily; release them now so the
-        // pool's device locks go with the engine.
-        if self.uring_files {
-            let _ = self.ring.submitter().unregister_files();
         }
     }
 }
