@@ -11,7 +11,17 @@ use std::path::Path;
 /// "Module dependencies", says what is left to do).
 const KNOWN: &[&[&str]] = &[&["datapath", "dispatch", "reactor", "snapshot"]];
 
-/// Module → modules it names, from the non-test code of each file.
+/// The non-test code of a file.
+fn code_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("source");
+    text.split("#[cfg(test)]\nmod tests")
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Module → modules it names, from the non-test code of each file; a folder (`backend/`)
+/// is one module with all of its files.
 fn dependencies(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut deps = BTreeMap::new();
     for entry in std::fs::read_dir(src).expect("engine/src") {
@@ -19,11 +29,23 @@ fn dependencies(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let Some(module) = path.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
-        if path.extension().and_then(|e| e.to_str()) != Some("rs") || module == "lib" {
+        let code = if path.is_dir() {
+            let mut files: Vec<_> = std::fs::read_dir(&path)
+                .expect("module folder")
+                .map(|e| e.expect("entry").path())
+                .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("rs"))
+                .collect();
+            files.sort();
+            files
+                .iter()
+                .map(|f| code_of(f))
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else if path.extension().and_then(|e| e.to_str()) == Some("rs") && module != "lib" {
+            code_of(&path)
+        } else {
             continue;
-        }
-        let text = std::fs::read_to_string(&path).expect("source");
-        let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        };
         let mut named = BTreeSet::new();
         for line in code.lines() {
             let line = line.trim_start();
