@@ -305,3 +305,113 @@ fn session_list_shows_who_is_connected_and_session_close_disconnects_one() {
     assert_eq!(code(&out), "unknown_session");
     assert!(iscsi.read16(0, 0, 1, 4096).data.len() == 4096);
 }
+
+/// `schedule list`: volume → (every_secs, keep, next_unix).
+fn schedule_table(d: &Daemon) -> std::collections::BTreeMap<String, (u64, u64, u64)> {
+    d.cli_json(&["schedule", "list"])["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["volume"].as_str().unwrap().to_string(),
+                (
+                    s["every_secs"].as_u64().unwrap(),
+                    s["keep"].as_u64().unwrap(),
+                    s["next_unix"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn schedules_set_or_removed_at_run_time_survive_restarts_with_their_timers() {
+    let dir = TestDir::new("ops-schedule-persist");
+    let config = dir.join("tessel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[volume]]\nname = \"db\"\npool = \"default\"\nsize = \"64M\"\n\n\
+             [[schedule]]\nvolume = \"vol0\"\nevery = \"1h\"\nkeep = 2\n\n\
+             [[schedule]]\nvolume = \"db\"\nevery = \"1h\"\nkeep = 2\n",
+            include_str!("../config/tessel.toml")
+        ),
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let data = dir.join("data");
+    let mut d = Daemon::try_start(&data, &args).unwrap();
+    // A configured schedule that never ran takes its first snapshot at once; the next is
+    // due an hour after that snapshot.
+    let first = |d: &Daemon, volume: &str| -> u64 {
+        let mut created = 0;
+        wait_for(
+            Duration::from_secs(30),
+            "the first scheduled snapshot",
+            || {
+                let list = d.cli_json(&["snapshot", "list", volume]);
+                created = list["snapshots"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s["scheduled"] == true)
+                    .map(|s| s["created_unix"].as_u64().unwrap())
+                    .max()
+                    .unwrap_or(0);
+                created > 0
+            },
+        );
+        created
+    };
+    let taken = first(&d, "vol0");
+    first(&d, "db");
+    wait_for(
+        Duration::from_secs(10),
+        "the next one due an hour later",
+        || schedule_table(&d)["vol0"] == (3600, 2, taken + 3600),
+    );
+    // Changes at run time: a new schedule, one removed, one changed.
+    d.cli_ok(&["volume", "create", "logs", "64M"]);
+    d.cli_ok(&["schedule", "set", "logs", "--every", "2h", "--keep", "5"]);
+    d.cli_ok(&["schedule", "remove", "db"]);
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let set_from = unix();
+    d.cli_ok(&["schedule", "set", "vol0", "--every", "30m", "--keep", "4"]);
+    let set_by = unix();
+    let before = schedule_table(&d);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert_eq!(before["logs"].0, 7200);
+    // Changed after its last snapshot: due one new interval after the change.
+    let next = before["vol0"].2;
+    assert!(
+        (set_from + 1800..=set_by + 1800).contains(&next),
+        "{before:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(d.stop().success());
+
+    // Restarted (a second later): the same schedules, due at the same times.
+    let mut d = Daemon::try_start(&data, &args).unwrap();
+    assert_eq!(schedule_table(&d), before, "after a restart");
+    assert_eq!(
+        snapshots(&d, "db").len(),
+        1,
+        "the removed configured schedule came back"
+    );
+    d.kill9();
+    let d = Daemon::try_start(&data, &args).unwrap();
+    assert_eq!(schedule_table(&d), before, "after kill -9");
+    // A deleted volume's schedule is gone for good.
+    d.cli_ok(&["volume", "delete", "logs"]);
+    drop(d);
+    let d = Daemon::try_start(&data, &args).unwrap();
+    assert!(!schedule_table(&d).contains_key("logs"));
+    let out = d.cli(&["--json", "schedule", "remove", "logs"]);
+    assert_eq!(code(&out), "unknown_schedule");
+}

@@ -313,7 +313,7 @@ impl ControlServer {
                 self.exports
                     .origins
                     .volume_deleted(&name, || self.engine.delete_volume(&name))?;
-                let _ = self.schedules.set(&name, 0, 0);
+                self.schedules.forget(&name);
                 ControlResponse::done()
             }
             ControlRequest::VolumeResize { name, size } => {
@@ -479,7 +479,9 @@ impl ControlServer {
                         format!("volume '{volume}' has no schedule"),
                     ));
                 }
-                let _ = self.schedules.set(&volume, 0, 0);
+                if let Err(m) = self.schedules.set(&volume, 0, 0) {
+                    return Ok(ControlResponse::error(ErrorCode::Internal, m));
+                }
                 ControlResponse::done()
             }
             ControlRequest::SessionList => ControlResponse::ok(&self.session_list()),

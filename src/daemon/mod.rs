@@ -280,12 +280,16 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     });
     let budget = MemoryBudget::new(limits.memory.0);
     let connection_memory = limits.connection_memory.0;
-    let schedules = schedule::Schedules::new(engine.clone());
-    for s in &config.schedules {
-        if let Err(e) = schedules.set(&s.volume, s.every.as_secs(), s.keep) {
-            tracing::warn!(volume = %s.volume, "schedule not set: {e}");
-        }
-    }
+    let configured: Vec<(String, u64, u32)> = config
+        .schedules
+        .iter()
+        .map(|s| (s.volume.clone(), s.every.as_secs(), s.keep))
+        .collect();
+    let schedules = schedule::Schedules::open(
+        engine.clone(),
+        &configured,
+        &config.daemon.data_dir.join(schedule::FILE),
+    )?;
     {
         let (s, stop) = (schedules.clone(), stop.clone());
         std::thread::Builder::new()

@@ -134,19 +134,25 @@ impl Origins {
             .collect();
         pairs.sort();
         text.extend(pairs);
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .mode(0o600)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        replace_file(&self.path, text.as_bytes())
     }
+}
+
+/// Replace `path` with `bytes` (mode 0600) so that a crash leaves the old file or the new
+/// one: a temporary file, fsync, rename, fsync of the directory.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .mode(0o600)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
