@@ -11,8 +11,12 @@ pub fn run(args: &ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         .clone()
         .unwrap_or_else(|| config.engine.log_level.clone());
     let filter = EnvFilter::try_new(&level).map_err(|e| format!("log level '{level}': {e}"))?;
+    // Colour only for a person at a terminal: escape codes in a journal or a log file are
+    // noise (and break grep).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Json => builder.json().init(),

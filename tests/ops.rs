@@ -415,3 +415,13 @@ fn schedules_set_or_removed_at_run_time_survive_restarts_with_their_timers() {
     let out = d.cli(&["--json", "schedule", "remove", "logs"]);
     assert_eq!(code(&out), "unknown_schedule");
 }
+
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let mut d = Daemon::start("ops-no-colour");
+    d.cli_ok(&["volume", "create", "x", "64M"]);
+    assert!(d.stop().success());
+    let log = d.stderr();
+    assert!(log.contains("tessel is ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log: {log:?}");
+}
