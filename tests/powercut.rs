@@ -1,7 +1,7 @@
 //! Power loss on the real I/O path: `tessel serve` with its pool file on the powercut fs
 //! (powercut/), so its O_DIRECT io_uring writes and fdatasyncs reach a recorder that models
 //! a volatile write cache. NBD clients write seeded data (some with FUA) and FLUSH; snapshots
-//! are created and deleted meanwhile; the power is cut at a seeded point right after a
+//! and a clone are created, written, inflated and deleted meanwhile; the power is cut at a seeded point right after a
 //! request is answered; tessel restarts on the crash image and every block is checked
 //! against the durability contract (DESIGN.md §6):
 //! - a write acknowledged before a FLUSH that completed, or acknowledged with FUA, reads
@@ -11,9 +11,13 @@
 //! - a snapshot whose create returned exists and reads as at creation (every write
 //!   acknowledged before the create, either version of those in flight during it), and
 //!   exactly as it read after the first cut it went through; one whose delete returned is
-//!   gone.
+//!   gone;
+//! - a clone of one of those snapshots (created, written by its own client, inflated and
+//!   deleted across the cycles) exists exactly when its create returned and no delete did;
+//!   it reads as its origin snapshot plus its own writes, by the rules above, also after
+//!   its origin was deleted (once inflated); an inflate that returned left it independent.
 //!
-//! `cargo test` runs 20 cycles (about 15 s); TESSEL_POWERCUT_CYCLES=N (tools/crashtest) runs
+//! `cargo test` runs 20 cycles (about 20 s); TESSEL_POWERCUT_CYCLES=N (tools/crashtest) runs
 //! more, TESSEL_POWERCUT_SEED picks the seeds (printed in the summary line). The crash image
 //! and the cut point (after which answered request) are chosen by the seed; which requests
 //! are in flight at that point still depends on thread timing.
@@ -64,6 +68,8 @@ fn decode(block: &[u8], lba: u64) -> Option<u64> {
 /// One NBD write as the clients saw it; times are ticks of `Log::clock`.
 struct Write {
     id: u64,
+    /// To the clone rather than vol0.
+    clone: bool,
     first: u64,
     blocks: u64,
     fua: bool,
@@ -87,10 +93,19 @@ struct Log {
     /// The latest send time of a FLUSH answered with success: every write acknowledged
     /// before it is durable (NBD_FLAG_CAN_MULTI_CONN: on any connection).
     flushed_before: u64,
+    /// The same for the clone's connection.
+    clone_flushed_before: u64,
     flushes: u64,
     /// Requests answered so far (writes and flushes).
     answered: u64,
     snaps: Vec<SnapOp>,
+    clone_ops: Vec<CloneOp>,
+}
+
+/// A clone create, inflate or delete as the clone thread saw it.
+struct CloneOp {
+    step: CloneStep,
+    returned: Option<u64>,
 }
 
 impl Log {
@@ -100,7 +115,12 @@ impl Log {
     }
 
     fn durable(&self, w: &Write) -> bool {
-        w.acked.is_some_and(|a| w.fua || a < self.flushed_before)
+        let flushed = if w.clone {
+            self.clone_flushed_before
+        } else {
+            self.flushed_before
+        };
+        w.acked.is_some_and(|a| w.fua || a < flushed)
     }
 }
 
@@ -121,6 +141,8 @@ struct Shared {
     cut: Cut,
     fs: Mounted,
     daemon_pid: i32,
+    /// The clone exists and may be written (set once its create returned).
+    clone_ready: AtomicBool,
 }
 
 impl Shared {
@@ -167,12 +189,23 @@ fn request(
     Ok(u32::from_be_bytes(reply[4..8].try_into().unwrap()))
 }
 
+/// Who writes: one of the `CLIENTS` writers of vol0, or the clone's single writer.
+#[derive(Clone, Copy)]
+enum Writer {
+    Vol(u64),
+    Clone,
+}
+
 /// One client: seeded writes to its own stripes, FUA now and then, FLUSH now and then,
 /// until its connection fails (the cut).
-fn client(shared: &Shared, addr: &str, me: u64, seed: u64, next_id: u64) {
-    let mut nbd = RawNbd::connect(addr, "vol0");
+fn client(shared: &Shared, addr: &str, export: &str, who: Writer, seed: u64, next_id: u64) {
+    let (me, clients, clone) = match who {
+        Writer::Vol(me) => (me, CLIENTS, false),
+        Writer::Clone => (0, 1, true),
+    };
+    let mut nbd = RawNbd::connect(addr, export);
     let mut rng = SplitMix(seed);
-    let stripes = REGION / STRIPE / CLIENTS;
+    let stripes = REGION / STRIPE / clients;
     let mut id = next_id;
     while !shared.cut.done.load(Ordering::SeqCst) {
         if rng.below(12) == 0 {
@@ -180,7 +213,11 @@ fn client(shared: &Shared, addr: &str, me: u64, seed: u64, next_id: u64) {
             match request(&mut nbd, CMD_FLUSH, 0, 0, &[]) {
                 Ok(0) => {
                     let mut log = shared.log();
-                    log.flushed_before = log.flushed_before.max(sent);
+                    if clone {
+                        log.clone_flushed_before = log.clone_flushed_before.max(sent);
+                    } else {
+                        log.flushed_before = log.flushed_before.max(sent);
+                    }
                     log.flushes += 1;
                 }
                 _ => return,
@@ -188,7 +225,7 @@ fn client(shared: &Shared, addr: &str, me: u64, seed: u64, next_id: u64) {
             shared.answered(true);
             continue;
         }
-        let stripe = (rng.below(stripes) * CLIENTS + me) * STRIPE;
+        let stripe = (rng.below(stripes) * clients + me) * STRIPE;
         let first = stripe + rng.below(STRIPE);
         let blocks = 1 + rng.below(MAX_WRITE_BLOCKS.min(stripe + STRIPE - first));
         let fua = rng.below(8) == 0;
@@ -202,6 +239,7 @@ fn client(shared: &Shared, addr: &str, me: u64, seed: u64, next_id: u64) {
             let issued = log.tick();
             log.writes.push(Write {
                 id,
+                clone,
                 first,
                 blocks,
                 fua,
@@ -251,6 +289,77 @@ fn snapshotter(shared: &Shared, socket: &Path, at: u64, delete: Option<String>, 
     }
 }
 
+/// This cycle's clone operation, chosen from the model when the cycle starts.
+#[derive(Clone, Debug)]
+enum CloneStep {
+    /// Clone snapshot `origin` of vol0 as `name`, then write to it.
+    Create { name: String, origin: String },
+    /// Write to the clone and inflate it meanwhile.
+    Inflate,
+    /// Write to the clone.
+    Write,
+    /// Delete the clone (an inflated one).
+    Delete,
+}
+
+/// The clone thread: once the clients have answered `at` requests, run the step's
+/// operation; the clone's writer runs meanwhile (from the create's return, for a create).
+fn cloner(shared: &Shared, socket: &Path, at: u64, step: CloneStep, name: &str) {
+    let create = matches!(step, CloneStep::Create { .. });
+    if !create {
+        shared.clone_ready.store(true, Ordering::SeqCst);
+    }
+    if matches!(step, CloneStep::Write) {
+        return;
+    }
+    while shared.log().answered < at {
+        if shared.cut.done.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let source;
+    let args: Vec<&str> = match &step {
+        CloneStep::Create { origin, .. } => {
+            source = format!("vol0@{origin}");
+            vec!["clone", "create", &source, name]
+        }
+        CloneStep::Inflate => vec!["clone", "inflate", name, "--wait"],
+        CloneStep::Delete => vec!["volume", "delete", name],
+        CloneStep::Write => unreachable!("returned above"),
+    };
+    let out = cli(socket, &args);
+    let mut log = shared.log();
+    let returned = out.status.success().then(|| log.tick());
+    log.clone_ops.push(CloneOp { step, returned });
+    if create && returned.is_some() {
+        shared.clone_ready.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The clone's writer: a client of the clone export once it exists.
+fn clone_writer(shared: &Shared, addr: &str, name: &str, seed: u64, first_id: u64) {
+    while !shared.clone_ready.load(Ordering::SeqCst) {
+        if shared.cut.done.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    client(shared, addr, name, Writer::Clone, seed, first_id);
+}
+
+/// The clone as the model knows it.
+struct CloneModel {
+    name: String,
+    origin: String,
+    /// Each block's value as last read (at its creation: the origin's).
+    prior: Vec<u64>,
+    /// Its create returned, or it was seen after a cut.
+    must_exist: bool,
+    /// Seen without an origin after a cut (inflated): its origin may now be deleted.
+    inflated: bool,
+}
+
 /// What a snapshot must read: candidates per block until it is first seen after a cut,
 /// then exactly what it read then.
 enum SnapContent {
@@ -268,6 +377,8 @@ struct Model {
     prior: Vec<u64>,
     snaps: BTreeMap<String, Snapshot>,
     next_snap: u64,
+    clone: Option<CloneModel>,
+    next_clone: u64,
 }
 
 #[derive(Default)]
@@ -279,6 +390,11 @@ struct Totals {
     lost: u64,
     bad_snapshots: u64,
     snapshots_checked: u64,
+    bad_clones: u64,
+    clones_checked: u64,
+    /// Clones checked after their origin snapshot was deleted (inflated ones).
+    orphans_checked: u64,
+    clone_ops: u64,
     report: CrashReport,
     fsyncs: u64,
     violations: Vec<String>,
@@ -333,10 +449,16 @@ fn read_region(addr: &str, export: &str) -> Vec<Option<u64>> {
     out
 }
 
-/// Each block's writes this cycle, in issue order (one client owns each block).
-fn histories(log: &Log) -> Vec<Vec<usize>> {
+/// Each block's writes this cycle to vol0 or the clone, in issue order (one client owns
+/// each block).
+fn histories(log: &Log, clone: bool) -> Vec<Vec<usize>> {
     let mut hist = vec![Vec::new(); REGION as usize];
-    for (i, w) in log.writes.iter().enumerate() {
+    for (i, w) in log
+        .writes
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.clone == clone)
+    {
         for b in w.first..w.first + w.blocks {
             hist[b as usize].push(i);
         }
@@ -372,10 +494,125 @@ fn snapshot_candidates(
         .collect()
 }
 
+/// Check each block read back against this cycle's writes to it (`hist`) and its value
+/// before the cycle (`prior`), which moves on to what was read; the violations found.
+fn check_blocks(
+    what: &str,
+    got: &[Option<u64>],
+    hist: &[Vec<usize>],
+    log: &Log,
+    prior: &mut [u64],
+    cycle: u64,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (b, h) in hist.iter().enumerate() {
+        let last_durable = h.iter().rposition(|&i| log.durable(&log.writes[i]));
+        let allowed: Vec<u64> = match last_durable {
+            Some(k) => h[k..].iter().map(|&i| log.writes[i].id).collect(),
+            None => std::iter::once(prior[b])
+                .chain(h.iter().map(|&i| log.writes[i].id))
+                .collect(),
+        };
+        match got[b] {
+            Some(v) if allowed.contains(&v) => prior[b] = v,
+            other => {
+                bad.push(format!(
+                    "cut {cycle}: {what} block {b} holds {}, allowed {allowed:?} (durable: {})",
+                    other.map_or("foreign bytes".to_string(), |v| format!("write {v}")),
+                    last_durable.is_some()
+                ));
+                prior[b] = other.unwrap_or(u64::MAX);
+            }
+        }
+    }
+    bad
+}
+
+/// After the restart: the clone exists exactly when its create returned and no delete did
+/// (either way when one was cut short); an inflate that returned left it without an origin;
+/// it reads as its origin snapshot plus its own writes, by the rules vol0's blocks follow,
+/// also once its origin is deleted. Without a clone, vol0 is the only volume.
+fn verify_clone(d: &Daemon, model: &mut Model, log: &Log, totals: &mut Totals, cycle: u64) {
+    let mut inflate_returned = false;
+    let mut deleted: Option<bool> = None;
+    for op in &log.clone_ops {
+        totals.clone_ops += 1;
+        match &op.step {
+            CloneStep::Create { name, origin } => {
+                let Some(SnapContent::Exact(prior)) = model.snaps.get(origin).map(|s| &s.content)
+                else {
+                    panic!("clone origin {origin} was chosen without its exact contents");
+                };
+                model.clone = Some(CloneModel {
+                    name: name.clone(),
+                    origin: origin.clone(),
+                    prior: prior.clone(),
+                    must_exist: op.returned.is_some(),
+                    inflated: false,
+                });
+            }
+            CloneStep::Inflate => inflate_returned = op.returned.is_some(),
+            CloneStep::Delete => deleted = Some(op.returned.is_some()),
+            CloneStep::Write => {}
+        }
+    }
+    let listed = d.cli_json(&["volume", "list"]);
+    let volumes = listed["volumes"].as_array().expect("volume list");
+    let mut bad = Vec::new();
+    let expected = model.clone.as_ref().map(|c| c.name.as_str());
+    for v in volumes {
+        let name = v["name"].as_str().expect("name");
+        if name != "vol0" && Some(name) != expected {
+            bad.push(format!(
+                "cut {cycle}: volume {name} exists, but no clone of that name may"
+            ));
+        }
+    }
+    if let Some(c) = model.clone.as_mut() {
+        match volumes.iter().find(|v| v["name"] == c.name.as_str()) {
+            None => {
+                if c.must_exist && deleted.is_none() {
+                    bad.push(format!(
+                        "cut {cycle}: clone {} returned from create but is gone",
+                        c.name
+                    ));
+                }
+                model.clone = None;
+            }
+            Some(v) => {
+                if deleted == Some(true) {
+                    bad.push(format!(
+                        "cut {cycle}: clone {} exists after its delete returned",
+                        c.name
+                    ));
+                }
+                let origin = v["origin"].as_str();
+                if inflate_returned && origin.is_some() {
+                    bad.push(format!(
+                        "cut {cycle}: clone {} still depends on {origin:?} after its inflate returned",
+                        c.name
+                    ));
+                }
+                c.inflated = origin.is_none();
+                c.must_exist = true;
+                let got = read_region(&d.nbd_addr(), &c.name);
+                let hist = histories(log, true);
+                bad.extend(check_blocks(&c.name, &got, &hist, log, &mut c.prior, cycle));
+                totals.clones_checked += 1;
+                if !model.snaps.contains_key(&c.origin) {
+                    totals.orphans_checked += 1;
+                }
+            }
+        }
+    }
+    totals.bad_clones += bad.len() as u64;
+    totals.violations.extend(bad);
+}
+
 /// After the restart: check the volume and every snapshot against the cycle's log, and
 /// move the model on to what was read.
 fn verify(d: &Daemon, model: &mut Model, log: &Log, totals: &mut Totals, cycle: u64) {
-    let hist = histories(log);
+    let hist = histories(log, false);
     // Snapshot operations of this cycle, in the order they were sent; candidates from the
     // values before the cycle (`prior`, moved on below).
     for op in &log.snaps {
@@ -398,27 +635,9 @@ fn verify(d: &Daemon, model: &mut Model, log: &Log, totals: &mut Totals, cycle: 
     }
     let addr = d.nbd_addr();
     let got = read_region(&addr, "vol0");
-    for (b, h) in hist.iter().enumerate() {
-        let last_durable = h.iter().rposition(|&i| log.durable(&log.writes[i]));
-        let allowed: Vec<u64> = match last_durable {
-            Some(k) => h[k..].iter().map(|&i| log.writes[i].id).collect(),
-            None => std::iter::once(model.prior[b])
-                .chain(h.iter().map(|&i| log.writes[i].id))
-                .collect(),
-        };
-        match got[b] {
-            Some(v) if allowed.contains(&v) => model.prior[b] = v,
-            other => {
-                totals.lost += 1;
-                totals.violations.push(format!(
-                    "cut {cycle}: vol0 block {b} holds {}, allowed {allowed:?} (durable: {})",
-                    other.map_or("foreign bytes".to_string(), |v| format!("write {v}")),
-                    last_durable.is_some()
-                ));
-                model.prior[b] = other.unwrap_or(u64::MAX);
-            }
-        }
-    }
+    let bad = check_blocks("vol0", &got, &hist, log, &mut model.prior, cycle);
+    totals.lost += bad.len() as u64;
+    totals.violations.extend(bad);
 
     let listed = d.cli_json(&["snapshot", "list", "vol0"]);
     let names: Vec<String> = listed["snapshots"]
@@ -475,6 +694,7 @@ fn verify(d: &Daemon, model: &mut Model, log: &Log, totals: &mut Totals, cycle: 
     for name in gone {
         model.snaps.remove(&name);
     }
+    verify_clone(d, model, log, totals, cycle);
 }
 
 #[test]
@@ -503,6 +723,8 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
         prior: vec![0; REGION as usize],
         snaps: BTreeMap::new(),
         next_snap: 0,
+        clone: None,
+        next_clone: 0,
     };
     let mut totals = Totals::default();
     let mut disk = Disk::default();
@@ -534,11 +756,48 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
             },
             fs,
             daemon_pid: d.pid(),
+            clone_ready: AtomicBool::new(false),
         });
         let snap_at = rng.below(shared.cut.after + 100);
+        // The oldest snapshot goes, unless a clone not yet inflated depends on it.
+        let pinned = model
+            .clone
+            .as_ref()
+            .filter(|c| !c.inflated)
+            .map(|c| &c.origin);
         let delete = (model.snaps.len() >= KEEP_SNAPSHOTS)
-            .then(|| model.snaps.keys().next().cloned())
+            .then(|| model.snaps.keys().find(|&k| Some(k) != pinned).cloned())
             .flatten();
+        // A clone is made of the newest snapshot whose contents are known exactly and that
+        // stays this cycle; an existing one is written, inflated, or deleted once inflated.
+        let clone_at = rng.below(shared.cut.after);
+        let step = match &model.clone {
+            None => model
+                .snaps
+                .iter()
+                .rev()
+                .find(|(n, s)| {
+                    Some(*n) != delete.as_ref()
+                        && s.must_exist
+                        && matches!(s.content, SnapContent::Exact(_))
+                })
+                .map(|(n, _)| CloneStep::Create {
+                    name: format!("c{:06}", model.next_clone + 1),
+                    origin: n.clone(),
+                }),
+            Some(c) if c.inflated && rng.below(3) == 0 => Some(CloneStep::Delete),
+            Some(c) if !c.inflated && rng.below(2) == 0 => Some(CloneStep::Inflate),
+            Some(_) => Some(CloneStep::Write),
+        };
+        let clone_name = match (&step, &model.clone) {
+            (Some(CloneStep::Create { name, .. }), _) => {
+                model.next_clone += 1;
+                name.clone()
+            }
+            (_, Some(c)) => c.name.clone(),
+            // Without a clone, the only step is a create.
+            (_, None) => String::new(),
+        };
         model.next_snap += 1;
         // Zero-padded: the model's sorted names are then oldest first.
         let snap_name = format!("s{:06}", model.next_snap);
@@ -549,10 +808,21 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
                 let (shared, addr) = (&shared, &addr);
                 let client_seed = rng.next_u64();
                 let first_id = ((cycle + 1) << 40) | (me << 32);
-                s.spawn(move || client(shared, addr, me, client_seed, first_id));
+                s.spawn(move || {
+                    client(shared, addr, "vol0", Writer::Vol(me), client_seed, first_id)
+                });
             }
             let (shared, socket) = (&shared, &socket);
             s.spawn(move || snapshotter(shared, socket, snap_at, delete, snap_name));
+            if let Some(step) = step {
+                let (addr, name) = (&addr, &clone_name);
+                if !matches!(step, CloneStep::Delete) {
+                    let seed = rng.next_u64();
+                    let first_id = ((cycle + 1) << 40) | (CLIENTS << 32);
+                    s.spawn(move || clone_writer(shared, addr, name, seed, first_id));
+                }
+                s.spawn(move || cloner(shared, socket, clone_at, step, name));
+            }
         });
         d.kill9();
         let shared = Arc::into_inner(shared).expect("threads done");
@@ -578,26 +848,34 @@ fn writes_acknowledged_before_flush_or_with_fua_and_snapshots_survive_power_cuts
         last = Some(log);
         if (cycle + 1) % 100 == 0 {
             say(&format!(
-                "crash: {} of {cycles} cycles, {} lost writes, {} bad snapshots so far ({:.0} s)",
+                "crash: {} of {cycles} cycles, {} lost writes, {} bad snapshots, {} bad clones so \
+                 far ({:.0} s)",
                 cycle + 1,
                 totals.lost,
                 totals.bad_snapshots,
+                totals.bad_clones,
                 started.elapsed().as_secs_f64()
             ));
         }
     }
 
     say(&format!(
-        "crash: {} cycles, {} lost writes, {} bad snapshots ({} writes acknowledged, {} of them \
-         durable by FLUSH or FUA, {} flushes, {} snapshot checks; pool fdatasyncs {}; volatile \
-         writes at the cuts {}: {} kept, {} torn, {} dropped; seed {base_seed}; {:.1} s)",
+        "crash: {} cycles, {} lost writes, {} bad snapshots, {} bad clones ({} writes \
+         acknowledged, {} of them durable by FLUSH or FUA, {} flushes, {} snapshot checks; \
+         {} clone operations, {} clone checks, {} of them after the origin's deletion; pool \
+         fdatasyncs {}; volatile writes at the cuts {}: {} kept, {} torn, {} dropped; seed \
+         {base_seed}; {:.1} s)",
         totals.cycles,
         totals.lost,
         totals.bad_snapshots,
+        totals.bad_clones,
         totals.acked,
         totals.durable,
         totals.flushes,
         totals.snapshots_checked,
+        totals.clone_ops,
+        totals.clones_checked,
+        totals.orphans_checked,
         totals.fsyncs,
         totals.report.volatile,
         totals.report.kept,

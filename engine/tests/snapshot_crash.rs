@@ -467,7 +467,7 @@ fn crashes_during_snapshot_operations_leave_them_complete_or_absent() {
         return;
     }
     let n = env("TESSEL_SNAP_CRASH_WORKLOADS").unwrap_or(40);
-    let base = 0x5_0A95;
+    let base = env("TESSEL_SNAP_CRASH_BASE").unwrap_or(0x5_0A95);
     let start = std::time::Instant::now();
     let (images, points, inside) = std::thread::scope(|s| {
         let hs: Vec<_> = (0..2u64)
@@ -485,7 +485,8 @@ fn crashes_during_snapshot_operations_leave_them_complete_or_absent() {
             .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
     });
     println!(
-        "{n} workloads, {images} crash images checked ({inside} of {points} points aimed at an operation fell inside it) in {:.1?}",
+        "{n} workloads (seeds {base}..{}), {images} crash images checked ({inside} of {points} points aimed at an operation fell inside it) in {:.1?}",
+        base + n,
         start.elapsed()
     );
     // The seeded point must land inside operations, or this tests only crashes between.
