@@ -3,14 +3,15 @@
 //! with engine completions and with the host reading its replies (or not). Nothing may
 //! panic, the session never holds more than its allowance (or one request's worth when it
 //! held nothing), and every byte it held goes back once the requests finish and the
-//! connection ends.
+//! connection ends. Some runs offer TLS (option 5 is NBD_OPT_STARTTLS): the driver's part
+//! is played by taking `start_tls` and going on with the bytes as if decrypted.
 //!
 //! `cargo test --release -p tessel-targets nbd::stream_fuzz` runs 256 cases;
 //! `TESSEL_FUZZ_CASES=20000` runs more.
 
 use super::proto::*;
 use super::testing::{option_bytes, request_bytes, Client};
-use super::{NbdConfig, NbdSession};
+use super::{NbdConfig, NbdSession, TlsMode, TlsPolicy};
 use crate::budget::{Allowance, MemoryBudget};
 use crate::export::Actions;
 use proptest::prelude::*;
@@ -64,27 +65,43 @@ fn piece() -> impl Strategy<Value = Piece> {
     prop_oneof![
         3 => request().prop_map(Piece::Bytes),
         1 => option().prop_map(Piece::Bytes),
+        1 => Just(Piece::Bytes(option_bytes(OPT_STARTTLS, &[]))),
         1 => proptest::collection::vec(any::<u8>(), 0..40).prop_map(Piece::Bytes),
         2 => Just(Piece::Engine),
         1 => Just(Piece::Read),
     ]
 }
 
-/// Feed what is pending; false once the session closed the connection.
+/// Feed what is pending; false once the session closed the connection. A requested TLS
+/// start is taken at once (the bytes after it stand for decrypted ones).
 fn feed(c: &mut Client, pending: &mut Vec<u8>) -> bool {
-    match c.session.receive(pending, &c.exports, &mut c.actions) {
-        Ok(n) => {
-            pending.drain(..n);
-            !c.actions.close
+    loop {
+        match c.session.receive(pending, &c.exports, &mut c.actions) {
+            Ok(n) => {
+                pending.drain(..n);
+                if !std::mem::take(&mut c.actions.start_tls) {
+                    return !c.actions.close;
+                }
+            }
+            Err(_) => return false,
         }
-        Err(_) => false,
     }
 }
 
-fn run(handshake: bool, pieces: Vec<Piece>, split: usize) -> Result<(), TestCaseError> {
+fn run(handshake: bool, tls: bool, pieces: Vec<Piece>, split: usize) -> Result<(), TestCaseError> {
     let budget = MemoryBudget::new(1 << 30);
     let mut c = if handshake {
         Client::go("vol0", true, true)
+    } else if tls {
+        // vol0 needs TLS, vol0@snap does not.
+        let policy = TlsPolicy {
+            default: TlsMode::Require,
+            exports: [("vol0@snap".to_string(), TlsMode::Optional)].into(),
+        };
+        Client::negotiated_with(NbdConfig {
+            tls: Some(std::sync::Arc::new(policy)),
+            ..NbdConfig::default()
+        })
     } else {
         Client::negotiated(false)
     };
@@ -149,9 +166,10 @@ proptest! {
     #[test]
     fn arbitrary_streams_never_panic_or_hold_more_than_allowed(
         handshake in any::<bool>(),
+        tls in any::<bool>(),
         pieces in proptest::collection::vec(piece(), 0..40),
         split in 1usize..200,
     ) {
-        run(handshake, pieces, split)?;
+        run(handshake, tls, pieces, split)?;
     }
 }
