@@ -790,3 +790,91 @@ fn unread_replies_of_pipelined_reads_stay_within_the_session_budget() {
     assert!(other.read16(0, 0, 16, BS).data == data);
     assert!(d.healthy(), "daemon unhealthy:\n{}", d.stderr());
 }
+
+/// The embedded default's pool and volume, with a small daemon-wide memory budget.
+const SMALL_BUDGET_CONFIG: &str = r#"
+[[pool]]
+name = "default"
+devices = ["pool0.img"]
+create_size = "2G"
+
+[[volume]]
+name = "vol0"
+pool = "default"
+size = "1G"
+
+[limits]
+connection_memory = "16M"
+memory = "64M"
+"#;
+
+#[test]
+fn many_sessions_with_unread_reads_and_pending_writes_stay_within_the_daemons_budget() {
+    let dir = common::TestDir::new("iscsi-global-budget");
+    let mut d = start_with_config(&dir, SMALL_BUDGET_CONFIG);
+    let addr = d.iscsi_addr();
+    const SESSIONS: usize = 12;
+    const COMMANDS: u64 = 16;
+    let mut readers: Vec<RawIscsi> = (0..SESSIONS)
+        .map(|_| RawIscsi::login(&addr, "vol0"))
+        .collect();
+    let mut writers: Vec<RawIscsi> = (0..SESSIONS)
+        .map(|_| RawIscsi::login(&addr, "vol0"))
+        .collect();
+    let before = rss(&d);
+    // Each reader: 16 READ(16)s of 8 MiB, replies never read; each writer: 16 WRITE(16)s
+    // of 8 MiB whose data never comes (InitialR2T: each admitted one holds its buffer and
+    // waits for Data-Out). 3 GiB asked for; one session alone used to hold up to 32 MiB.
+    for (r, w) in readers.iter_mut().zip(writers.iter_mut()) {
+        let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        for i in 0..COMMANDS {
+            reads.extend_from_slice(&r.command_header(0, &cdb16(0x88, i * 2048, 2048), 8 << 20, 0));
+            writes.extend_from_slice(&w.command_header(
+                0,
+                &cdb16(0x8a, i * 2048, 2048),
+                0,
+                8 << 20,
+            ));
+        }
+        r.send_raw(&reads).unwrap();
+        w.send_raw(&writes).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let grew = rss(&d).saturating_sub(before);
+    say(&format!(
+        "{SESSIONS} sessions with unread 8 MiB READs and {SESSIONS} with pending 8 MiB WRITEs, \
+         limits.memory 64 MiB: daemon RSS grew {} MiB",
+        grew >> 20
+    ));
+    assert!(grew < 160 << 20, "RSS grew by {} MiB", grew >> 20);
+    // The writers leave, and with them their buffers; the readers read (at once, as real
+    // initiators would: each holds its share until its replies are read) and every READ
+    // is answered.
+    drop(writers);
+    let drains: Vec<_> = readers
+        .into_iter()
+        .map(|mut r| {
+            std::thread::spawn(move || {
+                let mut done = 0;
+                while done < COMMANDS {
+                    let p = r.recv().expect("Data-In");
+                    assert_eq!(p.opcode(), OP_DATA_IN, "not a Data-In: {:?}", p.bhs);
+                    if p.bhs[1] & 0x01 != 0 {
+                        assert_eq!(p.bhs[3], 0, "READ failed: {:?}", p.bhs);
+                        r.exp_stat_sn = p.u32_at(24).wrapping_add(1);
+                        done += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in drains {
+        t.join().expect("a reader got all its replies");
+    }
+    let mut s = RawIscsi::login(&addr, "vol0");
+    let data = pseudo_random(64 << 10, 53);
+    assert_eq!(s.write16(0, 7, &data, BS).status, 0);
+    assert!(s.read16(0, 7, 16, BS).data == data);
+    assert!(d.healthy(), "daemon unhealthy:\n{}", d.stderr());
+}

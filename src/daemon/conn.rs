@@ -648,9 +648,13 @@ impl<S: Session> Connection<S> {
     }
 
     /// Feed the unparsed input to the session (none while TLS is about to start: those
-    /// bytes are the client's TLS handshake).
+    /// bytes are the client's TLS handshake); with no input, only while the session waits
+    /// for memory (an iSCSI session holds its waiting commands parsed: the call lets them
+    /// retry).
     fn parse(&mut self, ctx: &mut PollCtx<'_>) -> bool {
-        if self.in_start == self.in_end || self.broken || self.tls_pending {
+        let retry = self.in_start == self.in_end
+            && self.with_session(|s, _| s.waiting_for_memory()) == Some(true);
+        if (self.in_start == self.in_end && !retry) || self.broken || self.tls_pending {
             return false;
         }
         let (input, exports) = (std::mem::take(&mut self.input), self.exports.clone());

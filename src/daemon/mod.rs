@@ -55,6 +55,12 @@ impl Session for IscsiSession {
             target: self.target().map(|(t, _)| t.to_string()),
         }
     }
+    fn waiting_for_memory(&self) -> bool {
+        IscsiSession::waiting_for_memory(self)
+    }
+    fn queued(&mut self, bytes: usize) {
+        IscsiSession::queued(self, bytes)
+    }
 }
 
 /// The iSCSI target's settings from `[iscsi]`.
@@ -335,17 +341,20 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         }
         listeners.push(addr);
         let icfg = Arc::new(iscsi_config(&config, addr));
-        let (engine, exports, stop, registry) = (
+        let (engine, exports, stop, registry, budget) = (
             engine.clone(),
             exports.clone(),
             stop.clone(),
             registry.clone(),
+            budget.clone(),
         );
         std::thread::Builder::new()
             .name("iscsi-accept".into())
             .spawn(move || {
                 conn::accept_loop(l, engine, exports, stop, registry, None, move || {
-                    (IscsiSession::new(icfg.clone()), Actions::default())
+                    let allowance = Allowance::new(budget.clone(), connection_memory);
+                    let s = IscsiSession::new(icfg.clone()).with_allowance(allowance);
+                    (s, Actions::default())
                 })
             })?;
     }

@@ -73,11 +73,26 @@ impl Allowance {
         if self.held > 0 && self.held + n > self.limit {
             return false;
         }
+        self.try_take_beyond_limit(n)
+    }
+
+    /// Take `n` bytes if the daemon's budget allows, whatever the connection's own limit
+    /// says: for a connection whose held bytes are not its requests' (an iSCSI session
+    /// whose held bytes are data of commands still waiting), so that one request still
+    /// runs.
+    pub fn try_take_beyond_limit(&mut self, n: u64) -> bool {
         if !self.budget.try_take(n) {
             return false;
         }
         self.held += n;
         true
+    }
+
+    /// Count `n` bytes that exist already (data received before its command could be
+    /// admitted), even past the limits: requests then wait until bytes come back.
+    pub fn hold(&mut self, n: u64) {
+        self.budget.used.fetch_add(n, Ordering::AcqRel);
+        self.held += n;
     }
 
     /// Give back `n` bytes taken earlier.

@@ -43,10 +43,6 @@ pub struct IscsiConfig {
     pub nop_timeout_secs: u32,
     /// Reservations of every LUN, shared by all sessions of the portal.
     pub reservations: Arc<scsi::Reservations>,
-    /// Bytes of buffers one session's commands may hold (write data being gathered, read
-    /// data from the engine); commands past it wait, in order, and replies the initiator
-    /// has not read count too. See docs/iscsi.md.
-    pub session_buffer_bytes: u64,
 }
 
 impl Default for IscsiConfig {
@@ -59,7 +55,6 @@ impl Default for IscsiConfig {
             nop_interval_secs: 5,
             nop_timeout_secs: 30,
             reservations: Arc::default(),
-            session_buffer_bytes: 16 << 20,
         }
     }
 }

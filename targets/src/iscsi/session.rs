@@ -17,6 +17,7 @@ use super::scsi::{Lun, Nexus};
 use super::task::Task;
 use super::text::TextPairs;
 use super::{IscsiConfig, IscsiError};
+use crate::budget::Allowance;
 use crate::export::{Actions, Exports};
 
 /// Commands the initiator may have outstanding (MaxCmdSN - ExpCmdSN + 1).
@@ -79,8 +80,13 @@ pub struct IscsiSession {
     pub(super) in_flight: usize,
     /// Tasks not admitted yet, oldest first (see `admit_waiting`).
     pub(super) waiting: VecDeque<u64>,
-    /// Bytes the admitted tasks hold, counted against `session_buffer_bytes`.
+    /// Data buffers the session may hold (write data, read data, Data-In not yet sent):
+    /// the connection's share of the daemon's memory budget.
+    pub(super) allowance: Allowance,
+    /// Bytes of `allowance` the admitted tasks hold (data-out, engine buffers).
     pub(super) charged: u64,
+    /// Bytes of `allowance` held by Data-In queued for the peer and not sent yet.
+    pub(super) unsent: u64,
     ping: Option<Ping>,
     heard: bool,
     last_heard: Option<Instant>,
@@ -118,12 +124,35 @@ impl IscsiSession {
             next_ttt: 1,
             in_flight: 0,
             waiting: VecDeque::new(),
+            allowance: Allowance::unlimited(),
             charged: 0,
+            unsent: 0,
             ping: None,
             heard: false,
             last_heard: None,
             text: None,
         }
+    }
+
+    /// Hold data buffers within `allowance` (the default has no limit).
+    pub fn with_allowance(mut self, allowance: Allowance) -> IscsiSession {
+        self.allowance = allowance;
+        self
+    }
+
+    /// True while commands wait for memory: the driver should read no more input (the
+    /// data of commands not admitted yet would pile up) and call `receive`, with or
+    /// without input, once bytes may have come back.
+    pub fn waiting_for_memory(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// The driver still has `bytes` queued to send: Data-In beyond that has left, and
+    /// its bytes go back to the allowance.
+    pub fn queued(&mut self, bytes: usize) {
+        let left = self.unsent.min(bytes as u64);
+        self.allowance.give(self.unsent - left);
+        self.unsent = left;
     }
 
     /// The connection's state.
@@ -631,6 +660,16 @@ impl IscsiSession {
     /// Called about once a second: pings an idle initiator, and fails when a ping went
     /// unanswered for `nop_timeout_secs`.
     pub fn tick(&mut self, now: Instant, actions: &mut Actions) -> Result<(), IscsiError> {
+        // Commands that wait for the daemon's memory, not for this session's own buffers
+        // or unread replies: the driver reads no input meanwhile, so silence is ours, and
+        // a pending ping's answer may be unread.
+        let waiting_on_daemon = self.waiting_for_memory() && self.charged == 0 && self.unsent == 0;
+        if waiting_on_daemon {
+            self.heard = true;
+            if let Some(p) = self.ping.as_mut() {
+                p.sent = Some(now);
+            }
+        }
         if self.heard || self.last_heard.is_none() {
             self.heard = false;
             self.last_heard = Some(now);

@@ -22,14 +22,16 @@ use tessel_engine::{Completion, IoError, Request};
 use super::pdu::{self, Bhs, RESERVED_TAG};
 use super::scsi::MAX_TRANSFER_BYTES;
 use super::tests::{exports, Initiator};
-use super::{IscsiConfig, State};
+use super::{IscsiConfig, IscsiSession, State};
+use crate::budget::{Allowance, MemoryBudget};
 use crate::export::Actions;
 
-/// The fuzzed sessions' buffer budget: small, so that commands wait for it.
+/// The fuzzed sessions' allowance: small, so that commands wait for it.
 const BUDGET: u64 = 64 << 10;
-/// The most a session may hold: the budget, one command admitted past it (data-out and
-/// engine buffer, 8 MiB each at most), and the FirstBurstLength (256 KiB at most) each of
-/// the 128 commands of the CmdSN window may send before admission.
+/// The most a session may hold (buffers, unsent Data-In): the allowance, one command
+/// admitted past it (data-out and engine buffer, 8 MiB each at most), and the
+/// FirstBurstLength (256 KiB at most) each of the 128 commands of the CmdSN window may
+/// send before admission (a driver bounds that by reading no input while commands wait).
 const MOST_BUFFERED: u64 = BUDGET + 2 * MAX_TRANSFER_BYTES + 128 * (256 << 10);
 
 /// What the fuzzed initiator does next.
@@ -226,6 +228,7 @@ impl Fuzz {
     fn drain(&mut self) {
         self.collect();
         self.actions.send.clear();
+        self.ini.session.queued(0);
         self.seen = 0;
     }
 
@@ -405,7 +408,6 @@ proptest! {
         steps in prop::collection::vec((step(), prop::collection::vec(0usize..20_000, 0..3)), 1..40),
     ) {
         let config = Arc::new(IscsiConfig {
-            session_buffer_bytes: BUDGET,
             nop_interval_secs: 5,
             nop_timeout_secs: 30,
             ..IscsiConfig::default()
@@ -418,6 +420,9 @@ proptest! {
             seen: 0,
             start: Instant::now(),
         };
+        let budget = MemoryBudget::new(1 << 40);
+        f.ini.session = IscsiSession::new(config.clone())
+            .with_allowance(Allowance::new(budget.clone(), BUDGET));
         f.ini.normal_login(&keys);
         for (step, cuts) in &steps {
             let alive = match step {
@@ -446,5 +451,7 @@ proptest! {
             }
         }
         f.finish();
+        drop(f);
+        prop_assert_eq!(budget.used(), 0, "bytes held after the session ended");
     }
 }

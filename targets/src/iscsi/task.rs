@@ -249,6 +249,8 @@ impl IscsiSession {
             self.respond(&mut task, scsi::Reply::check(sense), actions);
             return Ok(());
         }
+        // Immediate data is here already: it counts from now on.
+        self.allowance.hold(task.early.len() as u64);
         self.tasks.insert(id, task);
         self.by_itt.insert(cmd.itt, id);
         self.waiting.push_back(id);
@@ -256,25 +258,38 @@ impl IscsiSession {
         Ok(())
     }
 
-    /// Admits waiting tasks, oldest first, while the session's buffers allow: what the
-    /// admitted tasks hold plus the new one must fit `session_buffer_bytes` (one task is
-    /// always admitted when none holds anything), and the replies queued for the peer
-    /// (`actions.send`, bytes it has not read yet) must fit it too. So a peer that stops
-    /// reading holds at most about twice the budget, and commands past it wait (their
-    /// CmdSN was accepted: they are never dropped).
+    /// Admits waiting tasks, oldest first, while the allowance lets their buffers (write
+    /// data, read data, an expanded WRITE SAME block) be taken: within the session's
+    /// limit beside what it holds (admitted tasks, Data-In not sent yet, data of waiting
+    /// tasks), and within the daemon's budget. One task is admitted beyond the session's
+    /// limit when no admitted task or unsent reply holds anything, so an 8 MiB command
+    /// runs under a smaller limit; never beyond the daemon's budget. Tasks past it wait
+    /// (their CmdSN was accepted: they are never dropped).
     ///
-    /// Admission is tried again on input, completions and ticks. When only unread replies
-    /// hold it back, no completion will come: a NOP-In ping goes out behind the replies,
-    /// and its answer is the input that resumes (a peer that never reads is dropped by
-    /// the ping timeout).
+    /// Admission is tried again on input (the driver calls `receive`, also without
+    /// input, while `waiting_for_memory`), completions, sent replies (`queued`, or
+    /// `actions.send` found shorter) and ticks. A driver that does not report sent bytes
+    /// still resumes: when only unread replies hold the tasks back, a NOP-In ping goes out
+    /// behind them, and its answer is input that comes once the peer has read them (a
+    /// peer that never reads is dropped by the ping timeout).
     pub(super) fn admit_waiting(&mut self, actions: &mut Actions) {
-        let budget = self.config.session_buffer_bytes;
+        self.queued(actions.send.len());
         while let Some(&id) = self.waiting.front() {
             let task = self.tasks.get_mut(&id).expect("waiting tasks exist");
-            let fits = self.charged == 0 || self.charged + task.cost <= budget;
-            if !fits || actions.send.len() as u64 > budget {
+            // What came before admission is held already, and is part of the task's cost
+            // (it is data the task keeps: at most `wanted`).
+            let early = task.early.len() as u64;
+            task.cost = task.cost.max(early);
+            let more = task.cost - early;
+            let alone = self.charged == 0 && self.unsent == 0;
+            let taken = if alone {
+                self.allowance.try_take_beyond_limit(more)
+            } else {
+                self.allowance.try_take(more)
+            };
+            if !taken {
                 let open = matches!(self.state, State::FullFeature | State::LoggingOut { .. });
-                if self.charged == 0 && open {
+                if self.charged == 0 && self.unsent > 0 && open {
                     self.ping(None, actions);
                 }
                 return;
@@ -292,27 +307,38 @@ impl IscsiSession {
         }
     }
 
-    /// Removes a task and gives back what it held under the budget.
-    pub(super) fn remove_task(&mut self, id: u64) -> Option<Task> {
+    /// Removes a task; what it holds stays taken until `release`.
+    fn take_task(&mut self, id: u64) -> Option<Task> {
         let task = self.tasks.remove(&id)?;
-        if task.admitted {
-            self.charged -= task.cost;
-        } else {
+        if !task.admitted {
             self.waiting.retain(|&w| w != id);
         }
         Some(task)
     }
 
-    /// Bytes the session's tasks hold in buffers: those admitted (data-out, engine
-    /// buffers, read data until it is queued as Data-In) and data that came before
-    /// admission. Replies queued for the peer are the driver's `actions.send`.
+    /// Gives back what a removed task held.
+    fn release(&mut self, task: &Task) {
+        let held = if task.admitted {
+            self.charged -= task.cost;
+            task.cost
+        } else {
+            task.early.len() as u64
+        };
+        self.allowance.give(held);
+    }
+
+    /// Removes a task and gives back what it held.
+    pub(super) fn remove_task(&mut self, id: u64) -> Option<Task> {
+        let task = self.take_task(id)?;
+        self.release(&task);
+        Some(task)
+    }
+
+    /// Bytes the session holds: buffers of admitted tasks (data-out, engine buffers, read
+    /// data until it is queued as Data-In), Data-In queued and not reported sent, and data
+    /// that came before admission.
     pub fn buffered(&self) -> u64 {
-        self.charged
-            + self
-                .tasks
-                .values()
-                .map(|t| t.early.len() as u64)
-                .sum::<u64>()
+        self.allowance.held()
     }
 
     /// A Data-Out PDU. One out of sequence (DataSN, offset, TTT) ends its task with
@@ -336,7 +362,12 @@ impl IscsiSession {
             self.reject(pdu::reject_reason::INVALID_PDU_FIELD, header, actions);
             return;
         }
-        if let Err(e) = task.accept_data_out(d, data) {
+        let before = task.early.len();
+        let accepted = task.accept_data_out(d, data);
+        // Unsolicited data of a task not admitted yet is held from now on.
+        let grew = (task.early.len() - before) as u64;
+        self.allowance.hold(grew);
+        if let Err(e) = accepted {
             tracing::debug!(itt = d.itt, "iSCSI Data-Out refused: {e}");
             let mut task = self.remove_task(id).expect("indexed task exists");
             self.by_itt.remove(&task.itt);
@@ -430,9 +461,13 @@ impl IscsiSession {
     fn run_step(&mut self, id: u64, step: Step, actions: &mut Actions) {
         match step {
             Step::Reply(reply) => {
-                let mut task = self.remove_task(id).expect("task exists");
+                // The read data is queued as Data-In (and held as unsent) before the task
+                // gives its buffers back, so the daemon's budget never counts it twice
+                // or not at all.
+                let mut task = self.take_task(id).expect("task exists");
                 self.by_itt.remove(&task.itt);
                 self.respond(&mut task, reply, actions);
+                self.release(&task);
             }
             Step::Io(io) => {
                 let task = self.tasks.get_mut(&id).expect("task exists");
@@ -562,6 +597,9 @@ impl IscsiSession {
             offset += len;
             data_sn += 1;
         }
+        // Data-In waits for the peer to read it: held until the driver reports it sent.
+        self.allowance.hold(send_len as u64);
+        self.unsent += send_len as u64;
         if collapse && send_len > 0 {
             return;
         }

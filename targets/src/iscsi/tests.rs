@@ -9,6 +9,7 @@ use tessel_engine::{Completion, Op, VolumeId};
 use super::pdu::{self, Bhs, Digests, RESERVED_TAG};
 use super::text::TextPairs;
 use super::{IscsiConfig, IscsiSession, State};
+use crate::budget::{Allowance, MemoryBudget};
 use crate::export::{Actions, ExportInfo};
 
 pub(super) fn exports() -> Vec<ExportInfo> {
@@ -889,12 +890,12 @@ fn oversized_writes_are_refused_on_arrival_before_any_buffer_or_r2t() {
 }
 
 #[test]
-fn reads_past_the_session_budget_wait_until_replies_drain() {
-    let config = Arc::new(IscsiConfig {
-        session_buffer_bytes: 256 << 10,
-        ..IscsiConfig::default()
-    });
+fn reads_past_the_session_allowance_wait_until_replies_drain() {
+    let config = Arc::new(IscsiConfig::default());
+    let budget = MemoryBudget::new(1 << 30);
     let mut ini = Initiator::named(&config, "iqn.2026-11.test:slow-reader");
+    ini.session =
+        IscsiSession::new(config.clone()).with_allowance(Allowance::new(budget.clone(), 256 << 10));
     ini.normal_login(&[("MaxRecvDataSegmentLength", "262144")]);
     // 16 READ(16)s of 64 KiB (1 MiB) in one send to a peer that reads nothing: the
     // driver's output buffer (`actions.send`) is never drained.
@@ -978,11 +979,44 @@ fn reads_past_the_session_budget_wait_until_replies_drain() {
                 extents: Vec::new(),
             };
             ini.session.complete(c, &mut actions);
-            most = most.max(ini.session.buffered() + actions.send.len() as u64);
+            most = most.max(budget.used());
         }
     }
-    // About twice the budget at most (read buffers plus unread replies), every command
-    // answered, in order.
-    assert!(most <= 2 * (256 << 10) + 4096, "{most} bytes buffered");
+    // Read buffers and unread replies together within the allowance, counted on the
+    // daemon's budget; every command answered, in order.
+    assert!(most <= 256 << 10, "{most} bytes held");
     assert_eq!(answered, (0..16).collect::<Vec<_>>());
+    ini.session.queued(0);
+    assert_eq!(budget.used(), 0, "bytes held once every reply left");
+}
+
+#[test]
+fn sessions_wait_for_the_daemons_budget_and_resume_when_another_gives_back() {
+    let config = Arc::new(IscsiConfig::default());
+    let budget = MemoryBudget::new(1 << 20);
+    let mut hog = Allowance::new(budget.clone(), 1 << 20);
+    assert!(hog.try_take(1 << 20));
+    let mut ini = Initiator::named(&config, "iqn.2026-11.test:starved");
+    ini.session =
+        IscsiSession::new(config.clone()).with_allowance(Allowance::new(budget.clone(), 1 << 20));
+    ini.normal_login(&[]);
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x88;
+    cdb[10..14].copy_from_slice(&16u32.to_be_bytes());
+    let (_, actions) = ini.command(1, 0, &cdb, 8 << 10, false, &[]);
+    assert!(actions.submit.is_empty(), "ran without memory");
+    assert!(ini.session.waiting_for_memory());
+    // Silence while the driver reads nothing for it is not the peer's: no ping timeout.
+    let start = Instant::now();
+    for s in [40, 80] {
+        let mut a = Actions::default();
+        ini.session
+            .tick(start + Duration::from_secs(s), &mut a)
+            .expect("not dropped while waiting for the daemon's memory");
+    }
+    drop(hog);
+    let mut actions = Actions::default();
+    ini.session.receive(&[], &exports(), &mut actions).unwrap();
+    assert_eq!(actions.submit.len(), 1, "runs once memory came back");
+    assert!(!ini.session.waiting_for_memory());
 }
