@@ -394,7 +394,8 @@ pub struct LimitsConfig {
     /// A connection with nothing in flight that sends nothing this long is closed; 0: never.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
-    /// Read data and write payloads one connection may hold before its next request waits.
+    /// Read data and write payloads one connection (NBD) or session (iSCSI) may hold
+    /// before its next request waits.
     pub connection_memory: ByteSize,
     /// The same for all connections together.
     pub memory: ByteSize,
