@@ -401,8 +401,18 @@ impl Reactor {
             op.stage = Stage::Read;
             (op.coff, op.clen, op.buf_off)
         };
-        let end = coff + clen;
         let g = self.shared.layout.grain();
+        if (coff | clen | buf_off as u32) % self.sector != 0 {
+            // Not on the device's sector boundaries (a 512-byte block on a 4Kn device):
+            // read the whole grains into a bounce buffer; `maybe_advance` copies the bytes
+            // asked for out of it.
+            let (fb, nb) = blocks(coff, clen, g);
+            let bounce = self.bounces.take(self.shared.layout.cluster_size as usize);
+            self.ops.get_mut(i).expect("op").bounce = Some(bounce);
+            self.read_blocks_into_bounce(i, &e, Validity::range(fb, nb));
+            return self.maybe_advance(i);
+        }
+        let end = coff + clen;
         // Runs of grains read from one cluster (this one or the parent); others are zeros.
         let mut run: Option<(u64, u32, u32)> = None;
         let mut b = coff / g;
@@ -461,7 +471,7 @@ impl Reactor {
         let aligned = coff % g == 0 && clen % g == 0;
         let (fb, nb) = blocks(coff, clen, g);
         let touched = Validity::range(fb, nb);
-        let dev_aligned = coff % DEV_ALIGN == 0 && clen % DEV_ALIGN == 0;
+        let dev_aligned = coff % DEV_ALIGN == 0 && clen % DEV_ALIGN == 0 && self.buf_aligned(i);
         if !zeros && owned && dev_aligned && e.valid.contains(touched) {
             // In place: the live volume owns the cluster and every block is valid.
             if !self.acquire(i, false) {
@@ -542,7 +552,7 @@ impl Reactor {
                 op.drops = [e.phys, e.parent];
             }
         }
-        if aligned && !zeros && copy.is_empty() {
+        if aligned && !zeros && copy.is_empty() && self.buf_aligned(i) {
             let buf_off = {
                 let op = self.ops.get_mut(i).expect("op");
                 op.stage = Stage::Write;
@@ -706,6 +716,12 @@ impl Reactor {
         }
     }
 
+    /// The operation's bytes in the caller's buffer (4 KiB aligned itself) start on a
+    /// device sector boundary, as O_DIRECT needs of memory too.
+    fn buf_aligned(&self, i: usize) -> bool {
+        self.ops.get(i).expect("op").buf_off % self.sector as usize == 0
+    }
+
     /// Device I/O between a cluster and the caller's buffer.
     fn submit_data(&mut self, i: usize, dir: Dir, at: At, buf_off: usize) {
         let ptr = self.ops.get(i).expect("op").parent().ptr(buf_off);
@@ -772,6 +788,13 @@ impl Reactor {
         match op.stage {
             Stage::Read => {
                 let r = op.err.clone().map_or(Ok(()), Err);
+                if let (Ok(()), Some(bounce)) = (&r, &op.bounce) {
+                    let (coff, clen) = (op.coff as usize, op.clen as usize);
+                    let parent = op.parent.as_deref().expect("request");
+                    // SAFETY: the caller's bytes of this operation, written by it alone.
+                    unsafe { parent.slice(op.buf_off, clen) }
+                        .copy_from_slice(&bounce.as_slice()[coff..coff + clen]);
+                }
                 self.finish_op(i, r)
             }
             Stage::RmwRead => {

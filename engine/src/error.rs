@@ -89,6 +89,8 @@ pub enum PoolError {
     /// A block device is opened exclusively elsewhere: another tessel (perhaps through
     /// another device node of the same device) or a mounted filesystem.
     Busy { device: PathBuf },
+    /// The device's logical sector is larger than a pool can align its I/O to.
+    SectorSize { device: PathBuf, sector: u32 },
     /// A metadata block recovery needs is damaged while blocks written after it are
     /// intact: opening would silently drop them. `tessel pool salvage` opens it anyway.
     Damaged { device: PathBuf, damage: Damage },
@@ -128,6 +130,12 @@ impl fmt::Display for PoolError {
                 f,
                 "{}: block device is in use (opened exclusively by another process, perhaps through another device node, or mounted)",
                 device.display()
+            ),
+            PoolError::SectorSize { device, sector } => write!(
+                f,
+                "{}: device sector size {sector} is not supported (a pool needs 512..={} bytes, a power of two)",
+                device.display(),
+                crate::media::MAX_SECTOR
             ),
             PoolError::Damaged { device, damage } => write!(
                 f,

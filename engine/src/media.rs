@@ -56,6 +56,8 @@ pub enum Member {
         /// Shared with a reactor's inline backend when io_uring cannot serve the pool.
         file: Arc<File>,
         size: u64,
+        /// Logical sector size: every O_DIRECT transfer is aligned to it.
+        sector: u32,
         /// Holds the device's claim (O_EXCL, or the advisory lock) while the member is open.
         _lock: File,
     },
@@ -71,6 +73,43 @@ fn io_err(path: &Path, source: std::io::Error) -> PoolError {
 }
 
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(blk_sszget, libc::BLKSSZGET, libc::c_int);
+
+/// The largest device sector a pool accepts: its buffers' alignment and metadata block.
+pub const MAX_SECTOR: u32 = crate::buf::BUF_ALIGN as u32;
+
+/// The logical sector size of an open device, the unit its O_DIRECT transfers must be
+/// aligned to: BLKSSZGET for a block device; for a file, the filesystem's O_DIRECT offset
+/// alignment (statx DIOALIGN), or where the kernel does not say, 4096 if a 512-byte
+/// O_DIRECT read is refused and 512 otherwise.
+fn sector_size(file: &File, block: bool) -> std::io::Result<u32> {
+    if block {
+        let mut s: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int through the pointer.
+        unsafe { blk_sszget(file.as_raw_fd(), &mut s) }.map_err(std::io::Error::from)?;
+        return Ok(s as u32);
+    }
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx on an open fd with an empty path (AT_EMPTY_PATH) fills `stx` only.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        return Ok(stx.stx_dio_offset_align);
+    }
+    let mut probe = AlignedBuf::zeroed(512);
+    match FileExt::read_at(file, probe.as_mut_slice(), 512) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(4096),
+        _ => Ok(512),
+    }
+}
 
 impl Member {
     /// Open a device O_DIRECT and claim it: O_EXCL for a block device, an exclusive
@@ -133,6 +172,14 @@ impl Member {
                     .open(path)
                     .map_err(|e| io_err(path, e))?;
                 let meta = file.metadata().map_err(|e| io_err(path, e))?;
+                let sector = sector_size(&file, meta.file_type().is_block_device())
+                    .map_err(|e| io_err(path, e))?;
+                if !sector.is_power_of_two() || sector > MAX_SECTOR {
+                    return Err(PoolError::SectorSize {
+                        device: path.clone(),
+                        sector,
+                    });
+                }
                 let size = if meta.file_type().is_block_device() {
                     let mut s = 0u64;
                     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
@@ -154,6 +201,7 @@ impl Member {
                     path: path.clone(),
                     file: Arc::new(file),
                     size,
+                    sector,
                     _lock: lock,
                 })
             }
@@ -166,6 +214,15 @@ impl Member {
             Member::File { size, .. } => *size,
             Member::Null(n) => n.size,
             Member::Mem(m) => m.size(),
+        }
+    }
+
+    /// Logical sector size: device I/O is aligned to it (memory and null media need no
+    /// alignment and say 512, the smallest volume block).
+    pub fn sector(&self) -> u32 {
+        match self {
+            Member::File { sector, .. } => *sector,
+            Member::Mem(_) | Member::Null(_) => 512,
         }
     }
 

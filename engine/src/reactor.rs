@@ -397,6 +397,8 @@ pub struct Reactor {
     bell_armed: bool,
     bell_buf: Box<u64>,
     last_commit: Instant,
+    /// The largest logical sector of the pool's members: device I/O is aligned to it.
+    pub(crate) sector: u32,
     /// Reused by `push_dev` to key a chain's operations without allocating each time.
     dev_chain: Vec<(DevOp, u64)>,
     /// The first error of a submit to the ring, logged once (they are retried every pass).
@@ -418,6 +420,7 @@ impl Reactor {
         let inline = fds
             .is_none()
             .then(|| Inline::new(shared.members.iter().map(|m| m.medium()).collect()));
+        let sector = shared.members.iter().map(Member::sector).max().unwrap_or(512);
         let n = shared.inboxes.len();
         let meta = MetaCache::default();
         Ok(Reactor {
@@ -452,6 +455,7 @@ impl Reactor {
             bell_armed: false,
             bell_buf: Box::new(0),
             last_commit: Instant::now(),
+            sector,
             dev_chain: Vec::new(),
             submit_failed: false,
         })
