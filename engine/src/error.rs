@@ -133,9 +133,8 @@ impl fmt::Display for PoolError {
             ),
             PoolError::SectorSize { device, sector } => write!(
                 f,
-                "{}: device sector size {sector} is not supported (a pool needs 512..={} bytes, a power of two)",
-                device.display(),
-                crate::media::MAX_SECTOR
+                "{}: device sector size {sector} is not supported (a pool needs a power of two up to 4096 bytes)",
+                device.display()
             ),
             PoolError::Damaged { device, damage } => write!(
                 f,

@@ -420,7 +420,12 @@ impl Reactor {
         let inline = fds
             .is_none()
             .then(|| Inline::new(shared.members.iter().map(|m| m.medium()).collect()));
-        let sector = shared.members.iter().map(Member::sector).max().unwrap_or(512);
+        let sector = shared
+            .members
+            .iter()
+            .map(Member::sector)
+            .max()
+            .unwrap_or(512);
         let n = shared.inboxes.len();
         let meta = MetaCache::default();
         Ok(Reactor {
