@@ -194,7 +194,7 @@ pub enum VolumeCommand {
     Create {
         /// Volume name: also its NBD export name and the end of its iSCSI IQN.
         name: String,
-        /// Virtual size: 4G, 512MiB, 1T, or bytes (binary units; 4GB = 4 GiB).
+        /// Virtual size: 4G, 1.5G, 512MiB, 1T, or bytes (binary units; 4GB = 4 GiB).
         #[arg(value_parser = parse_size)]
         size: u64,
         /// Logical block size hosts see: 512 (old guests) or 4096.

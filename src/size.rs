@@ -19,6 +19,8 @@ pub enum SizeError {
     BadUnit { input: String, unit: String },
     /// The value does not fit in 64 bits.
     TooLarge(String),
+    /// A decimal size that is not a whole number of bytes ("1.3K").
+    NotWholeBytes(String),
 }
 
 impl fmt::Display for SizeError {
@@ -28,6 +30,7 @@ impl fmt::Display for SizeError {
             SizeError::BadNumber(s) => write!(f, "'{s}' does not start with a whole number"),
             SizeError::BadUnit { input, unit } => write!(f, "unknown unit '{unit}' in '{input}'"),
             SizeError::TooLarge(s) => write!(f, "'{s}' is too large"),
+            SizeError::NotWholeBytes(s) => write!(f, "'{s}' is not a whole number of bytes"),
         }
     }
 }
@@ -50,10 +53,21 @@ fn split_number(input: &str) -> Result<(u64, &str), SizeError> {
     Ok((number, s[digits..].trim()))
 }
 
-/// Parses a size in bytes: "4096", "64K", "512MiB", "4G", "4GB", "1T" (binary units, case
-/// insensitive; K M G T P, with optional "i" and "B").
+/// Parses a size in bytes: "4096", "64K", "512MiB", "4G", "4GB", "1T", "1.5G" (binary
+/// units, case insensitive; K M G T P, with optional "i" and "B"; a decimal must come to a
+/// whole number of bytes).
 pub fn parse_size(input: &str) -> Result<u64, SizeError> {
-    let (number, unit) = split_number(input)?;
+    let (number, rest) = split_number(input)?;
+    let (fraction, unit) = match rest.strip_prefix('.') {
+        Some(r) => {
+            let n = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+            if n == 0 {
+                return Err(SizeError::BadNumber(input.to_string()));
+            }
+            (&r[..n], r[n..].trim())
+        }
+        None => ("", rest),
+    };
     let upper = unit.to_ascii_uppercase();
     let prefix = upper
         .strip_suffix("IB")
@@ -80,8 +94,24 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
             unit: unit.to_string(),
         });
     }
-    number
+    let whole = number
         .checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::TooLarge(input.to_string()))?;
+    if fraction.is_empty() {
+        return Ok(whole);
+    }
+    // Exactly, in integers: fraction × 2^shift / 10^digits must leave no remainder.
+    let digits = fraction.trim_end_matches('0');
+    if digits.len() > 18 {
+        return Err(SizeError::NotWholeBytes(input.to_string()));
+    }
+    let numerator = digits.parse::<u128>().unwrap_or(0) << shift;
+    let denominator = 10u128.pow(digits.len() as u32);
+    if numerator % denominator != 0 {
+        return Err(SizeError::NotWholeBytes(input.to_string()));
+    }
+    whole
+        .checked_add((numerator / denominator) as u64)
         .ok_or_else(|| SizeError::TooLarge(input.to_string()))
 }
 
@@ -219,6 +249,23 @@ mod tests {
     }
 
     #[test]
+    fn decimal_sizes_are_exact_and_must_come_to_whole_bytes() {
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("0.5K"), Ok(512));
+        assert_eq!(parse_size("2.25 MiB"), Ok(9 << 18));
+        assert_eq!(parse_size("1.0G"), Ok(1 << 30));
+        assert_eq!(
+            parse_size("1.3K"),
+            Err(SizeError::NotWholeBytes("1.3K".into()))
+        );
+        assert_eq!(parse_size("1.G"), Err(SizeError::BadNumber("1.G".into())));
+        assert_eq!(
+            parse_size("1.5"),
+            Err(SizeError::NotWholeBytes("1.5".into()))
+        );
+    }
+
+    #[test]
     fn bad_sizes_say_what_is_wrong() {
         assert_eq!(parse_size(""), Err(SizeError::Empty));
         assert_eq!(parse_size("G"), Err(SizeError::BadNumber("G".into())));
@@ -231,7 +278,6 @@ mod tests {
             })
         );
         assert!(matches!(parse_size("4iB"), Err(SizeError::BadUnit { .. })));
-        assert!(matches!(parse_size("1.5G"), Err(SizeError::BadUnit { .. })));
         assert_eq!(
             parse_size("99999999P"),
             Err(SizeError::TooLarge("99999999P".into()))

@@ -425,3 +425,13 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     assert!(log.contains("tessel is ready"), "{log}");
     assert!(!log.contains('\u{1b}'), "escape codes in the log: {log:?}");
 }
+
+#[test]
+fn sizes_take_decimals_that_come_to_whole_bytes() {
+    let d = Daemon::start("ops-decimal-sizes");
+    d.cli_ok(&["volume", "create", "half", "1.5G"]);
+    assert_eq!(d.cli_json(&["volume", "info", "half"])["size"], 3u64 << 29);
+    let out = d.cli(&["volume", "create", "odd", "1.3K"]);
+    assert_eq!(out.status.code(), Some(2), "refused by the parser");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("whole number of bytes"));
+}
