@@ -402,7 +402,7 @@ impl Reactor {
             (op.coff, op.clen, op.buf_off)
         };
         let g = self.shared.layout.grain();
-        if (coff | clen | buf_off as u32) % self.sector != 0 {
+        if !(coff | clen | buf_off as u32).is_multiple_of(self.sector) {
             // Not on the device's sector boundaries (a 512-byte block on a 4Kn device):
             // read the whole grains into a bounce buffer; `maybe_advance` copies the bytes
             // asked for out of it.
@@ -719,7 +719,11 @@ impl Reactor {
     /// The operation's bytes in the caller's buffer (4 KiB aligned itself) start on a
     /// device sector boundary, as O_DIRECT needs of memory too.
     fn buf_aligned(&self, i: usize) -> bool {
-        self.ops.get(i).expect("op").buf_off % self.sector as usize == 0
+        self.ops
+            .get(i)
+            .expect("op")
+            .buf_off
+            .is_multiple_of(self.sector as usize)
     }
 
     /// Device I/O between a cluster and the caller's buffer.
