@@ -18,10 +18,15 @@ fn check(req: &Request, block_size: u32, size: u64, read_only: bool) -> Result<(
     if req.len == 0 {
         return Err(IoError::ZeroLength);
     }
-    // Block sizes are powers of two (512 or 4096): a mask, not a division.
+    // Block sizes are powers of two (512 or 4096): a mask, not a division. Only reads and
+    // block status must be aligned (a read goes from the device straight into the caller's
+    // buffer); writes, trims and write-zeroes may cover any bytes: the data path merges a
+    // partial grain with its current contents under the cluster's exclusive lock, the same
+    // read-modify-write a 512-byte write within a 4 KiB grain has always had.
     debug_assert!(block_size.is_power_of_two());
     let mask = block_size as u64 - 1;
-    if req.offset & mask != 0 || req.len & mask != 0 {
+    let aligned_only = matches!(req.op, Op::Read | Op::BlockStatus);
+    if aligned_only && (req.offset & mask != 0 || req.len & mask != 0) {
         return Err(IoError::Misaligned {
             offset: req.offset,
             len: req.len,

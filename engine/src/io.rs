@@ -31,8 +31,10 @@ impl Op {
     }
 }
 
-/// One I/O request against a volume. Offsets and lengths are in bytes and must be multiples
-/// of the volume's exported block size (512 or 4096).
+/// One I/O request against a volume. Offsets and lengths are in bytes; those of reads and
+/// block status must be multiples of the volume's exported block size (512 or 4096), those
+/// of writes, trims and write-zeroes may be any (partial grains are read, merged and
+/// written whole under the cluster's exclusive lock: atomic against every other request).
 #[derive(Debug)]
 pub struct Request {
     /// Caller's tag, returned unchanged in the completion.
