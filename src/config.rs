@@ -208,6 +208,10 @@ pub struct NbdConfig {
     pub listen: Option<SocketAddr>,
     /// TLS (`[nbd.tls]`); None: NBD_OPT_STARTTLS is refused and every export is plain text.
     pub tls: Option<NbdTlsConfig>,
+    /// Refuse clients that negotiate no block size (NBD_OPT_GO without
+    /// NBD_INFO_BLOCK_SIZE: NBD_REP_ERR_BLOCK_SIZE_REQD; NBD_OPT_EXPORT_NAME: disconnect)
+    /// instead of serving them any byte range with read-modify-write.
+    pub require_block_size: bool,
 }
 
 impl Default for NbdConfig {
@@ -215,6 +219,7 @@ impl Default for NbdConfig {
         NbdConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
             tls: None,
+            require_block_size: false,
         }
     }
 }

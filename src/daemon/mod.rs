@@ -286,6 +286,12 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     });
     let budget = MemoryBudget::new(limits.memory.0);
     let connection_memory = limits.connection_memory.0;
+    let nbd_config = NbdConfig {
+        require_block_size: config.nbd.require_block_size,
+        // A request larger than the whole budget could never be held: refused instead.
+        max_unnegotiated: u32::try_from(limits.memory.0).unwrap_or(u32::MAX),
+        ..NbdConfig::default()
+    };
     let configured: Vec<(String, u64, u32)> = config
         .schedules
         .iter()
@@ -317,7 +323,7 @@ pub fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         let (credentials, policy) = nbd_tls.unzip();
         let nbd_config = NbdConfig {
             tls: policy.map(Arc::new),
-            ..NbdConfig::default()
+            ..nbd_config
         };
         std::thread::Builder::new()
             .name("nbd-accept".into())

@@ -33,6 +33,7 @@ pub fn parse_client_flags(bytes: [u8; CLIENT_FLAGS_LEN]) -> Result<Negotiation, 
         tls: false,
         structured: false,
         meta_export: None,
+        block_size_requested: false,
     })
 }
 
@@ -208,6 +209,10 @@ pub struct Negotiation {
     pub structured: bool,
     /// The export `base:allocation` was selected for by NBD_OPT_SET_META_CONTEXT.
     pub meta_export: Option<String>,
+    /// An NBD_OPT_INFO or NBD_OPT_GO asked for NBD_INFO_BLOCK_SIZE: the client agreed to
+    /// the constraints it was sent, and requests outside them are refused. Without, the
+    /// protocol's defaults hold (any byte range; see docs/nbd.md).
+    pub block_size_requested: bool,
 }
 
 impl Negotiation {
@@ -261,6 +266,7 @@ impl Negotiation {
                         tls: true,
                         structured: false,
                         meta_export: None,
+                        block_size_requested: false,
                     };
                     return Ok(OptionOutcome::StartTls);
                 }
@@ -290,6 +296,13 @@ impl Negotiation {
                     reply(out, REP_ERR_TLS_REQD);
                     return Ok(OptionOutcome::Continue);
                 }
+                self.block_size_requested |= requests.contains(&INFO_BLOCK_SIZE);
+                if go && !self.block_size_requested && ctx.config.require_block_size {
+                    // The sizes first, as the protocol suggests, to save the client a round.
+                    self.put_block_size(option, &export, ctx.config, out);
+                    reply(out, REP_ERR_BLOCK_SIZE_REQD);
+                    return Ok(OptionOutcome::Continue);
+                }
                 self.put_info(option, &export, &requests, ctx.config, out);
                 reply(out, REP_ACK);
                 if go {
@@ -316,6 +329,9 @@ impl Negotiation {
     ) -> Result<OptionOutcome, NbdError> {
         if ctx.shutting_down {
             return Err(NbdError::ShuttingDown);
+        }
+        if ctx.config.require_block_size {
+            return Err(NbdError::BlockSizeRequired);
         }
         let export =
             resolve(ctx.exports, name).ok_or_else(|| NbdError::UnknownExport(name.into()))?;
@@ -354,12 +370,32 @@ impl Negotiation {
         if requests.contains(&INFO_DESCRIPTION) {
             item(INFO_DESCRIPTION, export.description.as_bytes());
         }
-        let min = export.block_size;
-        let preferred = min.max(config.preferred_block_size);
-        let mut sizes = min.to_be_bytes().to_vec();
-        sizes.extend_from_slice(&preferred.to_be_bytes());
-        sizes.extend_from_slice(&config.max_payload.max(preferred).to_be_bytes());
-        item(INFO_BLOCK_SIZE, &sizes);
+        self.put_block_size(option, export, config, out);
+    }
+
+    /// NBD_REP_INFO with NBD_INFO_BLOCK_SIZE: the constraints this connection is held to.
+    /// A client that asked for them gets the export's block size and the payload limit; one
+    /// that did not is served the protocol's defaults (minimum 1, any length up to what
+    /// memory holds), and is told so.
+    fn put_block_size(
+        &self,
+        option: u32,
+        export: &ExportInfo,
+        config: &NbdConfig,
+        out: &mut Vec<u8>,
+    ) {
+        let strict = self.block_size_requested || config.require_block_size;
+        let preferred = export.block_size.max(config.preferred_block_size);
+        let (min, max) = if strict {
+            (export.block_size, config.max_payload.max(preferred))
+        } else {
+            (1, config.max_unnegotiated.max(preferred))
+        };
+        let mut data = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for size in [min, preferred, max] {
+            data.extend_from_slice(&size.to_be_bytes());
+        }
+        put_option_reply(out, option, REP_INFO, &data);
     }
 
     /// NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT: only `base:allocation` exists.
@@ -407,6 +443,7 @@ impl Negotiation {
         Transmission {
             base_allocation: self.meta_export.as_deref() == Some(export.name.as_str()),
             structured: self.structured,
+            strict: self.block_size_requested,
             export,
         }
     }
@@ -484,7 +521,8 @@ mod tests {
     #[test]
     fn go_reports_size_flags_name_and_block_sizes_then_enters_transmission() {
         let mut c = Client::negotiated(true);
-        let replies = c.option(OPT_GO, &go_data("vol0", &[INFO_NAME, INFO_DESCRIPTION]));
+        let asked = [INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE];
+        let replies = c.option(OPT_GO, &go_data("vol0", &asked));
         let info = |kind: u16| {
             let r = replies
                 .iter()
@@ -509,6 +547,64 @@ mod tests {
         assert_eq!(replies.last().unwrap(), &(OPT_GO, REP_ACK, vec![]));
         c.request(CMD_FLUSH, 0, 5, 0, 0);
         assert_eq!(c.actions.submit.len(), 1);
+    }
+
+    fn block_sizes(replies: &[(u32, u32, Vec<u8>)]) -> [u32; 3] {
+        let r = replies
+            .iter()
+            .find(|r| r.1 == REP_INFO && r.2[..2] == INFO_BLOCK_SIZE.to_be_bytes())
+            .expect("an NBD_INFO_BLOCK_SIZE reply");
+        [be32(&r.2[2..]), be32(&r.2[6..]), be32(&r.2[10..])]
+    }
+
+    #[test]
+    fn go_without_asking_for_block_sizes_is_told_the_protocol_defaults() {
+        let config = NbdConfig {
+            max_unnegotiated: 1 << 30,
+            ..NbdConfig::default()
+        };
+        let mut c = Client::connect_with(config, exports());
+        c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        let replies = c.option(OPT_GO, &go_data("vol0", &[]));
+        assert_eq!(block_sizes(&replies), [1, 4096, 1 << 30]);
+        assert_eq!(replies.last().unwrap().1, REP_ACK);
+    }
+
+    #[test]
+    fn block_sizes_asked_for_by_info_hold_for_a_later_go() {
+        let mut c = Client::negotiated(true);
+        let info = c.option(OPT_INFO, &go_data("vol0", &[INFO_BLOCK_SIZE]));
+        assert_eq!(block_sizes(&info), [512, 4096, 32 << 20]);
+        let go = c.option(OPT_GO, &go_data("vol0", &[]));
+        assert_eq!(block_sizes(&go), [512, 4096, 32 << 20]);
+        c.request(CMD_READ, 0, 1, 100, 512);
+        assert_eq!(simple(&c.take()), (Errno::Inval.code(), 1));
+    }
+
+    #[test]
+    fn require_block_size_refuses_go_without_info_block_size_and_export_name() {
+        let config = NbdConfig {
+            require_block_size: true,
+            ..NbdConfig::default()
+        };
+        let mut c = Client::connect_with(config.clone(), exports());
+        c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        // NBD_OPT_INFO may ask for nothing: it is told the sizes it will be held to.
+        let info = c.option(OPT_INFO, &go_data("vol0", &[]));
+        assert_eq!(block_sizes(&info), [512, 4096, 32 << 20]);
+        assert_eq!(info.last().unwrap().1, REP_ACK);
+        let refused = c.option(OPT_GO, &go_data("vol0", &[INFO_NAME]));
+        assert_eq!(block_sizes(&refused), [512, 4096, 32 << 20]);
+        assert_eq!(refused.last().unwrap().1, REP_ERR_BLOCK_SIZE_REQD);
+        let go = c.option(OPT_GO, &go_data("vol0", &[INFO_BLOCK_SIZE]));
+        assert_eq!(go.last().unwrap().1, REP_ACK);
+
+        let mut c = Client::connect_with(config, exports());
+        c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        let bytes = option_bytes(OPT_EXPORT_NAME, b"vol0");
+        let err = c.session.receive(&bytes, &c.exports, &mut c.actions);
+        assert_eq!(err, Err(NbdError::BlockSizeRequired));
+        assert!(c.take().is_empty(), "no export information was sent");
     }
 
     #[test]
@@ -547,7 +643,7 @@ mod tests {
     #[test]
     fn read_only_snapshot_advertises_read_only_and_its_block_size() {
         let mut c = Client::negotiated(true);
-        let replies = c.option(OPT_GO, &go_data("vol0@snap", &[]));
+        let replies = c.option(OPT_GO, &go_data("vol0@snap", &[INFO_BLOCK_SIZE]));
         let export = &replies
             .iter()
             .find(|r| r.2[..2] == INFO_EXPORT.to_be_bytes())

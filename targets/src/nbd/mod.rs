@@ -33,6 +33,12 @@ pub struct NbdConfig {
     pub preferred_block_size: u32,
     /// Which exports need TLS; None: the driver has no TLS, NBD_OPT_STARTTLS is refused.
     pub tls: Option<Arc<TlsPolicy>>,
+    /// Refuse clients that did not ask for block size constraints (NBD_OPT_GO without
+    /// NBD_INFO_BLOCK_SIZE, NBD_OPT_EXPORT_NAME) instead of serving any byte range to them.
+    pub require_block_size: bool,
+    /// Largest read or write served to a client that asked for no block size constraints
+    /// (advertised as its maximum): what the daemon's memory budget can hold at once.
+    pub max_unnegotiated: u32,
 }
 
 impl Default for NbdConfig {
@@ -42,6 +48,8 @@ impl Default for NbdConfig {
             max_option_len: 64 << 10,
             preferred_block_size: 4096,
             tls: None,
+            require_block_size: false,
+            max_unnegotiated: u32::MAX,
         }
     }
 }
@@ -62,6 +70,8 @@ pub enum NbdError {
     TlsRequired(String),
     /// NBD_OPT_EXPORT_NAME while the daemon shuts down.
     ShuttingDown,
+    /// NBD_OPT_EXPORT_NAME while block size negotiation is required (it cannot carry it).
+    BlockSizeRequired,
     /// A request did not start with the request magic.
     BadRequestMagic(u32),
     /// A write payload larger than the maximum payload.
@@ -89,6 +99,10 @@ impl fmt::Display for NbdError {
                 )
             }
             NbdError::ShuttingDown => write!(f, "NBD_OPT_EXPORT_NAME while shutting down"),
+            NbdError::BlockSizeRequired => write!(
+                f,
+                "NBD_OPT_EXPORT_NAME refused: require_block_size asks clients for NBD_OPT_GO with NBD_INFO_BLOCK_SIZE"
+            ),
             NbdError::BadRequestMagic(m) => write!(f, "request magic {m:#010x} is wrong"),
             NbdError::PayloadTooBig { len, max } => {
                 write!(

@@ -86,6 +86,8 @@ pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 /// Option error: the server is shutting down.
 pub const REP_ERR_SHUTDOWN: u32 = REP_ERR | 7;
+/// Option error: the client must ask for NBD_INFO_BLOCK_SIZE before entering transmission.
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERR | 8;
 /// Option error: the option's data is larger than the server accepts.
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
 

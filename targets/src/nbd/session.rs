@@ -200,8 +200,18 @@ impl NbdSession {
                 tm::put_error(out, req.structured, req.cookie, (&e).into(), &e.to_string())
             }
             (Ok(()), ReplyShape::Status, _) => tm::put_success(out, req.structured, req.cookie),
-            (Ok(()), ReplyShape::Read { offset, len }, Some(buf)) if buf.len() == len as usize => {
-                tm::put_read(out, req.structured, req.cookie, offset, buf.as_slice())
+            (
+                Ok(()),
+                ReplyShape::Read {
+                    offset,
+                    len,
+                    skip,
+                    chunk,
+                },
+                Some(buf),
+            ) if buf.len() >= skip as usize + len as usize => {
+                let data = &buf.as_slice()[skip as usize..][..len as usize];
+                tm::put_read(out, req.structured, req.cookie, offset, data, chunk)
             }
             (Ok(()), ReplyShape::Read { .. }, _) => {
                 let message = "engine returned no data of the requested length";
@@ -380,7 +390,9 @@ impl NbdSession {
         };
         let h = tm::parse_request_header(header)?;
         let used = tm::REQUEST_HEADER_LEN;
-        if h.payload_len() > self.config.max_payload {
+        // A client held to the maximum payload broke the protocol; one that negotiated
+        // nothing gets EINVAL after its payload is skipped (see `Transmission::check`).
+        if tx.strict && h.payload_len() > self.config.max_payload {
             let max = self.config.max_payload;
             return Err(NbdError::PayloadTooBig { len: h.len, max });
         }

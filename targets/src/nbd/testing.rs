@@ -165,9 +165,29 @@ impl Client {
         Client::go_on(exports(), name, structured, meta)
     }
 
-    /// Handshake to transmission on `name` of `exports` via NBD_OPT_GO.
+    /// Handshake to transmission on `name` of `exports` via NBD_OPT_GO, asking for block
+    /// sizes (as qemu and libnbd do by default): requests are held to them.
     pub fn go_on(exports: Vec<ExportInfo>, name: &str, structured: bool, meta: bool) -> Client {
-        let mut c = Client::connect(exports);
+        let config = NbdConfig::default();
+        Client::go_with(exports, config, name, structured, meta, &[INFO_BLOCK_SIZE])
+    }
+
+    /// Handshake to `vol0` (512-byte blocks) via NBD_OPT_GO without asking for block sizes:
+    /// the protocol's defaults hold.
+    pub fn go_unnegotiated(config: NbdConfig, structured: bool) -> Client {
+        Client::go_with(exports(), config, "vol0", structured, false, &[])
+    }
+
+    /// Handshake via NBD_OPT_GO asking for the information items `info`.
+    pub fn go_with(
+        exports: Vec<ExportInfo>,
+        config: NbdConfig,
+        name: &str,
+        structured: bool,
+        meta: bool,
+        info: &[u16],
+    ) -> Client {
+        let mut c = Client::connect_with(config, exports);
         c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
         if structured {
             assert_eq!(c.option(OPT_STRUCTURED_REPLY, &[])[0].1, REP_ACK);
@@ -176,7 +196,7 @@ impl Client {
             let replies = c.option(OPT_SET_META_CONTEXT, &meta_data(name, &[BASE_ALLOCATION]));
             assert_eq!(replies.last().unwrap().1, REP_ACK);
         }
-        let replies = c.option(OPT_GO, &go_data(name, &[]));
+        let replies = c.option(OPT_GO, &go_data(name, info));
         assert_eq!(replies.last().unwrap().1, REP_ACK, "{replies:?}");
         c
     }

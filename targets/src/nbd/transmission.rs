@@ -20,6 +20,9 @@ pub struct Transmission {
     pub structured: bool,
     /// `base:allocation` was selected for this export.
     pub base_allocation: bool,
+    /// The client asked for block size constraints: requests outside them get EINVAL (or
+    /// EOVERFLOW). Otherwise any byte range is served, as the protocol's defaults ask.
+    pub strict: bool,
 }
 
 /// The transmission flags tessel advertises for an export.
@@ -86,8 +89,14 @@ const PAST_END_NOSPC: Rejection = (Errno::NoSpc, "request extends beyond the end
 pub enum ReplyShape {
     /// Success or error, no data.
     Status,
-    /// `len` bytes of data read at `offset`.
-    Read { offset: u64, len: u32 },
+    /// `len` bytes of data read at `offset`: bytes `skip..skip + len` of the engine's
+    /// buffer (a read widened to whole blocks), sent in data chunks of at most `chunk`.
+    Read {
+        offset: u64,
+        len: u32,
+        skip: u32,
+        chunk: u32,
+    },
     /// base:allocation descriptors for the client's range.
     BlockStatus(StatusQuery),
 }
@@ -216,28 +225,51 @@ impl Transmission {
                 shape,
             }));
         }
-        if !h.offset.is_multiple_of(block) || !u64::from(h.len).is_multiple_of(block) {
+        let aligned = h.offset.is_multiple_of(block) && u64::from(h.len).is_multiple_of(block);
+        if self.strict && !aligned {
             return Err((
                 Errno::Inval,
                 "offset or length not a multiple of the block size",
             ));
         }
-        if h.kind == CMD_READ && h.len > config.max_payload {
-            let errno = if self.structured {
+        let max = if self.strict {
+            config.max_payload
+        } else {
+            config.max_unnegotiated
+        };
+        if matches!(h.kind, CMD_READ | CMD_WRITE) && h.len > max {
+            let errno = if self.structured && h.kind == CMD_READ {
                 Errno::Overflow
             } else {
                 Errno::Inval
             };
-            return Err((errno, "read larger than the maximum payload"));
+            return Err((errno, "read or write larger than the maximum payload"));
         }
         let (op, shape) = match h.kind {
-            CMD_READ => (
-                Op::Read,
-                ReplyShape::Read {
+            CMD_READ => {
+                // Device reads are block-aligned: read the covering blocks, send the slice.
+                let start = h.offset / block * block;
+                let len = end.div_ceil(block) * block - start;
+                // Data chunks no larger than a negotiated maximum payload, unless the
+                // client asked for one chunk (DF).
+                let chunk = if h.flags & CMD_FLAG_DF != 0 {
+                    u32::MAX
+                } else {
+                    config.max_payload
+                };
+                let shape = ReplyShape::Read {
                     offset: h.offset,
                     len: h.len,
-                },
-            ),
+                    skip: (h.offset - start) as u32,
+                    chunk,
+                };
+                return Ok(Admission::Submit(Work {
+                    op: Op::Read,
+                    offset: start,
+                    len,
+                    shape,
+                }));
+            }
             CMD_WRITE => (Op::Write { fua }, ReplyShape::Status),
             CMD_TRIM => (Op::Trim, ReplyShape::Status),
             CMD_WRITE_ZEROES => (Op::WriteZeroes { fua }, ReplyShape::Status),
@@ -300,22 +332,37 @@ pub fn put_error(out: &mut Vec<u8>, structured: bool, cookie: u64, errno: Errno,
     out.extend_from_slice(message);
 }
 
-/// Append a successful read reply: with structured replies one OFFSET_HOLE chunk when all
-/// the data is zeroes (sparse reads cost no bandwidth), else one OFFSET_DATA chunk; without,
-/// a simple reply and the data.
-pub fn put_read(out: &mut Vec<u8>, structured: bool, cookie: u64, offset: u64, data: &[u8]) {
+/// Append a successful read reply: with structured replies one chunk per `chunk` bytes,
+/// each OFFSET_HOLE when all its data is zeroes (sparse reads cost no bandwidth), else
+/// OFFSET_DATA, the last one flagged DONE; without, a simple reply and the data.
+pub fn put_read(
+    out: &mut Vec<u8>,
+    structured: bool,
+    cookie: u64,
+    offset: u64,
+    data: &[u8],
+    chunk: u32,
+) {
     if !structured {
         put_simple(out, cookie, 0);
         out.extend_from_slice(data);
-    } else if is_zero(data) {
-        put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
-        out.extend_from_slice(&offset.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    } else {
-        let len = 8 + data.len() as u32;
-        put_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, len);
-        out.extend_from_slice(&offset.to_be_bytes());
-        out.extend_from_slice(data);
+        return;
+    }
+    let chunk = (chunk as usize).max(1);
+    let pieces = data.len().div_ceil(chunk);
+    for (i, piece) in data.chunks(chunk).enumerate() {
+        let flags = if i + 1 == pieces { REPLY_FLAG_DONE } else { 0 };
+        let at = offset + (i * chunk) as u64;
+        if is_zero(piece) {
+            put_chunk_header(out, flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+            out.extend_from_slice(&at.to_be_bytes());
+            out.extend_from_slice(&(piece.len() as u32).to_be_bytes());
+        } else {
+            let len = 8 + piece.len() as u32;
+            put_chunk_header(out, flags, REPLY_TYPE_OFFSET_DATA, cookie, len);
+            out.extend_from_slice(&at.to_be_bytes());
+            out.extend_from_slice(piece);
+        }
     }
 }
 
@@ -404,6 +451,7 @@ mod tests {
             },
             structured,
             base_allocation: structured,
+            strict: true,
         }
     }
 
@@ -716,6 +764,121 @@ mod tests {
             [(4096, hole), (4096, 0), (8192, hole)]
         );
         assert_eq!(descriptors(&chunks[1].3), [(4096, 0)]);
+    }
+
+    fn pattern(memory: &mut Memory) {
+        for (i, b) in memory.data.iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+    }
+
+    #[test]
+    fn unnegotiated_reads_read_the_covering_blocks_and_answer_the_slice() {
+        for structured in [false, true] {
+            let mut c = Client::go_unnegotiated(NbdConfig::default(), structured);
+            pattern(&mut c.memory);
+            c.request(CMD_READ, 0, 1, 100, 1000);
+            let submitted = &c.actions.submit[0];
+            assert_eq!((submitted.offset, submitted.len), (0, 1536));
+            c.run_engine();
+            let reply = c.take();
+            let data = if structured {
+                let chunks = chunks(&reply);
+                assert_eq!(chunks.len(), 1);
+                assert_eq!(
+                    (chunks[0].0, chunks[0].1),
+                    (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA)
+                );
+                assert_eq!(be64(&chunks[0].3), 100);
+                chunks[0].3[8..].to_vec()
+            } else {
+                assert_eq!(simple(&reply), (0, 1));
+                reply[16..].to_vec()
+            };
+            assert!(data == c.memory.data[100..1100], "structured: {structured}");
+        }
+    }
+
+    #[test]
+    fn unnegotiated_writes_trims_and_zeroes_go_to_the_engine_at_their_bytes() {
+        let mut c = Client::go_unnegotiated(NbdConfig::default(), false);
+        pattern(&mut c.memory);
+        c.write(1, 3, b"hello");
+        c.request(CMD_WRITE_ZEROES, 0, 2, 700, 13);
+        c.request(CMD_TRIM, 0, 3, 5000, 1);
+        let ops: Vec<_> = c
+            .actions
+            .submit
+            .iter()
+            .map(|r| (r.op, r.offset, r.len))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                (Op::Write { fua: false }, 3, 5),
+                (Op::WriteZeroes { fua: false }, 700, 13),
+                (Op::Trim, 5000, 1)
+            ]
+        );
+        c.run_engine();
+        let replies: Vec<_> = c.take().chunks(16).map(simple).collect();
+        assert_eq!(replies, [(0, 1), (0, 2), (0, 3)]);
+        assert_eq!(&c.memory.data[3..8], b"hello");
+        assert!(c.memory.data[700..713].iter().all(|&b| b == 0));
+        assert_ne!(c.memory.data[699], 0);
+        assert_ne!(c.memory.data[713], 0);
+    }
+
+    #[test]
+    fn unnegotiated_reads_over_the_maximum_payload_come_in_chunks_unless_df() {
+        let config = NbdConfig {
+            max_payload: 4096,
+            ..NbdConfig::default()
+        };
+        let mut c = Client::go_unnegotiated(config, true);
+        pattern(&mut c.memory);
+        c.memory.data[4097..8193].fill(0);
+        c.request(CMD_READ, 0, 1, 1, 10_000);
+        c.request(CMD_READ, CMD_FLAG_DF, 2, 1, 10_000);
+        c.run_engine();
+        let chunks = chunks(&c.take());
+        let shape: Vec<_> = chunks
+            .iter()
+            .map(|(flags, kind, cookie, p)| (*cookie, *flags, *kind, be64(p)))
+            .collect();
+        let data = REPLY_TYPE_OFFSET_DATA;
+        assert_eq!(
+            shape,
+            [
+                (1, 0, data, 1),
+                (1, 0, REPLY_TYPE_OFFSET_HOLE, 4097),
+                (1, REPLY_FLAG_DONE, data, 8193),
+                (2, REPLY_FLAG_DONE, data, 1)
+            ]
+        );
+        assert_eq!(be32(&chunks[1].3[8..]), 4096);
+        assert!(chunks[0].3[8..] == c.memory.data[1..4097]);
+        assert!(chunks[2].3[8..] == c.memory.data[8193..10_001]);
+        assert!(chunks[3].3[8..] == c.memory.data[1..10_001]);
+    }
+
+    #[test]
+    fn unnegotiated_requests_beyond_memory_are_refused_and_the_connection_goes_on() {
+        let config = NbdConfig {
+            max_unnegotiated: 8192,
+            ..NbdConfig::default()
+        };
+        let mut c = Client::go_unnegotiated(config, true);
+        c.write(1, 0, &[7; 8193]);
+        c.request(CMD_READ, 0, 2, 0, 8193);
+        c.write(3, 1, &[7; 8192]);
+        let chunks = chunks(&c.take());
+        let errors: Vec<_> = chunks.iter().map(|ch| (ch.2, be32(&ch.3))).collect();
+        assert_eq!(
+            errors,
+            [(1, Errno::Inval.code()), (2, Errno::Overflow.code())]
+        );
+        assert_eq!(c.actions.submit.len(), 1, "the write that fits is served");
     }
 
     #[test]
