@@ -15,6 +15,31 @@ fn mem_pool(reactors: usize) -> (Arc<MemDisk>, Engine) {
     (disk, Engine::open(&dev, cfg(reactors)).expect("open"))
 }
 
+/// A pool on a file, through io_uring and O_DIRECT: device I/O that is not aligned in
+/// memory or on the device fails there (a memory disk takes anything).
+struct FilePool(std::path::PathBuf);
+
+impl FilePool {
+    fn open(tag: &str) -> (FilePool, Engine) {
+        let dir = std::env::temp_dir().join(format!("tessel-bytes-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let dev = [DeviceSpec::Path {
+            path: dir.join("pool"),
+            create_size: Some(64 << 20),
+        }];
+        Engine::format(&dev, &small_opts()).expect("format");
+        let e = Engine::open(&dev, cfg(2)).expect("open");
+        (FilePool(dir), e)
+    }
+}
+
+impl Drop for FilePool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
     (0..len).map(|_| rng.next() as u8).collect()
 }
@@ -23,6 +48,17 @@ fn bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
 fn byte_ranges_land_exactly_on_both_block_sizes_across_a_snapshot() {
     let _w = watchdog();
     let (_d, e) = mem_pool(2);
+    byte_ranges_land_exactly(&e);
+}
+
+#[test]
+fn byte_ranges_land_exactly_through_o_direct() {
+    let _w = watchdog();
+    let (_dir, e) = FilePool::open("odirect");
+    byte_ranges_land_exactly(&e);
+}
+
+fn byte_ranges_land_exactly(e: &Engine) {
     for (name, bs) in [("b512", 512u32), ("b4k", 4096)] {
         let size = 2u64 << 20;
         let v = e.create_volume(name, size, bs).unwrap();

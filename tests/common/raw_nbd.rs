@@ -36,7 +36,8 @@ pub fn greeted(addr: &str) -> TcpStream {
 }
 
 impl RawNbd {
-    /// Handshake with NBD_OPT_GO for `export`; simple replies only.
+    /// Handshake with NBD_OPT_GO for `export`, asking for NBD_INFO_BLOCK_SIZE (as qemu and
+    /// libnbd do): requests are held to the advertised sizes. Simple replies only.
     pub fn connect(addr: &str, export: &str) -> RawNbd {
         let mut s = greeted(addr);
         // Client flags: FIXED_NEWSTYLE | NO_ZEROES.
@@ -44,10 +45,12 @@ impl RawNbd {
         let mut opt = Vec::new();
         opt.extend_from_slice(IHAVEOPT);
         opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
+        opt.extend_from_slice(&(4 + export.len() as u32 + 4).to_be_bytes());
         opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
         opt.extend_from_slice(export.as_bytes());
-        opt.extend_from_slice(&0u16.to_be_bytes());
+        // One information request: NBD_INFO_BLOCK_SIZE (3).
+        opt.extend_from_slice(&1u16.to_be_bytes());
+        opt.extend_from_slice(&3u16.to_be_bytes());
         s.write_all(&opt).unwrap();
         let mut size = None;
         loop {
